@@ -1,0 +1,1 @@
+//! Benchmarks driven from the command line (`churnlog bench ...`).

@@ -1,0 +1,397 @@
+//! The flusher: the log's single writer. It takes the pending batch the moment it is idle
+//! (a lone write is never held back to grow a batch), writes it with one positioned write
+//! at the segment's end, makes it durable with one `fdatasync`, updates the index and only
+//! then resolves the batch's tickets. While it writes, producers fill the next batch:
+//! that overlap is the group commit.
+//!
+//! Segments rotate when the next batch and the summary that must follow it would not fit:
+//! the next segment file is prepared first (so a failure to get space changes nothing),
+//! then the old one is sealed with its summary and trailer.
+//!
+//! Failures: a failed write or allocation fails the in-flight and pending batches with a
+//! typed error and rolls every stream's next sequence back to its last durable record, so
+//! streams stay gap-free and the engine carries on when the cause goes away. A failed
+//! fsync poisons the engine (fsync is never retried: the kernel may have dropped the dirty
+//! pages and a second fsync could "succeed" over lost data).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::error::{is_no_space, CloseError, IoFailure};
+use super::format::{
+    align_up, batch_crc_start, seal_batch_crc, segment_seed, trailer_offset, BatchHeader, BatchKind, SummaryEntry, Trailer,
+    BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN,
+};
+use super::index::Loc;
+use super::io::StorageFile;
+use super::{AppendError, AppendState, CacheEvent, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
+use super::format::RecordKind;
+
+pub(crate) fn segment_name(id: u64) -> String {
+    format!("seg-{id:016x}.log")
+}
+
+pub(crate) fn recycle_name(id: u64) -> String {
+    format!("recycle-{id:016x}.log")
+}
+
+/// The segment being appended to.
+pub(crate) struct OpenSegment {
+    pub id: u64,
+    pub file: Arc<dyn StorageFile>,
+    pub seed: u32,
+    /// Where the next batch goes; everything before it is durable.
+    pub write_offset: u64,
+    pub summary: Vec<SummaryEntry>,
+    pub last_batch_no: u64,
+}
+
+/// A failure while writing, and whether it poisons the engine.
+struct WriteFailure {
+    error: AppendError,
+    poison: bool,
+}
+
+fn write_error(op: &'static str, e: &std::io::Error) -> WriteFailure {
+    let error = if is_no_space(e) { AppendError::NoSpace(format!("{op}: {e}")) } else { AppendError::Io(IoFailure::new(op, e)) };
+    WriteFailure { error, poison: false }
+}
+
+fn sync_error(op: &'static str, e: &std::io::Error) -> WriteFailure {
+    WriteFailure { error: AppendError::Poisoned(format!("{op}: {e}")), poison: true }
+}
+
+/// Seals `seg`: writes its summary batch at the end of its data and its trailer in its
+/// last block, then syncs. Used by the flusher on rotation and close, and by recovery for
+/// a segment left open by a crash.
+pub(crate) fn seal_segment(seg: &OpenSegment, segment_size: u64) -> Result<(), (bool, std::io::Error)> {
+    let summary_len = BATCH_HEADER_LEN + seg.summary.len() * SUMMARY_ENTRY_LEN;
+    let aligned = align_up(summary_len as u64, BLOCK_SIZE) as usize;
+    assert!(seg.write_offset + aligned as u64 <= trailer_offset(segment_size), "summary space was reserved");
+    let mut buf = vec![0u8; aligned];
+    let header = BatchHeader {
+        kind: BatchKind::Summary,
+        batch_len: summary_len as u32,
+        segment_id: seg.id,
+        batch_no: seg.last_batch_no,
+        offset: seg.write_offset as u32,
+        durable_end: seg.write_offset as u32,
+        count: seg.summary.len() as u32,
+    };
+    header.encode(&mut buf);
+    for (i, e) in seg.summary.iter().enumerate() {
+        e.encode(&mut buf[BATCH_HEADER_LEN + i * SUMMARY_ENTRY_LEN..]);
+    }
+    let mut crc = batch_crc_start(seg.seed, &buf);
+    crc.update(&buf[BATCH_HEADER_LEN..summary_len]);
+    seal_batch_crc(&mut buf, crc.finalize());
+    seg.file.write_all_at(&buf, seg.write_offset).map_err(|e| (false, e))?;
+    let mut block = vec![0u8; BLOCK_SIZE as usize];
+    Trailer {
+        summary_offset: seg.write_offset as u32,
+        summary_len: summary_len as u32,
+        count: seg.summary.len() as u32,
+        segment_id: seg.id,
+        last_batch_no: seg.last_batch_no,
+    }
+    .encode(seg.seed, &mut block);
+    seg.file.write_all_at(&block, trailer_offset(segment_size)).map_err(|e| (false, e))?;
+    seg.file.sync_data().map_err(|e| (true, e))
+}
+
+pub(crate) struct Writer {
+    inner: Arc<Inner>,
+    seg: Option<OpenSegment>,
+    prepared: Option<(u64, Arc<dyn StorageFile>)>,
+    next_segment_id: u64,
+    last_batch_records: usize,
+}
+
+impl Writer {
+    pub fn new(inner: Arc<Inner>, next_segment_id: u64) -> Writer {
+        Writer { inner, seg: None, prepared: None, next_segment_id, last_batch_records: 0 }
+    }
+
+    pub fn run(mut self) -> Result<(), CloseError> {
+        let inner = self.inner.clone();
+        loop {
+            let (mut buf, mut records, batch_no) = {
+                let mut st = inner.append.lock();
+                loop {
+                    if !st.records.is_empty() {
+                        break;
+                    }
+                    if st.closing || inner.poisoned.load(Ordering::Acquire) {
+                        drop(st);
+                        return self.finish();
+                    }
+                    inner.work_cv.wait(&mut st);
+                }
+                self.maybe_wait_for_more(&mut st);
+                let (nbuf, nrec) = st
+                    .spare
+                    .pop()
+                    .unwrap_or_else(|| (AppendState::fresh_buffer(inner.opts.commit_bytes_max), Vec::new()));
+                let buf = std::mem::replace(&mut st.buf, nbuf);
+                let records = std::mem::replace(&mut st.records, nrec);
+                let batch_no = st.batch_no;
+                st.batch_no += 1;
+                (buf, records, batch_no)
+            };
+            inner.room_cv.notify_all();
+            self.last_batch_records = records.len();
+            match self.write_batch(&mut buf, &records, batch_no) {
+                Ok((segment, base)) => self.commit(segment, base, &records, batch_no),
+                Err(f) => self.fail(batch_no, f),
+            }
+            buf.truncate(BATCH_HEADER_LEN);
+            records.clear();
+            inner.append.lock().spare.push((buf, records));
+        }
+    }
+
+    /// When producers are busy (the last batch held several records) and a window is set,
+    /// let the batch fill for up to `commit_window_us`. A lone write never waits.
+    fn maybe_wait_for_more(&self, st: &mut parking_lot::MutexGuard<'_, AppendState>) {
+        let window = self.inner.opts.commit_window_us;
+        if window == 0 || self.last_batch_records <= 1 {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_micros(window);
+        let enough = self.inner.opts.commit_bytes_max as usize * 3 / 4;
+        while st.buf.len() < enough && !st.closing {
+            if self.inner.work_cv.wait_until(st, deadline).timed_out() {
+                break;
+            }
+        }
+    }
+
+    /// Writes and syncs one batch; returns (segment id, offset of the batch).
+    fn write_batch(&mut self, buf: &mut Vec<u8>, records: &[PendingRecord], batch_no: u64) -> Result<(u64, u64), WriteFailure> {
+        let batch_len = buf.len();
+        let aligned = align_up(batch_len as u64, BLOCK_SIZE);
+        self.place(aligned, records.len())?;
+        let seg = self.seg.as_mut().expect("placed");
+        let header = BatchHeader {
+            kind: BatchKind::Records,
+            batch_len: batch_len as u32,
+            segment_id: seg.id,
+            batch_no,
+            offset: seg.write_offset as u32,
+            durable_end: seg.write_offset as u32,
+            count: records.len() as u32,
+        };
+        header.encode(buf);
+        let mut crc = batch_crc_start(seg.seed, buf);
+        for r in records {
+            let at = r.offset_in_batch as usize;
+            crc.update(&buf[at..at + RECORD_HEADER_LEN]);
+        }
+        seal_batch_crc(buf, crc.finalize());
+        buf.resize(aligned as usize, 0);
+        let base = seg.write_offset;
+        seg.file.write_all_at(buf, base).map_err(|e| write_error("write batch", &e))?;
+        seg.file.sync_data().map_err(|e| sync_error("fdatasync batch", &e))?;
+        seg.write_offset += aligned;
+        seg.last_batch_no = batch_no;
+        let c = &self.inner.counters;
+        c.syncs.fetch_add(1, Ordering::Relaxed);
+        c.device_bytes.fetch_add(aligned, Ordering::Relaxed);
+        Ok((seg.id, base))
+    }
+
+    /// Makes sure the open segment has room for `aligned` more bytes plus the summary
+    /// entries of `count` more records; rotates to a new segment otherwise.
+    fn place(&mut self, aligned: u64, count: usize) -> Result<(), WriteFailure> {
+        let segment_size = self.inner.opts.segment_size;
+        if let Some(seg) = &self.seg {
+            let summary = align_up((BATCH_HEADER_LEN + (seg.summary.len() + count) * SUMMARY_ENTRY_LEN) as u64, BLOCK_SIZE);
+            if seg.write_offset + aligned + summary <= trailer_offset(segment_size) {
+                return Ok(());
+            }
+        }
+        let (id, file) = self.prepare_next()?;
+        if let Some(old) = self.seg.take() {
+            if let Err((poison, e)) = seal_segment(&old, segment_size) {
+                self.seg = Some(old);
+                self.prepared = Some((id, file));
+                return Err(if poison { sync_error("fdatasync seal", &e) } else { write_error("write seal", &e) });
+            }
+            self.inner.log.write().segments.get_mut(&old.id).expect("open segment is registered").sealed = true;
+            self.inner.counters.device_bytes.fetch_add(
+                align_up((BATCH_HEADER_LEN + old.summary.len() * SUMMARY_ENTRY_LEN) as u64, BLOCK_SIZE) + BLOCK_SIZE,
+                Ordering::Relaxed,
+            );
+            self.inner.wake_reclaimer();
+        }
+        {
+            let mut log = self.inner.log.write();
+            log.segments.insert(id, SegmentState { file: file.clone(), sealed: false, live_records: 0, live_stored_bytes: 0 });
+            self.inner.segments_in_use.store(log.segments.len() as u64, Ordering::Relaxed);
+        }
+        let seed = segment_seed(self.inner.salt, id);
+        self.seg = Some(OpenSegment { id, file, seed, write_offset: 0, summary: Vec::new(), last_batch_no: 0 });
+        Ok(())
+    }
+
+    /// A file for the next segment: a recycled one renamed, or a new one allocated.
+    fn prepare_next(&mut self) -> Result<(u64, Arc<dyn StorageFile>), WriteFailure> {
+        if let Some(p) = self.prepared.take() {
+            return Ok(p);
+        }
+        let inner = &self.inner;
+        let id = self.next_segment_id;
+        if id >= u64::from(u32::MAX) {
+            return Err(WriteFailure { error: AppendError::NoSpace("segment id space exhausted".into()), poison: false });
+        }
+        let (in_use, recycled) = {
+            let mut log = inner.log.write();
+            (log.segments.len() as u64, log.recycled.pop())
+        };
+        if in_use + 1 > inner.opts.segment_count_max() {
+            if let Some(r) = recycled {
+                inner.log.write().recycled.push(r);
+            }
+            return Err(WriteFailure {
+                error: AppendError::NoSpace(format!("capacity of {} segments is in use", inner.opts.segment_count_max())),
+                poison: false,
+            });
+        }
+        let name = segment_name(id);
+        let file = match recycled {
+            Some(old) => {
+                if let Err(e) = inner.storage.rename(&old, &name) {
+                    inner.log.write().recycled.push(old);
+                    return Err(write_error("rename recycled segment", &e));
+                }
+                inner.storage.open(&name, false).map_err(|e| write_error("open segment", &e))?
+            }
+            None => {
+                let file = inner.storage.open(&name, true).map_err(|e| write_error("create segment", &e))?;
+                if let Err(e) = file.allocate(inner.opts.segment_size) {
+                    let _ = inner.storage.remove(&name);
+                    return Err(write_error("allocate segment", &e));
+                }
+                file
+            }
+        };
+        inner.storage.sync_dir().map_err(|e| sync_error("fsync directory", &e))?;
+        self.next_segment_id += 1;
+        Ok((id, file))
+    }
+
+    fn commit(&mut self, segment: u64, base: u64, records: &[PendingRecord], batch_no: u64) {
+        let inner = &self.inner;
+        let seg = self.seg.as_mut().expect("batch was placed");
+        debug_assert_eq!(seg.id, segment);
+        let (mut logical, mut stored) = (0u64, 0u64);
+        {
+            let mut guard = inner.log.write();
+            let log = &mut *guard;
+            for r in records {
+                let loc = Loc { segment: segment as u32, offset: (base + u64::from(r.offset_in_batch)) as u32, stored_len: r.stored_len, logical_len: r.logical_len };
+                seg.summary.push(SummaryEntry { stream: r.stream, offset: loc.offset, seq: r.seq, stored_len: r.stored_len, logical_len: r.logical_len });
+                let moved_in = match r.kind {
+                    RecordKind::Data => {
+                        log.streams[r.stream as usize].index.push(r.seq, loc);
+                        logical += u64::from(r.logical_len);
+                        stored += u64::from(r.stored_len);
+                        true
+                    }
+                    RecordKind::Rewrite => match log.streams[r.stream as usize].index.relocate(r.seq, r.from_segment, loc) {
+                        Some(old) => {
+                            let from = log.segments.get_mut(&u64::from(old.segment)).expect("live record's segment");
+                            from.live_records -= 1;
+                            from.live_stored_bytes -= u64::from(old.stored_len);
+                            true
+                        }
+                        None => false,
+                    },
+                };
+                if moved_in {
+                    let s = log.segments.get_mut(&segment).expect("open segment");
+                    s.live_records += 1;
+                    s.live_stored_bytes += u64::from(r.stored_len);
+                }
+            }
+        }
+        let c = &inner.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+        c.logical_bytes.fetch_add(logical, Ordering::Relaxed);
+        c.stored_bytes.fetch_add(stored, Ordering::Relaxed);
+        self.resolve(batch_no);
+    }
+
+    fn fail(&mut self, batch_no: u64, f: WriteFailure) {
+        let inner = &self.inner;
+        tracing::error!(error = %f.error, batch_no, "batch failed");
+        let hi = {
+            let mut st = inner.append.lock();
+            if f.poison {
+                inner.poisoned.store(true, Ordering::Release);
+                st.refuse = Some(f.error.clone());
+            }
+            // The pending batch holds later records of the same streams: it fails too.
+            let hi = if st.records.is_empty() {
+                batch_no
+            } else {
+                let hi = st.batch_no;
+                st.batch_no += 1;
+                st.buf.truncate(BATCH_HEADER_LEN);
+                st.records.clear();
+                hi
+            };
+            let log = inner.log.read();
+            for (next, stream) in st.next_seq.iter_mut().zip(&log.streams) {
+                *next = stream.index.durable_upto() + 1;
+            }
+            hi
+        };
+        inner.room_cv.notify_all();
+        if f.poison {
+            inner.push_event(CacheEvent::Poisoned { reason: f.error.to_string() });
+        }
+        {
+            let mut c = inner.commit.lock();
+            if c.failures.len() == FAILURES_KEPT_MAX {
+                c.failures.pop_front();
+            }
+            c.failures.push_back((batch_no, hi, f.error));
+        }
+        self.resolve(hi);
+    }
+
+    fn resolve(&self, upto: u64) {
+        let wakers = {
+            let mut c = self.inner.commit.lock();
+            debug_assert!(upto > c.completed || c.completed == 0);
+            c.completed = c.completed.max(upto);
+            std::mem::take(&mut c.wakers)
+        };
+        self.inner.commit_cv.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// On close: seal the open segment so the next open reads summaries only.
+    fn finish(mut self) -> Result<(), CloseError> {
+        if self.inner.poisoned.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some((id, _)) = self.prepared.take() {
+            // Prepared but never used: leave no empty segment behind.
+            let _ = self.inner.storage.remove(&segment_name(id));
+        }
+        if let Some(seg) = self.seg.take() {
+            seal_segment(&seg, self.inner.opts.segment_size)
+                .map_err(|(_, e)| CloseError::Io(IoFailure::new("seal open segment", &e)))?;
+            if let Some(s) = self.inner.log.write().segments.get_mut(&seg.id) {
+                s.sealed = true;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! The engine's whole view of storage: a directory of named files with positioned reads
+//! and writes, data syncs and crash-atomic renames. Small on purpose, so a portable
+//! backend ([`std_fs`]), a fault-injecting in-memory one ([`fault`]) and an io_uring one
+//! slot in behind it.
+
+use std::io;
+use std::sync::Arc;
+
+pub mod fault;
+pub mod std_fs;
+
+/// One open file. Implementations must be safe to share between threads; positioned
+/// calls never move a shared cursor.
+pub trait StorageFile: Send + Sync {
+    /// Reads exactly `buf.len()` bytes at `offset`; a short file is `UnexpectedEof`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`. Not durable until [`StorageFile::sync_data`].
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write to this file durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Reserves `len` bytes so later writes below it cannot fail for want of space.
+    fn allocate(&self, len: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// A directory. Names are plain file names (no separators).
+pub trait Storage: Send + Sync + 'static {
+    /// Opens an existing file, or creates it when `create` is set.
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>>;
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Atomically replaces `to` with `from`; durable after [`Storage::sync_dir`].
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable (fsync of the directory).
+    fn sync_dir(&self) -> io::Result<()>;
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Takes the directory's exclusive lock; held until the returned guard drops.
+    fn lock(&self) -> io::Result<Box<dyn Send + Sync>>;
+    /// A short name for logs ("std", "uring", "fault").
+    fn backend_name(&self) -> &'static str;
+}
+
+/// Writes `bytes` to `name` crash-atomically: temp file → fsync → rename → fsync dir.
+pub fn write_atomic(storage: &dyn Storage, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = format!("{name}.tmp");
+    {
+        let f = storage.open(&tmp, true)?;
+        f.set_len(0)?;
+        f.write_all_at(bytes, 0)?;
+        f.sync_data()?;
+    }
+    storage.rename(&tmp, name)?;
+    storage.sync_dir()
+}
+
+/// Reads a whole small file.
+pub fn read_all(storage: &dyn Storage, name: &str) -> io::Result<Vec<u8>> {
+    let f = storage.open(name, false)?;
+    let len = f.len()?;
+    let len = usize::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}

@@ -1,0 +1,743 @@
+//! The cache engine: one shared, append-only, crash-safe log per cache disk.
+//!
+//! Producers ([`Cache::append`]) encode their record (LZ4 when it pays, CRC) on their own
+//! thread, then copy it into the pending batch under a short lock, which also assigns the
+//! stream's next sequence number. One flusher thread ([`flusher`]) writes each batch with
+//! one positioned write and one `fdatasync`, updates the index, and only then resolves the
+//! records' [`AppendTicket`]s: nothing is acknowledged before it is durable. The drain reads
+//! records back in order ([`Cache::read`]) and acknowledges uploads ([`Cache::ack`]); the
+//! reclaimer ([`reclaimer`]) frees, compacts and — as a last, explicit resort — evicts.
+//! [`recover`] rebuilds everything on open from segment summaries. `docs/format.md` maps
+//! the bytes.
+
+pub mod compress;
+pub mod error;
+pub mod flusher;
+pub mod format;
+pub mod index;
+pub mod io;
+pub mod meta;
+pub mod options;
+pub mod reclaimer;
+pub mod recover;
+pub mod ticket;
+pub mod verify;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex, RwLock};
+
+pub use error::{AppendError, CloseError, IoFailure, OpenError, ReadError, ReclaimError, StreamError};
+pub use options::{EvictionPolicy, Options, RecoveryMode};
+pub use reclaimer::{ReclaimReport, SegmentBlockers};
+pub use recover::RecoveryReport;
+pub use ticket::AppendTicket;
+pub use verify::{StreamVerify, VerifyReport};
+
+use format::{Codec, RecordHeader, RecordKind, BATCH_HEADER_LEN, RECORD_HEADER_LEN};
+use index::{Loc, StreamIndex};
+use io::{Storage, StorageFile};
+use meta::{Meta, MetaStream};
+
+/// One stream: one disk of one protected machine. Numbered densely from 0 in creation order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct StreamId(pub u32);
+
+/// A record the producer has copied into the pending batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PendingRecord {
+    pub stream: u32,
+    pub seq: u64,
+    pub kind: RecordKind,
+    /// Offset of the record header inside the batch buffer.
+    pub offset_in_batch: u32,
+    pub stored_len: u32,
+    pub logical_len: u32,
+    /// For rewrites: the segment the record is being moved out of.
+    pub from_segment: u32,
+}
+
+/// The batch being filled, and what producers need to fill it.
+pub(crate) struct AppendState {
+    pub buf: Vec<u8>,
+    pub records: Vec<PendingRecord>,
+    /// Number the pending batch will carry.
+    pub batch_no: u64,
+    pub next_seq: Vec<u64>,
+    pub spare: Vec<(Vec<u8>, Vec<PendingRecord>)>,
+    /// Set when closing or poisoned: nothing more is accepted.
+    pub refuse: Option<AppendError>,
+    /// The flusher has been asked to stop once the pending batch is written.
+    pub closing: bool,
+}
+
+impl AppendState {
+    pub fn fresh_buffer(commit_bytes_max: u32) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(commit_bytes_max as usize + format::BLOCK_SIZE as usize);
+        buf.resize(BATCH_HEADER_LEN, 0);
+        buf
+    }
+}
+
+pub(crate) struct SegmentState {
+    pub file: Arc<dyn StorageFile>,
+    pub sealed: bool,
+    pub live_records: u64,
+    pub live_stored_bytes: u64,
+}
+
+pub(crate) struct StreamState {
+    pub machine: String,
+    pub disk: String,
+    pub resync_required: bool,
+    pub index: StreamIndex,
+}
+
+/// What is durable and where: streams, their indexes, segments.
+pub(crate) struct LogState {
+    pub streams: Vec<StreamState>,
+    pub by_key: HashMap<(String, String), u32>,
+    pub segments: BTreeMap<u64, SegmentState>,
+    pub recycled: Vec<String>,
+}
+
+impl LogState {
+    pub fn meta_snapshot(&self, salt: u64, segment_size: u64, generation: u64) -> Meta {
+        Meta {
+            salt,
+            segment_size,
+            generation,
+            streams: self
+                .streams
+                .iter()
+                .enumerate()
+                .map(|(id, s)| MetaStream {
+                    id: id as u32,
+                    machine: s.machine.clone(),
+                    disk: s.disk.clone(),
+                    uploaded_upto: s.index.uploaded_upto(),
+                    resync_required: s.resync_required,
+                })
+                .collect(),
+        }
+    }
+
+    /// Drops a stream's index entries up to `upto`, keeping segment live counts true.
+    pub fn release_upto(&mut self, stream: u32, upto: u64) {
+        let st = &mut self.streams[stream as usize];
+        for loc in st.index.release_upto(upto) {
+            if let Some(seg) = self.segments.get_mut(&u64::from(loc.segment)) {
+                debug_assert!(seg.live_records > 0);
+                seg.live_records -= 1;
+                seg.live_stored_bytes -= u64::from(loc.stored_len);
+            }
+        }
+        self.streams[stream as usize].index.shrink_if_sparse();
+    }
+}
+
+/// Resolution of group-committed batches, for tickets.
+pub(crate) struct CommitState {
+    /// Every batch numbered at most this is resolved (durable or failed).
+    pub completed: u64,
+    /// Failed batch-number ranges (inclusive) and why; bounded, oldest dropped first.
+    pub failures: VecDeque<(u64, u64, AppendError)>,
+    pub wakers: Vec<std::task::Waker>,
+}
+
+pub(crate) const FAILURES_KEPT_MAX: usize = 1024;
+
+/// Counters, readable at any time through [`Cache::stats`].
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub batches: AtomicU64,
+    pub records: AtomicU64,
+    pub logical_bytes: AtomicU64,
+    pub stored_bytes: AtomicU64,
+    pub device_bytes: AtomicU64,
+    pub syncs: AtomicU64,
+    pub throttled_appends: AtomicU64,
+    pub backpressure_refusals: AtomicU64,
+    pub rewritten_records: AtomicU64,
+    pub segments_freed: AtomicU64,
+    pub evictions: AtomicU64,
+}
+
+/// Something an operator must hear about; kept in a bounded list and logged.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum CacheEvent {
+    /// A stream's unuploaded records were dropped; it needs a full resync.
+    StreamEvicted { stream: StreamId, machine: String, disk: String, first_seq: u64, last_seq: u64, logical_bytes: u64, reason: String },
+    /// Recovery found damage and salvaged the stream by evicting it.
+    StreamSalvaged { stream: StreamId, machine: String, disk: String, missing: Vec<(u64, u64)> },
+    /// An fsync failed: nothing more is accepted until the cache is reopened.
+    Poisoned { reason: String },
+}
+
+const EVENTS_KEPT_MAX: usize = 1024;
+
+pub(crate) struct Inner {
+    pub opts: Options,
+    pub storage: Arc<dyn Storage>,
+    pub salt: u64,
+    pub append: Mutex<AppendState>,
+    /// The flusher waits here for work.
+    pub work_cv: Condvar,
+    /// Producers wait here for room in the pending batch.
+    pub room_cv: Condvar,
+    pub log: RwLock<LogState>,
+    pub commit: Mutex<CommitState>,
+    pub commit_cv: Condvar,
+    /// Serializes META rewrites; holds the last generation written.
+    pub meta_lock: Mutex<u64>,
+    pub segments_in_use: AtomicU64,
+    pub poisoned: AtomicBool,
+    pub shutdown: AtomicBool,
+    pub counters: Counters,
+    pub events: Mutex<VecDeque<CacheEvent>>,
+    pub reclaim_wake: Mutex<bool>,
+    pub reclaim_cv: Condvar,
+    pub recovery: RecoveryReport,
+}
+
+impl Inner {
+    pub fn used_bytes(&self) -> u64 {
+        self.segments_in_use.load(Ordering::Relaxed) * self.opts.segment_size
+    }
+
+    pub fn push_event(&self, event: CacheEvent) {
+        tracing::warn!(?event, "cache event");
+        let mut ev = self.events.lock();
+        if ev.len() == EVENTS_KEPT_MAX {
+            ev.pop_front();
+        }
+        ev.push_back(event);
+    }
+
+    pub fn wake_reclaimer(&self) {
+        *self.reclaim_wake.lock() = true;
+        self.reclaim_cv.notify_one();
+    }
+
+    /// Rewrites META from the current log state, with `edit` applied to the snapshot
+    /// first. The caller holds `meta_lock` (passed in as its generation).
+    pub fn write_meta(&self, generation: &mut u64, edit: impl FnOnce(&mut Meta)) -> Result<(), IoFailure> {
+        if self.opts.read_only {
+            return Err(IoFailure { op: "write META", kind: std::io::ErrorKind::PermissionDenied, message: "read-only".into() });
+        }
+        let mut meta = self.log.read().meta_snapshot(self.salt, self.opts.segment_size, *generation + 1);
+        edit(&mut meta);
+        io::write_atomic(&*self.storage, meta::META_FILE, &meta.encode()).map_err(|e| IoFailure::new("write META", &e))?;
+        *generation += 1;
+        Ok(())
+    }
+
+    /// Copies an encoded record into the pending batch, waiting for room when it is full.
+    /// Sequence numbers of data records are assigned here, under the same lock, so a
+    /// stream's order in the log is its sequence order.
+    pub fn enqueue(
+        self: &Arc<Self>,
+        stream: u32,
+        kind: RecordKind,
+        rewrite: Option<(u64, u32)>,
+        codec: Codec,
+        stored: &[u8],
+        logical_len: u32,
+        payload_crc: u32,
+    ) -> Result<AppendTicket, AppendError> {
+        let need = RECORD_HEADER_LEN + stored.len();
+        let mut st = self.append.lock();
+        loop {
+            if let Some(e) = &st.refuse {
+                return Err(e.clone());
+            }
+            if st.records.is_empty() || st.buf.len() + need <= self.opts.commit_bytes_max as usize {
+                break;
+            }
+            self.room_cv.wait(&mut st);
+        }
+        let seq = match rewrite {
+            Some((seq, _)) => seq,
+            None => {
+                let next = st.next_seq.get_mut(stream as usize).ok_or(AppendError::UnknownStream(StreamId(stream)))?;
+                let seq = *next;
+                *next += 1;
+                seq
+            }
+        };
+        let offset_in_batch = st.buf.len();
+        let header = RecordHeader { stream, kind, codec, seq, stored_len: stored.len() as u32, logical_len, payload_crc };
+        st.buf.resize(offset_in_batch + RECORD_HEADER_LEN, 0);
+        header.encode(&mut st.buf[offset_in_batch..]);
+        st.buf.extend_from_slice(stored);
+        st.records.push(PendingRecord {
+            stream,
+            seq,
+            kind,
+            offset_in_batch: offset_in_batch as u32,
+            stored_len: stored.len() as u32,
+            logical_len,
+            from_segment: rewrite.map_or(0, |(_, seg)| seg),
+        });
+        let batch_no = st.batch_no;
+        let first = st.records.len() == 1;
+        drop(st);
+        if first {
+            self.work_cv.notify_one();
+        }
+        Ok(AppendTicket { inner: self.clone(), stream: StreamId(stream), seq, batch_no })
+    }
+}
+
+/// Space as the watermarks see it.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct SpaceReport {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub segments_in_use: u64,
+    pub segments_recycled: u64,
+    pub usage_ratio: f64,
+    pub soft_watermark: f64,
+    pub hard_watermark: f64,
+    pub state: SpaceState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SpaceState {
+    Normal,
+    /// Between the watermarks: appends are slowed.
+    Throttling,
+    /// At or above the hard watermark: appends get `Backpressure`.
+    Full,
+}
+
+/// A stream as the API reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StreamInfo {
+    pub id: StreamId,
+    pub machine: String,
+    pub disk: String,
+    /// Records with `seq <= uploaded_upto` are uploaded (or evicted).
+    pub uploaded_upto: u64,
+    /// Highest durable sequence number (equal to `uploaded_upto` when nothing is cached).
+    pub durable_upto: u64,
+    pub records: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub resync_required: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    pub batches: u64,
+    pub records: u64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub device_bytes: u64,
+    pub syncs: u64,
+    pub throttled_appends: u64,
+    pub backpressure_refusals: u64,
+    pub rewritten_records: u64,
+    pub segments_freed: u64,
+    pub evictions: u64,
+    /// Heap bytes held by the per-stream indexes.
+    pub index_bytes: u64,
+    pub index_records: u64,
+}
+
+/// What [`Cache::evict_stream`] dropped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct EvictReport {
+    pub stream: StreamId,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: u64,
+    pub logical_bytes: u64,
+}
+
+/// An open cache. Share it between threads with `Arc<Cache>`.
+pub struct Cache {
+    inner: Arc<Inner>,
+    flusher: Option<JoinHandle<Result<(), CloseError>>>,
+    reclaimer: Option<JoinHandle<()>>,
+    _lock: Box<dyn Send + Sync>,
+}
+
+impl Cache {
+    /// Opens (recovering) or creates the cache in `dir` on the portable I/O backend.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Cache, OpenError> {
+        let storage = io::std_fs::StdStorage::new(dir.as_ref()).map_err(|source| OpenError::Io { op: "create cache directory", source })?;
+        Cache::open_with_storage(Arc::new(storage), opts)
+    }
+
+    /// Opens on any [`Storage`] backend (the fault-injecting one in tests).
+    pub fn open_with_storage(storage: Arc<dyn Storage>, mut opts: Options) -> Result<Cache, OpenError> {
+        opts.validate().map_err(OpenError::InvalidOptions)?;
+        let lock = storage.lock().map_err(|source| OpenError::Locked { path: "LOCK".into(), source })?;
+        let recovered = recover::recover(&*storage, &mut opts)?;
+        let inner = Arc::new(Inner {
+            salt: recovered.salt,
+            append: Mutex::new(AppendState {
+                buf: AppendState::fresh_buffer(opts.commit_bytes_max),
+                records: Vec::new(),
+                batch_no: recovered.last_batch_no + 1,
+                next_seq: recovered.next_seq.clone(),
+                spare: Vec::new(),
+                refuse: opts.read_only.then_some(AppendError::Closed),
+                closing: false,
+            }),
+            work_cv: Condvar::new(),
+            room_cv: Condvar::new(),
+            segments_in_use: AtomicU64::new(recovered.log.segments.len() as u64),
+            log: RwLock::new(recovered.log),
+            commit: Mutex::new(CommitState { completed: recovered.last_batch_no, failures: VecDeque::new(), wakers: Vec::new() }),
+            commit_cv: Condvar::new(),
+            meta_lock: Mutex::new(recovered.meta_generation),
+            poisoned: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            counters: Counters::default(),
+            events: Mutex::new(recovered.events.into_iter().collect()),
+            reclaim_wake: Mutex::new(false),
+            reclaim_cv: Condvar::new(),
+            recovery: recovered.report,
+            storage,
+            opts,
+        });
+        let mut cache = Cache { inner: inner.clone(), flusher: None, reclaimer: None, _lock: lock };
+        if inner.opts.read_only {
+            return Ok(cache);
+        }
+        // Dead segments left by a crash between an ack and its reclaim go now.
+        reclaimer::free_dead_segments(&inner).map_err(|e| OpenError::Io { op: "free dead segments", source: std::io::Error::new(e.kind, e.message) })?;
+        let writer = flusher::Writer::new(inner.clone(), recovered.next_segment_id);
+        cache.flusher = Some(
+            std::thread::Builder::new()
+                .name("churnlog-flusher".into())
+                .spawn(move || writer.run())
+                .map_err(|source| OpenError::Io { op: "spawn flusher", source })?,
+        );
+        if inner.opts.background_reclaim {
+            let inner2 = inner.clone();
+            cache.reclaimer = Some(
+                std::thread::Builder::new()
+                    .name("churnlog-reclaimer".into())
+                    .spawn(move || reclaimer::run(inner2))
+                    .map_err(|source| OpenError::Io { op: "spawn reclaimer", source })?,
+            );
+        }
+        Ok(cache)
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.inner.opts
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.storage.backend_name()
+    }
+
+    /// The stream for (`machine`, `disk`), created (and made durable in META) when new.
+    pub fn stream(&self, machine: &str, disk: &str) -> Result<StreamId, StreamError> {
+        for part in [machine, disk] {
+            if part.is_empty() || part.len() > format::STREAM_KEY_LEN_MAX {
+                return Err(StreamError::BadKey(part.to_string()));
+            }
+        }
+        let key = (machine.to_string(), disk.to_string());
+        if let Some(&id) = self.inner.log.read().by_key.get(&key) {
+            return Ok(StreamId(id));
+        }
+        if self.inner.opts.read_only {
+            return Err(StreamError::ReadOnly);
+        }
+        let mut generation = self.inner.meta_lock.lock();
+        if let Some(&id) = self.inner.log.read().by_key.get(&key) {
+            return Ok(StreamId(id));
+        }
+        let id = self.inner.log.read().streams.len() as u32;
+        if id >= format::STREAMS_MAX {
+            return Err(StreamError::TooMany(format::STREAMS_MAX));
+        }
+        self.inner
+            .write_meta(&mut generation, |m| {
+                m.streams.push(MetaStream { id, machine: key.0.clone(), disk: key.1.clone(), uploaded_upto: 0, resync_required: false })
+            })
+            .map_err(StreamError::Io)?;
+        let mut append = self.inner.append.lock();
+        let mut log = self.inner.log.write();
+        append.next_seq.push(1);
+        log.streams.push(StreamState { machine: key.0.clone(), disk: key.1.clone(), resync_required: false, index: StreamIndex::new(0) });
+        log.by_key.insert(key, id);
+        Ok(StreamId(id))
+    }
+
+    pub fn find_stream(&self, machine: &str, disk: &str) -> Option<StreamId> {
+        self.inner.log.read().by_key.get(&(machine.to_string(), disk.to_string())).map(|&id| StreamId(id))
+    }
+
+    /// Appends one record to `stream`. Returns at once with a ticket that resolves when
+    /// the record is durable ([`AppendTicket::wait`], or `.await`). Between the watermarks
+    /// the call sleeps a little (throttling); at the hard watermark it fails with
+    /// [`AppendError::Backpressure`].
+    pub fn append(&self, stream: StreamId, data: &[u8]) -> Result<AppendTicket, AppendError> {
+        let inner = &self.inner;
+        if data.is_empty() {
+            return Err(AppendError::EmptyRecord);
+        }
+        if data.len() > inner.opts.record_size_max as usize {
+            return Err(AppendError::RecordTooLarge { len: data.len(), max: inner.opts.record_size_max });
+        }
+        let capacity = inner.opts.capacity_bytes as f64;
+        let used = inner.used_bytes();
+        let ratio = used as f64 / capacity;
+        if ratio >= inner.opts.hard_watermark {
+            inner.counters.backpressure_refusals.fetch_add(1, Ordering::Relaxed);
+            inner.wake_reclaimer();
+            return Err(AppendError::Backpressure { used_bytes: used, capacity_bytes: inner.opts.capacity_bytes });
+        }
+        if ratio >= inner.opts.soft_watermark {
+            inner.counters.throttled_appends.fetch_add(1, Ordering::Relaxed);
+            inner.wake_reclaimer();
+            let span = (inner.opts.hard_watermark - inner.opts.soft_watermark).max(1e-9);
+            let frac = ((ratio - inner.opts.soft_watermark) / span).clamp(0.05, 1.0);
+            std::thread::sleep(Duration::from_micros((inner.opts.throttle_delay_us_max as f64 * frac) as u64));
+        }
+        compress::encode_with(data, inner.opts.compress_ratio_max, |codec, stored, crc| {
+            inner.enqueue(stream.0, RecordKind::Data, None, codec, stored, data.len() as u32, crc)
+        })
+    }
+
+    /// Reads record `seq` of `stream`, verified (header, CRC, length) and decompressed.
+    pub fn read(&self, stream: StreamId, seq: u64) -> Result<Vec<u8>, ReadError> {
+        let mut out = Vec::new();
+        self.read_into(stream, seq, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Cache::read`] into a caller's buffer (cleared first), to reuse allocations.
+    pub fn read_into(&self, stream: StreamId, seq: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
+        let (loc, file) = self.locate(stream, seq)?;
+        let mut raw = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
+        file.read_exact_at(&mut raw, u64::from(loc.offset)).map_err(|source| ReadError::Io { stream, seq, source })?;
+        let corrupt = |what: String| ReadError::Corruption { stream, seq, segment: u64::from(loc.segment), offset: u64::from(loc.offset), what };
+        let header = check_record(&raw, stream.0, seq, &loc).map_err(corrupt)?;
+        compress::decode_into(header.codec, &raw[RECORD_HEADER_LEN..], header.logical_len as usize, out).map_err(corrupt)
+    }
+
+    /// Location of a live durable record and a handle on its segment file.
+    fn locate(&self, stream: StreamId, seq: u64) -> Result<(Loc, Arc<dyn StorageFile>), ReadError> {
+        let log = self.inner.log.read();
+        let st = log.streams.get(stream.0 as usize).ok_or(ReadError::UnknownStream(stream))?;
+        let loc = st.index.get(seq).ok_or(ReadError::NotAvailable {
+            stream,
+            seq,
+            first: st.index.uploaded_upto() + 1,
+            last: st.index.durable_upto(),
+        })?;
+        let seg = log.segments.get(&u64::from(loc.segment)).expect("index points at a live segment");
+        Ok((loc, seg.file.clone()))
+    }
+
+    /// Marks every record of `stream` up to `upto` as uploaded, persisting the cursor
+    /// crash-atomically before any space is given back.
+    pub fn ack(&self, stream: StreamId, upto: u64) -> Result<(), StreamError> {
+        let inner = &self.inner;
+        if inner.opts.read_only {
+            return Err(StreamError::ReadOnly);
+        }
+        let mut generation = inner.meta_lock.lock();
+        {
+            let log = inner.log.read();
+            let st = log.streams.get(stream.0 as usize).ok_or(StreamError::UnknownStream(stream))?;
+            let durable = st.index.durable_upto();
+            if upto > durable {
+                return Err(StreamError::BeyondDurable { stream, upto, durable });
+            }
+            if upto <= st.index.uploaded_upto() {
+                return Ok(());
+            }
+        }
+        inner
+            .write_meta(&mut generation, |m| m.streams[stream.0 as usize].uploaded_upto = upto)
+            .map_err(StreamError::Io)?;
+        inner.log.write().release_upto(stream.0, upto);
+        drop(generation);
+        inner.wake_reclaimer();
+        Ok(())
+    }
+
+    /// Drops every durable, unuploaded record of `stream` and marks it resync required:
+    /// the explicit last resort when space must be found. Never silent: it returns what
+    /// was dropped, logs it, and records a [`CacheEvent::StreamEvicted`].
+    pub fn evict_stream(&self, stream: StreamId, reason: &str) -> Result<EvictReport, StreamError> {
+        reclaimer::evict(&self.inner, stream, reason)
+    }
+
+    /// Clears the resync-required mark once the stream has been resynchronised.
+    pub fn clear_resync(&self, stream: StreamId) -> Result<(), StreamError> {
+        let inner = &self.inner;
+        if inner.opts.read_only {
+            return Err(StreamError::ReadOnly);
+        }
+        let mut generation = inner.meta_lock.lock();
+        if inner.log.read().streams.get(stream.0 as usize).is_none() {
+            return Err(StreamError::UnknownStream(stream));
+        }
+        inner
+            .write_meta(&mut generation, |m| m.streams[stream.0 as usize].resync_required = false)
+            .map_err(StreamError::Io)?;
+        inner.log.write().streams[stream.0 as usize].resync_required = false;
+        Ok(())
+    }
+
+    /// One reclaim pass now: free fully uploaded segments, compact sparse old ones, and
+    /// apply the eviction policy. The background reclaimer runs the same pass.
+    pub fn reclaim(&self) -> Result<ReclaimReport, ReclaimError> {
+        reclaimer::reclaim_pass(&self.inner)
+    }
+
+    /// The oldest segments still in use and which streams keep them (live records).
+    pub fn reclaim_blockers(&self, segments_max: usize) -> Vec<SegmentBlockers> {
+        reclaimer::blockers(&self.inner, segments_max)
+    }
+
+    pub fn stream_info(&self, stream: StreamId) -> Option<StreamInfo> {
+        let log = self.inner.log.read();
+        log.streams.get(stream.0 as usize).map(|st| stream_info(stream, st))
+    }
+
+    pub fn streams(&self) -> Vec<StreamInfo> {
+        let log = self.inner.log.read();
+        log.streams.iter().enumerate().map(|(i, st)| stream_info(StreamId(i as u32), st)).collect()
+    }
+
+    pub fn space(&self) -> SpaceReport {
+        let inner = &self.inner;
+        let used = inner.used_bytes();
+        let ratio = used as f64 / inner.opts.capacity_bytes as f64;
+        let state = if ratio >= inner.opts.hard_watermark {
+            SpaceState::Full
+        } else if ratio >= inner.opts.soft_watermark {
+            SpaceState::Throttling
+        } else {
+            SpaceState::Normal
+        };
+        SpaceReport {
+            capacity_bytes: inner.opts.capacity_bytes,
+            used_bytes: used,
+            segments_in_use: inner.segments_in_use.load(Ordering::Relaxed),
+            segments_recycled: inner.log.read().recycled.len() as u64,
+            usage_ratio: ratio,
+            soft_watermark: inner.opts.soft_watermark,
+            hard_watermark: inner.opts.hard_watermark,
+            state,
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.inner.counters;
+        let log = self.inner.log.read();
+        let (index_bytes, index_records) = log
+            .streams
+            .iter()
+            .fold((0u64, 0u64), |(b, r), s| (b + s.index.heap_bytes() as u64, r + s.index.len() as u64));
+        CacheStats {
+            batches: c.batches.load(Ordering::Relaxed),
+            records: c.records.load(Ordering::Relaxed),
+            logical_bytes: c.logical_bytes.load(Ordering::Relaxed),
+            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
+            device_bytes: c.device_bytes.load(Ordering::Relaxed),
+            syncs: c.syncs.load(Ordering::Relaxed),
+            throttled_appends: c.throttled_appends.load(Ordering::Relaxed),
+            backpressure_refusals: c.backpressure_refusals.load(Ordering::Relaxed),
+            rewritten_records: c.rewritten_records.load(Ordering::Relaxed),
+            segments_freed: c.segments_freed.load(Ordering::Relaxed),
+            evictions: c.evictions.load(Ordering::Relaxed),
+            index_bytes,
+            index_records,
+        }
+    }
+
+    /// Reads back and checks every cached record (see [`verify`]).
+    pub fn verify(&self) -> VerifyReport {
+        verify::verify(self)
+    }
+
+    pub fn events(&self) -> Vec<CacheEvent> {
+        self.inner.events.lock().iter().cloned().collect()
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Writes what is pending, seals the open segment (so the next open reads only
+    /// summaries) and stops the background threads.
+    pub fn close(mut self) -> Result<(), CloseError> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<(), CloseError> {
+        self.inner.shutdown.store(true, Ordering::Release);
+        {
+            let mut st = self.inner.append.lock();
+            st.closing = true;
+        }
+        self.inner.work_cv.notify_all();
+        self.inner.wake_reclaimer();
+        if let Some(r) = self.reclaimer.take() {
+            let _ = r.join();
+        }
+        match self.flusher.take() {
+            Some(f) => f.join().unwrap_or_else(|_| Err(CloseError::Io(IoFailure { op: "join flusher", kind: std::io::ErrorKind::Other, message: "flusher panicked".into() }))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            tracing::warn!(error = %e, "cache closed with an error");
+        }
+    }
+}
+
+fn stream_info(id: StreamId, st: &StreamState) -> StreamInfo {
+    StreamInfo {
+        id,
+        machine: st.machine.clone(),
+        disk: st.disk.clone(),
+        uploaded_upto: st.index.uploaded_upto(),
+        durable_upto: st.index.durable_upto(),
+        records: st.index.len() as u64,
+        logical_bytes: st.index.logical_bytes(),
+        stored_bytes: st.index.stored_bytes(),
+        resync_required: st.resync_required,
+    }
+}
+
+/// Checks a record read back at an index location: header fields, payload CRC.
+pub(crate) fn check_record(raw: &[u8], stream: u32, seq: u64, loc: &Loc) -> Result<RecordHeader, String> {
+    let header = RecordHeader::decode(raw).map_err(|e| format!("record header: {e}"))?;
+    if header.stream != stream || header.seq != seq {
+        return Err(format!("header names stream {} seq {}", header.stream, header.seq));
+    }
+    if header.stored_len != loc.stored_len || header.logical_len != loc.logical_len {
+        return Err(format!("header lengths {}/{} differ from the index", header.stored_len, header.logical_len));
+    }
+    let payload = &raw[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.stored_len as usize];
+    if format::crc32(payload) != header.payload_crc {
+        return Err("payload checksum mismatch".into());
+    }
+    Ok(header)
+}

@@ -1,0 +1,229 @@
+//! The reclaimer: gives space back. A sealed segment whose records are all uploaded is
+//! freed (recycled for reuse, or deleted). Once usage passes `compact_usage_min`, old
+//! sealed segments that are mostly dead are compacted: their few live records are copied
+//! to the head of the log (same stream, sequence and bytes) so a slow stream cannot pin
+//! the disk. At the hard watermark, and only under `EvictionPolicy::LargestBacklog`, the
+//! stream with the largest backlog is evicted and marked resync required — loudly.
+//! [`blockers`] tells an operator which streams hold the oldest segments.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::error::{IoFailure, ReclaimError, StreamError};
+use super::flusher::{recycle_name, segment_name};
+use super::format::{RecordKind, RECORD_HEADER_LEN};
+use super::options::EvictionPolicy;
+use super::{check_record, CacheEvent, EvictReport, Inner, StreamId};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReclaimReport {
+    pub segments_freed: u64,
+    pub segments_compacted: u64,
+    pub records_rewritten: u64,
+    pub streams_evicted: Vec<StreamId>,
+}
+
+/// A segment still in use and who keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SegmentBlockers {
+    pub segment: u64,
+    pub live_records: u64,
+    pub live_stored_bytes: u64,
+    /// (stream, machine, disk, live records in this segment), most records first.
+    pub streams: Vec<(StreamId, String, String, u64)>,
+}
+
+/// Frees every sealed segment with no live record. Safe without a directory sync: a
+/// removal lost in a crash brings back a segment whose records META already says are
+/// uploaded, and it is freed again.
+pub(crate) fn free_dead_segments(inner: &Inner) -> Result<u64, IoFailure> {
+    let dead: Vec<u64> = inner.log.read().segments.iter().filter(|(_, s)| s.sealed && s.live_records == 0).map(|(&id, _)| id).collect();
+    let mut freed = 0;
+    for id in dead {
+        let recycle = {
+            let mut log = inner.log.write();
+            log.segments.remove(&id);
+            inner.segments_in_use.store(log.segments.len() as u64, Ordering::Relaxed);
+            log.recycled.len() < inner.opts.segments_recycle_max
+        };
+        let name = segment_name(id);
+        if recycle {
+            let to = recycle_name(id);
+            inner.storage.rename(&name, &to).map_err(|e| IoFailure::new("recycle segment", &e))?;
+            inner.log.write().recycled.push(to);
+        } else {
+            inner.storage.remove(&name).map_err(|e| IoFailure::new("remove segment", &e))?;
+        }
+        freed += 1;
+    }
+    inner.counters.segments_freed.fetch_add(freed, Ordering::Relaxed);
+    Ok(freed)
+}
+
+pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimError> {
+    if inner.opts.read_only {
+        return Err(ReclaimError::ReadOnly);
+    }
+    let mut report = ReclaimReport { segments_freed: free_dead_segments(inner).map_err(ReclaimError::Io)?, ..Default::default() };
+    let usage = inner.used_bytes() as f64 / inner.opts.capacity_bytes as f64;
+    if usage >= inner.opts.compact_usage_min && !inner.shutdown.load(Ordering::Acquire) {
+        compact(inner, &mut report)?;
+        report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
+    }
+    let usage = inner.used_bytes() as f64 / inner.opts.capacity_bytes as f64;
+    if usage >= inner.opts.hard_watermark && inner.opts.eviction == EvictionPolicy::LargestBacklog {
+        let victim = {
+            let log = inner.log.read();
+            log.streams.iter().enumerate().filter(|(_, s)| !s.index.is_empty()).max_by_key(|(_, s)| s.index.stored_bytes()).map(|(i, _)| StreamId(i as u32))
+        };
+        if let Some(stream) = victim {
+            evict(inner, stream, "hard watermark reached and reclaim could not free space (eviction policy LargestBacklog)")
+                .map_err(|e| ReclaimError::Io(IoFailure { op: "evict", kind: std::io::ErrorKind::Other, message: e.to_string() }))?;
+            report.streams_evicted.push(stream);
+            report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
+        }
+    }
+    Ok(report)
+}
+
+/// Copies the live records of sparse old segments to the head of the log, at most about
+/// half a segment of live bytes per pass.
+fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), ReclaimError> {
+    let segment_size = inner.opts.segment_size;
+    let budget = segment_size / 2;
+    let candidates: Vec<u64> = {
+        let log = inner.log.read();
+        let mut spent = 0u64;
+        log.segments
+            .iter()
+            .filter(|(_, s)| s.sealed && s.live_records > 0 && s.live_stored_bytes as f64 <= inner.opts.compact_live_ratio_max * segment_size as f64)
+            .take_while(|(_, s)| {
+                spent += s.live_stored_bytes;
+                spent <= budget
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    };
+    for segment in candidates {
+        let (file, live) = {
+            let log = inner.log.read();
+            let Some(seg) = log.segments.get(&segment) else { continue };
+            let mut live = Vec::new();
+            for (sid, st) in log.streams.iter().enumerate() {
+                live.extend(st.index.iter().filter(|(_, l)| u64::from(l.segment) == segment).map(|(seq, l)| (sid as u32, seq, l)));
+            }
+            (seg.file.clone(), live)
+        };
+        let mut tickets = Vec::with_capacity(live.len());
+        let mut raw = Vec::new();
+        for (stream, seq, loc) in &live {
+            raw.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
+            file.read_exact_at(&mut raw, u64::from(loc.offset)).map_err(|e| ReclaimError::Io(IoFailure::new("read for compaction", &e)))?;
+            let header = check_record(&raw, *stream, *seq, loc)
+                .map_err(|what| ReclaimError::Corruption(format!("segment {segment} stream {stream} seq {seq}: {what}")))?;
+            let ticket = inner
+                .enqueue(*stream, RecordKind::Rewrite, Some((*seq, segment as u32)), header.codec, &raw[RECORD_HEADER_LEN..], header.logical_len, header.payload_crc)
+                .map_err(ReclaimError::Rewrite)?;
+            tickets.push(ticket);
+        }
+        for t in tickets {
+            t.wait().map_err(ReclaimError::Rewrite)?;
+        }
+        inner.counters.rewritten_records.fetch_add(live.len() as u64, Ordering::Relaxed);
+        report.segments_compacted += 1;
+        report.records_rewritten += live.len() as u64;
+    }
+    Ok(())
+}
+
+pub(crate) fn evict(inner: &Arc<Inner>, stream: StreamId, reason: &str) -> Result<EvictReport, StreamError> {
+    if inner.opts.read_only {
+        return Err(StreamError::ReadOnly);
+    }
+    let mut generation = inner.meta_lock.lock();
+    let (report, machine, disk) = {
+        let log = inner.log.read();
+        let st = log.streams.get(stream.0 as usize).ok_or(StreamError::UnknownStream(stream))?;
+        let report = EvictReport {
+            stream,
+            first_seq: st.index.uploaded_upto() + 1,
+            last_seq: st.index.durable_upto(),
+            records: st.index.len() as u64,
+            logical_bytes: st.index.logical_bytes(),
+        };
+        (report, st.machine.clone(), st.disk.clone())
+    };
+    inner
+        .write_meta(&mut generation, |m| {
+            let s = &mut m.streams[stream.0 as usize];
+            s.uploaded_upto = report.last_seq;
+            s.resync_required = true;
+        })
+        .map_err(StreamError::Io)?;
+    {
+        let mut log = inner.log.write();
+        log.release_upto(stream.0, report.last_seq);
+        log.streams[stream.0 as usize].resync_required = true;
+    }
+    drop(generation);
+    inner.counters.evictions.fetch_add(1, Ordering::Relaxed);
+    inner.push_event(CacheEvent::StreamEvicted {
+        stream,
+        machine,
+        disk,
+        first_seq: report.first_seq,
+        last_seq: report.last_seq,
+        logical_bytes: report.logical_bytes,
+        reason: reason.to_string(),
+    });
+    inner.wake_reclaimer();
+    Ok(report)
+}
+
+pub(crate) fn blockers(inner: &Inner, segments_max: usize) -> Vec<SegmentBlockers> {
+    let log = inner.log.read();
+    let oldest: Vec<u64> = log.segments.iter().filter(|(_, s)| s.sealed && s.live_records > 0).take(segments_max).map(|(&id, _)| id).collect();
+    let mut per: BTreeMap<u64, BTreeMap<u32, u64>> = oldest.iter().map(|&id| (id, BTreeMap::new())).collect();
+    for (sid, st) in log.streams.iter().enumerate() {
+        for (_, loc) in st.index.iter() {
+            if let Some(m) = per.get_mut(&u64::from(loc.segment)) {
+                *m.entry(sid as u32).or_default() += 1;
+            }
+        }
+    }
+    per.into_iter()
+        .map(|(segment, streams)| {
+            let seg = &log.segments[&segment];
+            let mut streams: Vec<_> = streams
+                .into_iter()
+                .map(|(sid, n)| {
+                    let st = &log.streams[sid as usize];
+                    (StreamId(sid), st.machine.clone(), st.disk.clone(), n)
+                })
+                .collect();
+            streams.sort_by(|a, b| b.3.cmp(&a.3));
+            SegmentBlockers { segment, live_records: seg.live_records, live_stored_bytes: seg.live_stored_bytes, streams }
+        })
+        .collect()
+}
+
+/// The background reclaimer: a pass whenever woken (acks, seals, pressure) or every
+/// `reclaim_interval`.
+pub(crate) fn run(inner: Arc<Inner>) {
+    loop {
+        {
+            let mut woken = inner.reclaim_wake.lock();
+            if !*woken && !inner.shutdown.load(Ordering::Acquire) {
+                inner.reclaim_cv.wait_for(&mut woken, inner.opts.reclaim_interval);
+            }
+            *woken = false;
+        }
+        if inner.shutdown.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(e) = reclaim_pass(&inner) {
+            tracing::warn!(error = %e, "reclaim pass failed");
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The recoverer: rebuilds the cache's state on open.
+//!
+//! Decision table (compare TigerBeetle's journal recovery):
+//!
+//! | where                      | what is found                              | verdict                     |
+//! |----------------------------|--------------------------------------------|-----------------------------|
+//! | sealed segment             | valid trailer + summary                    | index from summary, no data read |
+//! | sealed segment             | trailer bad, batches chain to a summary    | index from scan; metadata damage noted |
+//! | sealed segment             | a batch does not validate                  | damage (acknowledged data)  |
+//! | newest segment, no trailer | batches validate to offset X, then invalid | torn tail at X, truncated … |
+//! |                            | … unless a valid later batch says X was durable (`durable_end > X`) | damage |
+//! | any                        | a stream's sequence has a hole             | damaged stream (missing range) |
+//!
+//! Damage fails the open under [`RecoveryMode::FailOnCorruption`] and evicts the affected
+//! streams (marking them resync required) under [`RecoveryMode::SalvageMarkResync`]. The
+//! segment left open by a crash is sealed here (its summary written after its last valid
+//! batch), so stale bytes past that point are never scanned again and new writes start in
+//! a fresh segment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::error::OpenError;
+use super::flusher::{seal_segment, OpenSegment};
+use super::format::{
+    align_up, batch_crc_start, crc32, segment_seed, trailer_offset, BatchHeader, BatchKind, RecordHeader, SummaryEntry, Trailer,
+    BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN, TRAILER_LEN,
+};
+use super::index::{Loc, StreamIndex};
+use super::io::{read_all, write_atomic, Storage, StorageFile};
+use super::meta::{Meta, META_FILE};
+use super::options::{Options, RecoveryMode};
+use super::{CacheEvent, LogState, SegmentState, StreamId, StreamState};
+
+/// What recovery found and did. Returned inside `OpenError::Corruption` when it refuses.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    /// Sealed segments indexed from their summary alone.
+    pub segments_from_summary: usize,
+    /// Segments whose batches had to be read (the one left open, or a damaged trailer).
+    pub segments_scanned: Vec<u64>,
+    pub metadata_bytes_read: u64,
+    pub scanned_bytes_read: u64,
+    pub records: u64,
+    pub torn_tail: Option<TornTail>,
+    /// Acknowledged bytes that no longer validate.
+    pub damage: Vec<Damage>,
+    /// Problems with redundant metadata only (no record lost), e.g. a bad trailer.
+    pub notes: Vec<String>,
+    pub damaged_streams: Vec<DamagedStream>,
+    pub open_seconds: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TornTail {
+    pub segment: u64,
+    /// Offset of the first byte discarded (the start of the first invalid batch).
+    pub offset: u64,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Damage {
+    pub segment: u64,
+    pub offset: u64,
+    pub what: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DamagedStream {
+    pub stream: StreamId,
+    pub machine: String,
+    pub disk: String,
+    /// Inclusive sequence ranges that are missing.
+    pub missing: Vec<(u64, u64)>,
+    /// Highest sequence number found after the hole.
+    pub last_seen: u64,
+}
+
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} damaged region(s)", self.damage.len())?;
+        for d in &self.damage {
+            write!(f, "; segment {} at {}: {}", d.segment, d.offset, d.what)?;
+        }
+        for s in &self.damaged_streams {
+            write!(f, "; stream {}/{} missing {:?}", s.machine, s.disk, s.missing)?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct Recovered {
+    pub salt: u64,
+    pub meta_generation: u64,
+    pub log: LogState,
+    pub next_seq: Vec<u64>,
+    pub last_batch_no: u64,
+    pub next_segment_id: u64,
+    pub report: RecoveryReport,
+    pub events: Vec<CacheEvent>,
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> OpenError {
+    move |source| OpenError::Io { op, source }
+}
+
+pub(crate) fn parse_name(name: &str, prefix: &str) -> Option<u64> {
+    let hex = name.strip_prefix(prefix)?.strip_suffix(".log")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// A record found on disk.
+#[derive(Clone, Copy)]
+struct Found {
+    stream: u32,
+    seq: u64,
+    loc: Loc,
+}
+
+/// One validated batch.
+struct ValidBatch {
+    header: BatchHeader,
+    found: Vec<Found>,
+}
+
+/// Reads and fully validates the batch at `offset`: header, seeded CRC over the header and
+/// every record header, and every payload CRC (a torn payload must not pass for durable).
+fn read_batch(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, offset: u64, bytes_read: &mut u64) -> Result<ValidBatch, String> {
+    let mut head = [0u8; BATCH_HEADER_LEN];
+    file.read_exact_at(&mut head, offset).map_err(|e| format!("read: {e}"))?;
+    *bytes_read += BATCH_HEADER_LEN as u64;
+    let header = BatchHeader::decode(&head, segment_size).map_err(|e| e.to_string())?;
+    if header.segment_id != id || u64::from(header.offset) != offset {
+        return Err("batch header names another segment or offset".into());
+    }
+    let mut buf = vec![0u8; header.batch_len as usize];
+    file.read_exact_at(&mut buf, offset).map_err(|e| format!("read: {e}"))?;
+    *bytes_read += buf.len() as u64;
+    let mut crc = batch_crc_start(seed, &buf);
+    let mut found = Vec::new();
+    match header.kind {
+        BatchKind::Records => {
+            let mut at = BATCH_HEADER_LEN;
+            let mut payloads = Vec::with_capacity(header.count as usize);
+            for _ in 0..header.count {
+                if at + RECORD_HEADER_LEN > buf.len() {
+                    return Err("record header past batch end".into());
+                }
+                let rh = RecordHeader::decode(&buf[at..]).map_err(|e| e.to_string())?;
+                crc.update(&buf[at..at + RECORD_HEADER_LEN]);
+                let end = at + RECORD_HEADER_LEN + rh.stored_len as usize;
+                if end > buf.len() {
+                    return Err("record payload past batch end".into());
+                }
+                payloads.push((at, rh));
+                at = end;
+            }
+            if at != buf.len() {
+                return Err("batch length disagrees with its records".into());
+            }
+            if crc.finalize() != BatchHeader::stored_crc(&buf) {
+                return Err("batch checksum mismatch".into());
+            }
+            for (at, rh) in payloads {
+                let payload = &buf[at + RECORD_HEADER_LEN..at + RECORD_HEADER_LEN + rh.stored_len as usize];
+                if crc32(payload) != rh.payload_crc {
+                    return Err(format!("payload checksum mismatch (stream {} seq {})", rh.stream, rh.seq));
+                }
+                let loc = Loc { segment: id as u32, offset: (offset + at as u64) as u32, stored_len: rh.stored_len, logical_len: rh.logical_len };
+                found.push(Found { stream: rh.stream, seq: rh.seq, loc });
+            }
+        }
+        BatchKind::Summary => {
+            if BATCH_HEADER_LEN + header.count as usize * SUMMARY_ENTRY_LEN != buf.len() {
+                return Err("summary length disagrees with its count".into());
+            }
+            crc.update(&buf[BATCH_HEADER_LEN..]);
+            if crc.finalize() != BatchHeader::stored_crc(&buf) {
+                return Err("summary checksum mismatch".into());
+            }
+            for i in 0..header.count as usize {
+                let e = SummaryEntry::decode(&buf[BATCH_HEADER_LEN + i * SUMMARY_ENTRY_LEN..], segment_size).map_err(|e| e.to_string())?;
+                let loc = Loc { segment: id as u32, offset: e.offset, stored_len: e.stored_len, logical_len: e.logical_len };
+                found.push(Found { stream: e.stream, seq: e.seq, loc });
+            }
+        }
+    }
+    Ok(ValidBatch { header, found })
+}
+
+/// Indexes a sealed segment from its trailer and summary alone.
+fn read_summary(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Result<(Vec<Found>, u64), String> {
+    let mut block = [0u8; TRAILER_LEN];
+    file.read_exact_at(&mut block, trailer_offset(segment_size)).map_err(|e| format!("read trailer: {e}"))?;
+    *bytes_read += TRAILER_LEN as u64;
+    let t = Trailer::decode(&block, seed, segment_size).map_err(|e| format!("trailer: {e}"))?;
+    if t.segment_id != id {
+        return Err("trailer names another segment".into());
+    }
+    let batch = read_batch(file, id, seed, segment_size, u64::from(t.summary_offset), bytes_read)?;
+    if batch.header.kind != BatchKind::Summary || batch.header.count != t.count {
+        return Err("trailer does not point at a matching summary".into());
+    }
+    Ok((batch.found, t.last_batch_no))
+}
+
+/// Result of walking a segment's batch chain from offset 0.
+struct Scan {
+    found: Vec<Found>,
+    /// Aligned end of the last valid records batch.
+    end: u64,
+    /// First offset that did not validate, and why (None when the chain ended cleanly).
+    stopped: Option<(u64, String)>,
+    hit_summary: bool,
+    last_batch_no: u64,
+    /// Valid batches found past `stopped`: (offset, durable_end, aligned end, records).
+    later: Vec<(u64, u64, u64, Vec<Found>)>,
+}
+
+fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Scan {
+    let limit = trailer_offset(segment_size);
+    let mut scan = Scan { found: Vec::new(), end: 0, stopped: None, hit_summary: false, last_batch_no: 0, later: Vec::new() };
+    let mut off = 0u64;
+    while off < limit {
+        match read_batch(file, id, seed, segment_size, off, bytes_read) {
+            Ok(b) if b.header.kind == BatchKind::Summary => {
+                scan.hit_summary = true;
+                scan.found = b.found;
+                return scan;
+            }
+            Ok(b) => {
+                scan.last_batch_no = scan.last_batch_no.max(b.header.batch_no);
+                scan.found.extend(b.found);
+                off += align_up(u64::from(b.header.batch_len), BLOCK_SIZE);
+                scan.end = off;
+            }
+            Err(reason) => {
+                scan.stopped = Some((off, reason));
+                break;
+            }
+        }
+    }
+    // Past the first invalid batch, look at every block boundary for valid batches: they
+    // tell a torn tail (nothing later claims the bad bytes were durable) from damage.
+    let Some((bad, _)) = scan.stopped else { return scan };
+    let mut at = bad + BLOCK_SIZE;
+    let mut chunk = vec![0u8; 1 << 20];
+    while at < limit {
+        let len = chunk.len().min((limit - at) as usize);
+        if file.read_exact_at(&mut chunk[..len], at).is_err() {
+            break; // a short (truncated) file: nothing more to find
+        }
+        *bytes_read += len as u64;
+        let mut next = at + len as u64;
+        for block in (0..len).step_by(BLOCK_SIZE as usize) {
+            if chunk[block..block + 4] != super::format::BATCH_MAGIC {
+                continue;
+            }
+            let off = at + block as u64;
+            if let Ok(b) = read_batch(file, id, seed, segment_size, off, bytes_read) {
+                if b.header.kind == BatchKind::Records {
+                    scan.last_batch_no = scan.last_batch_no.max(b.header.batch_no);
+                    next = off + align_up(u64::from(b.header.batch_len), BLOCK_SIZE);
+                    scan.later.push((off, u64::from(b.header.durable_end), next, b.found));
+                    break;
+                }
+            }
+        }
+        at = next;
+    }
+    scan
+}
+
+fn random_salt() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recovered, OpenError> {
+    let started = Instant::now();
+    let mut report = RecoveryReport::default();
+    let mut events = Vec::new();
+
+    // 1. META: salt, segment size, streams and their upload cursors.
+    let mut meta = match read_all(storage, META_FILE) {
+        Ok(bytes) => Meta::decode(&bytes).map_err(|e| OpenError::MetaCorrupt(e.to_string()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if opts.read_only {
+                return Err(OpenError::Io { op: "read META (is this a churnlog cache?)", source: e });
+            }
+            let meta = Meta { salt: random_salt(), segment_size: opts.segment_size, generation: 0, streams: Vec::new() };
+            write_atomic(storage, META_FILE, &meta.encode()).map_err(io_err("create META"))?;
+            meta
+        }
+        Err(e) => return Err(OpenError::Io { op: "read META", source: e }),
+    };
+    if meta.segment_size != opts.segment_size {
+        tracing::info!(stored = meta.segment_size, asked = opts.segment_size, "using the cache's own segment size");
+        opts.segment_size = meta.segment_size;
+        opts.validate().map_err(OpenError::InvalidOptions)?;
+    }
+    let segment_size = opts.segment_size;
+    for (i, s) in meta.streams.iter().enumerate() {
+        if s.id as usize != i {
+            return Err(OpenError::MetaCorrupt(format!("stream ids are not dense at {i}")));
+        }
+    }
+
+    // 2. Files.
+    let names = storage.list().map_err(io_err("list cache directory"))?;
+    let mut segment_ids: Vec<u64> = names.iter().filter_map(|n| parse_name(n, "seg-")).collect();
+    segment_ids.sort_unstable();
+    let mut recycled: Vec<u64> = names.iter().filter_map(|n| parse_name(n, "recycle-")).collect();
+    recycled.sort_unstable();
+    if !opts.read_only && names.iter().any(|n| n == "META.tmp") {
+        let _ = storage.remove("META.tmp");
+    }
+    report.segments = segment_ids.len();
+
+    // 3. Segments: summaries for sealed ones, a scan for the one left open.
+    let mut found: Vec<Found> = Vec::new();
+    let mut files: BTreeMap<u64, Arc<dyn StorageFile>> = BTreeMap::new();
+    let mut last_batch_no = 0u64;
+    let mut open_tail: Option<OpenSegment> = None;
+    let newest = segment_ids.last().copied();
+    for &id in &segment_ids {
+        if id >= u64::from(u32::MAX) {
+            return Err(OpenError::MetaCorrupt(format!("segment id {id} out of range")));
+        }
+        let file = storage.open(&super::flusher::segment_name(id), false).map_err(io_err("open segment"))?;
+        let seed = segment_seed(meta.salt, id);
+        match read_summary(&*file, id, seed, segment_size, &mut report.metadata_bytes_read) {
+            Ok((f, last)) => {
+                report.segments_from_summary += 1;
+                last_batch_no = last_batch_no.max(last);
+                found.extend(f);
+            }
+            Err(why) => {
+                report.segments_scanned.push(id);
+                let scan = scan_segment(&*file, id, seed, segment_size, &mut report.scanned_bytes_read);
+                last_batch_no = last_batch_no.max(scan.last_batch_no);
+                if Some(id) == newest && !scan.hit_summary {
+                    let mut tail_found = scan.found.clone();
+                    let mut tail_end = scan.end;
+                    if let Some((bad, reason)) = &scan.stopped {
+                        let proof = scan.later.iter().find(|(_, durable_end, _, _)| *durable_end > *bad);
+                        if let Some((off, _, _, _)) = proof {
+                            report.damage.push(Damage {
+                                segment: id,
+                                offset: *bad,
+                                what: format!("{reason}; the batch at {off} shows it was durable"),
+                            });
+                            // Keep what validates past the hole; the summary goes after it.
+                            for (_, _, end, f) in &scan.later {
+                                tail_found.extend(f.iter().copied());
+                                tail_end = *end;
+                            }
+                        } else {
+                            report.torn_tail = Some(TornTail { segment: id, offset: *bad, reason: reason.clone() });
+                        }
+                    }
+                    found.extend(tail_found.iter().copied());
+                    open_tail = Some(OpenSegment {
+                        id,
+                        file: file.clone(),
+                        seed,
+                        write_offset: tail_end,
+                        summary: tail_found
+                            .iter()
+                            .map(|f| SummaryEntry { stream: f.stream, offset: f.loc.offset, seq: f.seq, stored_len: f.loc.stored_len, logical_len: f.loc.logical_len })
+                            .collect(),
+                        last_batch_no: scan.last_batch_no,
+                    });
+                } else {
+                    if scan.hit_summary {
+                        report.notes.push(format!("segment {id}: {why}; indexed from a scan instead"));
+                    } else {
+                        let (off, reason) = scan.stopped.clone().unwrap_or((scan.end, "segment ends without a summary".into()));
+                        report.damage.push(Damage { segment: id, offset: off, what: format!("sealed segment: {reason}") });
+                        for (_, _, _, f) in &scan.later {
+                            found.extend(f.iter().copied());
+                        }
+                    }
+                    found.extend(scan.found);
+                }
+            }
+        }
+        files.insert(id, file);
+    }
+
+    // 4. Per stream: newest copy of each record wins (compaction rewrites forward), records
+    //    already uploaded are dead, and what is left must be gap-free from the cursor.
+    found.sort_unstable_by_key(|f| (f.stream, f.seq, f.loc.segment));
+    let mut by_stream: HashMap<u32, Vec<Found>> = HashMap::new();
+    for f in found {
+        let list = by_stream.entry(f.stream).or_default();
+        match list.last_mut() {
+            Some(last) if last.seq == f.seq => *last = f,
+            _ => list.push(f),
+        }
+    }
+    let mut streams = Vec::with_capacity(meta.streams.len());
+    let mut next_seq = Vec::with_capacity(meta.streams.len());
+    let mut by_key = HashMap::new();
+    let mut salvaged = false;
+    for m in meta.streams.iter_mut() {
+        let mut index = StreamIndex::new(m.uploaded_upto);
+        let mut missing = Vec::new();
+        let mut max_seen = m.uploaded_upto;
+        for f in by_stream.remove(&m.id).unwrap_or_default() {
+            if f.seq <= m.uploaded_upto {
+                continue;
+            }
+            if f.seq > max_seen + 1 {
+                missing.push((max_seen + 1, f.seq - 1));
+            }
+            if missing.is_empty() {
+                index.push(f.seq, f.loc);
+            }
+            max_seen = f.seq;
+        }
+        if !missing.is_empty() {
+            let damaged = DamagedStream { stream: StreamId(m.id), machine: m.machine.clone(), disk: m.disk.clone(), missing, last_seen: max_seen };
+            if opts.recovery_mode == RecoveryMode::SalvageMarkResync {
+                index = StreamIndex::new(max_seen);
+                m.uploaded_upto = max_seen;
+                m.resync_required = true;
+                salvaged = true;
+                events.push(CacheEvent::StreamSalvaged { stream: StreamId(m.id), machine: m.machine.clone(), disk: m.disk.clone(), missing: damaged.missing.clone() });
+            }
+            report.damaged_streams.push(damaged);
+        }
+        report.records += index.len() as u64;
+        next_seq.push(max_seen + 1);
+        by_key.insert((m.machine.clone(), m.disk.clone()), m.id);
+        streams.push(StreamState { machine: m.machine.clone(), disk: m.disk.clone(), resync_required: m.resync_required, index });
+    }
+    for (stream, list) in by_stream {
+        report.damage.push(Damage {
+            segment: u64::from(list[0].loc.segment),
+            offset: u64::from(list[0].loc.offset),
+            what: format!("{} record(s) of stream {stream}, which META does not know", list.len()),
+        });
+    }
+
+    let damaged = !report.damage.is_empty() || !report.damaged_streams.is_empty();
+    if damaged && opts.recovery_mode == RecoveryMode::FailOnCorruption && !opts.read_only {
+        report.open_seconds = started.elapsed().as_secs_f64();
+        return Err(OpenError::Corruption(Box::new(report)));
+    }
+
+    // 5. Segment states with live counts.
+    let mut segments: BTreeMap<u64, SegmentState> = files
+        .into_iter()
+        .map(|(id, file)| (id, SegmentState { file, sealed: true, live_records: 0, live_stored_bytes: 0 }))
+        .collect();
+    for st in &streams {
+        for (_, loc) in st.index.iter() {
+            let seg = segments.get_mut(&u64::from(loc.segment)).expect("found in a listed segment");
+            seg.live_records += 1;
+            seg.live_stored_bytes += u64::from(loc.stored_len);
+        }
+    }
+
+    // 6. Changes on disk (never in read-only mode): seal the segment a crash left open,
+    //    persist salvage decisions.
+    let mut meta_generation = meta.generation;
+    if let Some(tail) = open_tail {
+        if opts.read_only {
+            if let Some(s) = segments.get_mut(&tail.id) {
+                s.sealed = false;
+            }
+        } else {
+            seal_segment(&tail, segment_size).map_err(|(_, e)| OpenError::Io { op: "seal the segment left open", source: e })?;
+        }
+    }
+    if salvaged && !opts.read_only {
+        meta.generation += 1;
+        meta_generation = meta.generation;
+        write_atomic(storage, META_FILE, &meta.encode()).map_err(io_err("write META after salvage"))?;
+    }
+
+    let next_segment_id = segment_ids.last().copied().max(recycled.last().copied()).map_or(1, |m| m + 1);
+    report.open_seconds = started.elapsed().as_secs_f64();
+    Ok(Recovered {
+        salt: meta.salt,
+        meta_generation,
+        log: LogState {
+            streams,
+            by_key,
+            segments,
+            recycled: recycled.into_iter().map(super::flusher::recycle_name).collect(),
+        },
+        next_seq,
+        last_batch_no,
+        next_segment_id,
+        report,
+        events,
+    })
+}

@@ -1,0 +1,70 @@
+//! Append tickets: resolve when the record's batch is durable (or has failed). Waiting
+//! allocates nothing per record: threads block on one shared condition variable, tasks
+//! leave a waker that the flusher wakes after each batch.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use super::{AppendError, CommitState, Inner, StreamId};
+
+/// A record's claim on durability. `seq` is known at once; the result is not.
+#[must_use = "a record is acknowledged only once its ticket resolves"]
+pub struct AppendTicket {
+    pub(crate) inner: Arc<Inner>,
+    pub stream: StreamId,
+    pub seq: u64,
+    pub(crate) batch_no: u64,
+}
+
+impl std::fmt::Debug for AppendTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendTicket").field("stream", &self.stream).field("seq", &self.seq).finish()
+    }
+}
+
+fn resolution(c: &CommitState, batch_no: u64) -> Option<Result<(), AppendError>> {
+    if c.completed < batch_no {
+        return None;
+    }
+    for (lo, hi, e) in c.failures.iter().rev() {
+        if (*lo..=*hi).contains(&batch_no) {
+            return Some(Err(e.clone()));
+        }
+    }
+    Some(Ok(()))
+}
+
+impl AppendTicket {
+    /// Blocks until the record is durable; returns its sequence number.
+    pub fn wait(self) -> Result<u64, AppendError> {
+        let mut c = self.inner.commit.lock();
+        loop {
+            if let Some(r) = resolution(&c, self.batch_no) {
+                return r.map(|()| self.seq);
+            }
+            self.inner.commit_cv.wait(&mut c);
+        }
+    }
+
+    /// Non-blocking: `None` while the record's batch is still in flight.
+    pub fn try_result(&self) -> Option<Result<u64, AppendError>> {
+        resolution(&self.inner.commit.lock(), self.batch_no).map(|r| r.map(|()| self.seq))
+    }
+}
+
+impl Future for AppendTicket {
+    type Output = Result<u64, AppendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut c = self.inner.commit.lock();
+        match resolution(&c, self.batch_no) {
+            Some(r) => Poll::Ready(r.map(|()| self.seq)),
+            None => {
+                c.wakers.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Engine behaviour through the public API on a real directory.
+
+use churnlog::cache::{AppendError, Cache, OpenError, Options, StreamError};
+
+fn record(stream: u32, seq: u64, len: usize) -> Vec<u8> {
+    let mut x = (u64::from(stream) << 32) ^ seq ^ 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if i % 3 == 0 { 0 } else { x as u8 }
+        })
+        .collect()
+}
+
+#[test]
+fn append_read_ack_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::small_for_tests();
+    let (a, b);
+    {
+        let cache = Cache::open(dir.path(), opts.clone()).unwrap();
+        a = cache.stream("m1", "disk0").unwrap();
+        b = cache.stream("m2", "disk0").unwrap();
+        assert_eq!(cache.stream("m1", "disk0").unwrap(), a);
+        let mut tickets = Vec::new();
+        for i in 0..200u64 {
+            let s = if i % 2 == 0 { a } else { b };
+            tickets.push(cache.append(s, &record(s.0, i / 2 + 1, 1000 + (i as usize * 37) % 5000)).unwrap());
+        }
+        for t in tickets {
+            t.wait().unwrap();
+        }
+        assert_eq!(cache.stream_info(a).unwrap().durable_upto, 100);
+        assert_eq!(cache.read(a, 7).unwrap(), record(a.0, 7, 1000 + (12 * 37) % 5000));
+        cache.ack(a, 50).unwrap();
+        assert!(matches!(cache.ack(a, 101), Err(StreamError::BeyondDurable { .. })));
+        assert!(cache.read(a, 50).is_err());
+        cache.close().unwrap();
+    }
+    let cache = Cache::open(dir.path(), opts).unwrap();
+    let report = cache.recovery_report();
+    assert!(report.damage.is_empty() && report.torn_tail.is_none(), "{report:?}");
+    assert!(report.segments_scanned.is_empty(), "a clean close leaves only sealed segments: {report:?}");
+    let ia = cache.stream_info(a).unwrap();
+    assert_eq!((ia.uploaded_upto, ia.durable_upto), (50, 100));
+    for seq in 51..=100u64 {
+        let i = (seq - 1) * 2;
+        assert_eq!(cache.read(a, seq).unwrap(), record(a.0, seq, 1000 + (i as usize * 37) % 5000));
+    }
+    // New appends continue the sequence.
+    assert_eq!(cache.append(a, b"next").unwrap().wait().unwrap(), 101);
+    assert!(cache.verify().is_clean());
+}
+
+#[test]
+fn second_opener_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+    match Cache::open(dir.path(), Options::small_for_tests()) {
+        Err(OpenError::Locked { .. }) => {}
+        other => panic!("expected Locked, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn bad_appends_get_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options::small_for_tests();
+    let cache = Cache::open(dir.path(), opts.clone()).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    assert_eq!(cache.append(s, b"").unwrap_err(), AppendError::EmptyRecord);
+    let big = vec![0u8; opts.record_size_max as usize + 1];
+    assert!(matches!(cache.append(s, &big).unwrap_err(), AppendError::RecordTooLarge { .. }));
+    assert!(matches!(cache.stream("", "d"), Err(StreamError::BadKey(_))));
+    assert!(matches!(cache.stream(&"x".repeat(256), "d"), Err(StreamError::BadKey(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tickets_are_futures() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = std::sync::Arc::new(Cache::open(dir.path(), Options::small_for_tests()).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = cache.stream(&format!("m{t}"), "d").unwrap();
+            for seq in 1..=50u64 {
+                let got = cache.append(s, &record(s.0, seq, 3000)).unwrap().await.unwrap();
+                assert_eq!(got, seq);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(cache.stats().records, 400);
+    assert!(cache.stats().batches <= 400);
+}
