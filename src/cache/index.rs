@@ -29,6 +29,12 @@ impl StreamIndex {
         StreamIndex { uploaded_upto, locs: VecDeque::new(), logical_bytes: 0, stored_bytes: 0 }
     }
 
+    /// An index sized for exactly `records` entries (recovery knows the count up front,
+    /// so memory stays at 16 bytes per record instead of up to twice that).
+    pub fn with_capacity(uploaded_upto: u64, records: usize) -> StreamIndex {
+        StreamIndex { uploaded_upto, locs: VecDeque::with_capacity(records), logical_bytes: 0, stored_bytes: 0 }
+    }
+
     pub fn uploaded_upto(&self) -> u64 {
         self.uploaded_upto
     }

@@ -84,6 +84,9 @@ impl Meta {
         if version != FORMAT_VERSION {
             return Err(MetaError::Version(version));
         }
+        if b[6..8] != [0, 0] {
+            return Err(MetaError::Field("reserved header bytes"));
+        }
         let body_len = u32::from_le_bytes(b[8..12].try_into().expect("4"));
         if body_len > META_BODY_LEN_MAX || body_len as usize != b.len() - META_HEADER_LEN {
             return Err(MetaError::Length(u64::from(body_len)));
@@ -107,7 +110,7 @@ impl Meta {
             let uploaded_upto = u64::from_le_bytes(fixed[4..12].try_into().expect("8"));
             let flags = fixed[12];
             let (ml, dl) = (fixed[13] as usize, fixed[14] as usize);
-            if ml == 0 || dl == 0 || flags & !FLAG_RESYNC_REQUIRED != 0 || id >= STREAMS_MAX {
+            if ml == 0 || dl == 0 || fixed[15] != 0 || flags & !FLAG_RESYNC_REQUIRED != 0 || id >= STREAMS_MAX {
                 return Err(MetaError::Field("stream entry"));
             }
             let machine = String::from_utf8(r.take(ml)?.to_vec()).map_err(|_| MetaError::Field("machine name"))?;

@@ -413,10 +413,12 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     let mut by_key = HashMap::new();
     let mut salvaged = false;
     for m in meta.streams.iter_mut() {
-        let mut index = StreamIndex::new(m.uploaded_upto);
+        let list = by_stream.remove(&m.id).unwrap_or_default();
+        let live = list.iter().filter(|f| f.seq > m.uploaded_upto).count();
+        let mut index = StreamIndex::with_capacity(m.uploaded_upto, live);
         let mut missing = Vec::new();
         let mut max_seen = m.uploaded_upto;
-        for f in by_stream.remove(&m.id).unwrap_or_default() {
+        for f in list {
             if f.seq <= m.uploaded_upto {
                 continue;
             }

@@ -1,0 +1,175 @@
+//! `churnlog bench ingest`: many concurrent producers append to one cache; only records
+//! acknowledged durable count. Optionally a drainer acknowledges uploads behind them, so
+//! segments are reclaimed as in normal operation.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cache::{Cache, Options, StreamId};
+
+#[derive(Clone, Debug)]
+pub struct IngestParams {
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub record_size: usize,
+    pub streams: u32,
+    /// Fraction of each record that compresses away (0 = incompressible, 0.5 ≈ 2:1).
+    pub compressible: f64,
+    pub producers: usize,
+    /// Records each stream may have in flight (appended, not yet durable).
+    pub window_per_stream: usize,
+    /// Acknowledge records as uploaded once durable, as a keeping-up drain would.
+    pub drain: bool,
+    pub options: Options,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IngestResult {
+    pub mib_per_s: f64,
+    pub device_mib_per_s: f64,
+    pub ack_latency_us_p50: u32,
+    pub ack_latency_us_p99: u32,
+    pub ack_latency_us_p999: u32,
+    pub ack_latency_us_max: u32,
+    pub records: u64,
+    pub seconds: f64,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
+    pub device_bytes: u64,
+    /// device bytes ÷ stored bytes
+    pub write_amplification: f64,
+    pub batches: u64,
+    pub records_per_batch: f64,
+    pub streams: u32,
+    pub producers: usize,
+    pub record_size: usize,
+    pub backend: String,
+}
+
+pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
+    anyhow::ensure!(p.streams > 0 && p.producers > 0 && p.record_size > 0, "streams, producers and record size must be positive");
+    let cache = Arc::new(Cache::open(&p.dir, p.options.clone())?);
+    let streams: Vec<StreamId> = (0..p.streams)
+        .map(|i| cache.stream(&format!("machine-{i:04}"), "disk-0"))
+        .collect::<Result<_, _>>()?;
+    let records_total = (p.bytes / p.record_size as u64).max(1);
+    // Pre-generated contents: producers cycle through them so generation costs nothing.
+    let variants = 64usize;
+    let pool: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..variants)
+            .map(|v| {
+                let mut b = Vec::new();
+                super::record_bytes(v as u32, v as u64 + 1, p.record_size, p.compressible, &mut b);
+                b
+            })
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let drainer = p.drain.then(|| {
+        let (cache, streams, stop) = (cache.clone(), streams.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                for &s in &streams {
+                    if let Some(info) = cache.stream_info(s) {
+                        if info.durable_upto > info.uploaded_upto {
+                            let _ = cache.ack(s, info.durable_upto);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    });
+    let before = cache.stats();
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..p.producers {
+        let mine: Vec<StreamId> = streams.iter().copied().skip(t).step_by(p.producers).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let share = records_total / p.producers as u64 + u64::from((t as u64) < records_total % p.producers as u64);
+        let (cache, pool) = (cache.clone(), pool.clone());
+        let window = p.window_per_stream.max(1) * mine.len();
+        handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
+            let mut inflight = VecDeque::with_capacity(window);
+            let mut latencies = Vec::with_capacity(share as usize);
+            let mut bytes = 0u64;
+            let mut i = 0u64;
+            let settle = |inflight: &mut VecDeque<(crate::cache::AppendTicket, Instant, usize)>, latencies: &mut Vec<u32>, bytes: &mut u64| -> anyhow::Result<()> {
+                let (ticket, at, len) = inflight.pop_front().expect("non-empty");
+                ticket.wait()?;
+                latencies.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                *bytes += len as u64;
+                Ok(())
+            };
+            while i < share {
+                let s = mine[(i % mine.len() as u64) as usize];
+                let data = &pool[((i * 7 + u64::from(s.0)) % pool.len() as u64) as usize];
+                let at = Instant::now();
+                match cache.append(s, data) {
+                    Ok(ticket) => {
+                        inflight.push_back((ticket, at, data.len()));
+                        i += 1;
+                    }
+                    Err(crate::cache::AppendError::Backpressure { .. }) => {
+                        if inflight.is_empty() {
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                while inflight.len() >= window {
+                    settle(&mut inflight, &mut latencies, &mut bytes)?;
+                }
+            }
+            while !inflight.is_empty() {
+                settle(&mut inflight, &mut latencies, &mut bytes)?;
+            }
+            Ok((latencies, bytes))
+        }));
+    }
+    let mut latencies = Vec::with_capacity(records_total as usize);
+    let mut logical = 0u64;
+    for h in handles {
+        let (l, b) = h.join().map_err(|_| anyhow::anyhow!("producer panicked"))??;
+        latencies.extend(l);
+        logical += b;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(d) = drainer {
+        let _ = d.join();
+    }
+    let after = cache.stats();
+    latencies.sort_unstable();
+    let device = after.device_bytes - before.device_bytes;
+    let stored = after.stored_bytes - before.stored_bytes;
+    let batches = after.batches - before.batches;
+    let backend = cache.backend_name().to_string();
+    drop(cache);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    Ok(IngestResult {
+        mib_per_s: mib(logical) / seconds,
+        device_mib_per_s: mib(device) / seconds,
+        ack_latency_us_p50: super::percentile(&latencies, 50.0),
+        ack_latency_us_p99: super::percentile(&latencies, 99.0),
+        ack_latency_us_p999: super::percentile(&latencies, 99.9),
+        ack_latency_us_max: latencies.last().copied().unwrap_or(0),
+        records: latencies.len() as u64,
+        seconds,
+        logical_bytes: logical,
+        stored_bytes: stored,
+        device_bytes: device,
+        write_amplification: if stored > 0 { device as f64 / stored as f64 } else { 0.0 },
+        batches,
+        records_per_batch: if batches > 0 { latencies.len() as f64 / batches as f64 } else { 0.0 },
+        streams: p.streams,
+        producers: p.producers,
+        record_size: p.record_size,
+        backend,
+    })
+}
