@@ -5,8 +5,9 @@
 //! that overlap is the group commit.
 //!
 //! Segments rotate when the next batch and the summary that must follow it would not fit:
-//! the next segment file is prepared first (so a failure to get space changes nothing),
-//! then the old one is sealed with its summary and trailer.
+//! the old one is sealed with its summary and trailer, then the next file is created (or
+//! a recycled one renamed) and the directory synced. If that fails for want of space the
+//! batch fails and the next one tries again; the log stays valid in between.
 //!
 //! Failures: a failed write or allocation fails the in-flight and pending batches with a
 //! typed error and rolls every stream's next sequence back to its last durable record, so
@@ -103,14 +104,13 @@ pub(crate) fn seal_segment(seg: &OpenSegment, segment_size: u64) -> Result<(), (
 pub(crate) struct Writer {
     inner: Arc<Inner>,
     seg: Option<OpenSegment>,
-    prepared: Option<(u64, Arc<dyn StorageFile>)>,
     next_segment_id: u64,
     last_batch_records: usize,
 }
 
 impl Writer {
     pub fn new(inner: Arc<Inner>, next_segment_id: u64) -> Writer {
-        Writer { inner, seg: None, prepared: None, next_segment_id, last_batch_records: 0 }
+        Writer { inner, seg: None, next_segment_id, last_batch_records: 0 }
     }
 
     pub fn run(mut self) -> Result<(), CloseError> {
@@ -211,11 +211,11 @@ impl Writer {
                 return Ok(());
             }
         }
-        let (id, file) = self.prepare_next()?;
+        // Seal before creating the next file: only the newest segment may ever be
+        // unsealed, which is what lets recovery scan that one alone.
         if let Some(old) = self.seg.take() {
             if let Err((poison, e)) = seal_segment(&old, segment_size) {
                 self.seg = Some(old);
-                self.prepared = Some((id, file));
                 return Err(if poison { sync_error("fdatasync seal", &e) } else { write_error("write seal", &e) });
             }
             self.inner.log.write().segments.get_mut(&old.id).expect("open segment is registered").sealed = true;
@@ -225,6 +225,7 @@ impl Writer {
             );
             self.inner.wake_reclaimer();
         }
+        let (id, file) = self.prepare_next()?;
         {
             let mut log = self.inner.log.write();
             log.segments.insert(id, SegmentState { file: file.clone(), sealed: false, live_records: 0, live_stored_bytes: 0 });
@@ -237,9 +238,6 @@ impl Writer {
 
     /// A file for the next segment: a recycled one renamed, or a new one allocated.
     fn prepare_next(&mut self) -> Result<(u64, Arc<dyn StorageFile>), WriteFailure> {
-        if let Some(p) = self.prepared.take() {
-            return Ok(p);
-        }
         let inner = &self.inner;
         let id = self.next_segment_id;
         if id >= u64::from(u32::MAX) {
@@ -380,10 +378,6 @@ impl Writer {
     fn finish(mut self) -> Result<(), CloseError> {
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Ok(());
-        }
-        if let Some((id, _)) = self.prepared.take() {
-            // Prepared but never used: leave no empty segment behind.
-            let _ = self.inner.storage.remove(&segment_name(id));
         }
         if let Some(seg) = self.seg.take() {
             seal_segment(&seg, self.inner.opts.segment_size)
