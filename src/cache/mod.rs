@@ -32,6 +32,14 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+/// Names of on-disk files, for tests and tools that inspect a cache directory.
+#[doc(hidden)]
+pub mod flusher_test_support {
+    pub fn segment_file_name(id: u64) -> String {
+        super::flusher::segment_name(id)
+    }
+}
+
 pub use error::{AppendError, CloseError, IoFailure, OpenError, ReadError, ReclaimError, StreamError};
 pub use options::{EvictionPolicy, Options, RecoveryMode};
 pub use reclaimer::{ReclaimReport, SegmentBlockers};
@@ -545,6 +553,13 @@ impl Cache {
         })?;
         let seg = log.segments.get(&u64::from(loc.segment)).expect("index points at a live segment");
         Ok((loc, seg.file.clone()))
+    }
+
+    /// Where a live record sits: (segment id, offset of its record header, stored length).
+    /// For tests and forensics.
+    #[doc(hidden)]
+    pub fn record_location(&self, stream: StreamId, seq: u64) -> Option<(u64, u64, u32)> {
+        self.locate(stream, seq).ok().map(|(loc, _)| (u64::from(loc.segment), u64::from(loc.offset), loc.stored_len))
     }
 
     /// Marks every record of `stream` up to `upto` as uploaded, persisting the cursor

@@ -215,8 +215,11 @@ struct Scan {
     found: Vec<Found>,
     /// Aligned end of the last valid records batch.
     end: u64,
-    /// First offset that did not validate, and why (None when the chain ended cleanly).
+    /// First offset that did not validate, and why (None when the segment is full).
     stopped: Option<(u64, String)>,
+    /// The chain ended on bytes that are not this segment's: zeros, the end of the file,
+    /// or a recycled file's old contents. Nothing was torn there.
+    clean_end: bool,
     hit_summary: bool,
     last_batch_no: u64,
     /// Valid batches found past `stopped`: (offset, durable_end, aligned end, records).
@@ -225,7 +228,7 @@ struct Scan {
 
 fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Scan {
     let limit = trailer_offset(segment_size);
-    let mut scan = Scan { found: Vec::new(), end: 0, stopped: None, hit_summary: false, last_batch_no: 0, later: Vec::new() };
+    let mut scan = Scan { found: Vec::new(), end: 0, stopped: None, clean_end: true, hit_summary: false, last_batch_no: 0, later: Vec::new() };
     let mut off = 0u64;
     while off < limit {
         match read_batch(file, id, seed, segment_size, off, bytes_read) {
@@ -241,6 +244,15 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
                 scan.end = off;
             }
             Err(reason) => {
+                // What is there, if anything (the file may end inside the header).
+                let avail = file.len().unwrap_or(0).saturating_sub(off).min(BATCH_HEADER_LEN as u64) as usize;
+                let mut head = [0u8; BATCH_HEADER_LEN];
+                let read_ok = avail > 0 && file.read_exact_at(&mut head[..avail], off).is_ok();
+                scan.clean_end = !read_ok
+                    || head.iter().all(|&b| b == 0)
+                    || (avail == BATCH_HEADER_LEN
+                        && head[..4] == super::format::BATCH_MAGIC
+                        && BatchHeader::decode(&head, segment_size).is_ok_and(|h| h.segment_id != id));
                 scan.stopped = Some((off, reason));
                 break;
             }
@@ -364,7 +376,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                                 tail_found.extend(f.iter().copied());
                                 tail_end = *end;
                             }
-                        } else {
+                        } else if !scan.clean_end {
                             report.torn_tail = Some(TornTail { segment: id, offset: *bad, reason: reason.clone() });
                         }
                     }

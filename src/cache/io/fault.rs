@@ -45,7 +45,7 @@ enum Pending {
     SetLen(u64),
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Inode {
     durable: Vec<u8>,
     current: Vec<u8>,
@@ -279,6 +279,20 @@ impl FaultStorage {
         let s = self.state.lock();
         let ino = s.dir.get(name)?;
         Some(s.inodes[ino].durable.clone())
+    }
+
+    /// A new device holding a copy of this one's durable state (what a crash now would
+    /// leave at the least), for trying many damages from one starting point.
+    pub fn snapshot(&self) -> FaultStorage {
+        let s = self.state.lock();
+        let inodes = s
+            .inodes
+            .iter()
+            .filter(|(ino, _)| s.dir_durable.values().any(|i| i == *ino))
+            .map(|(&ino, i)| (ino, Inode { durable: i.durable.clone(), current: i.durable.clone(), pending: Vec::new() }))
+            .collect();
+        let copy = State { inodes, next_ino: s.next_ino, dir: s.dir_durable.clone(), dir_durable: s.dir_durable.clone(), ..State::default() };
+        FaultStorage { state: Arc::new(Mutex::new(copy)) }
     }
 
     pub fn names(&self) -> Vec<String> {
