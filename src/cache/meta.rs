@@ -3,9 +3,25 @@
 //! (temp → fsync → rename → fsync dir) whenever a stream is created, acknowledged as
 //! uploaded, evicted or resynced. Byte map in `docs/format.md`.
 
-use super::format::{crc32, META_BODY_LEN_MAX, META_MAGIC, FORMAT_VERSION, STREAMS_MAX, STREAM_KEY_LEN_MAX};
+use super::format::{crc32, FORMAT_VERSION, META_BODY_LEN_MAX, META_MAGIC, STREAMS_MAX, STREAM_KEY_LEN_MAX};
 
 pub const META_FILE: &str = "META";
+/// Preallocated space given up so META can still be written on a full file system.
+pub const META_RESERVE_FILE: &str = "META.reserve";
+const META_RESERVE_MIN: u64 = 256 << 10;
+
+/// Makes sure the reserve exists and can hold two META copies of `meta_len` bytes.
+/// Best effort: with no room, it is retried on the next META write.
+pub(crate) fn ensure_reserve(storage: &dyn super::io::Storage, meta_len: usize) {
+    let want = META_RESERVE_MIN.max(4 * meta_len as u64);
+    let ok = storage
+        .open(META_RESERVE_FILE, true)
+        .and_then(|f| if f.len()? < want { f.allocate(want) } else { Ok(()) });
+    if let Err(e) = ok {
+        tracing::debug!(error = %e, "META reserve not (re)made");
+        let _ = storage.remove(META_RESERVE_FILE);
+    }
+}
 pub const META_HEADER_LEN: usize = 16;
 const META_STREAM_FIXED_LEN: usize = 4 + 8 + 1 + 1 + 1 + 1;
 pub const FLAG_RESYNC_REQUIRED: u8 = 1;

@@ -218,6 +218,29 @@ impl Inner {
         self.segments_in_use.load(Ordering::Relaxed) * self.opts.segment_size
     }
 
+    /// Bytes in use at which appends are refused: the hard watermark, but never closer
+    /// than two segments to capacity, so compaction always has room to move records to.
+    pub fn hard_limit_bytes(&self) -> u64 {
+        let cap = self.opts.capacity_bytes;
+        ((cap as f64 * self.opts.hard_watermark) as u64).min(cap - 2 * self.opts.segment_size)
+    }
+
+    pub fn soft_limit_bytes(&self) -> u64 {
+        ((self.opts.capacity_bytes as f64 * self.opts.soft_watermark) as u64).min(self.hard_limit_bytes())
+    }
+
+    pub fn space_state(&self) -> (u64, SpaceState) {
+        let used = self.used_bytes();
+        let state = if used >= self.hard_limit_bytes() {
+            SpaceState::Full
+        } else if used >= self.soft_limit_bytes() {
+            SpaceState::Throttling
+        } else {
+            SpaceState::Normal
+        };
+        (used, state)
+    }
+
     pub fn push_event(&self, event: CacheEvent) {
         tracing::warn!(?event, "cache event");
         let mut ev = self.events.lock();
@@ -234,14 +257,28 @@ impl Inner {
 
     /// Rewrites META from the current log state, with `edit` applied to the snapshot
     /// first. The caller holds `meta_lock` (passed in as its generation).
+    ///
+    /// A full file system must never stop an upload acknowledgement (it is what frees
+    /// space), so META keeps a preallocated reserve file: on ENOSPC the reserve is removed
+    /// and the write retried; it is re-made as soon as there is room again.
     pub fn write_meta(&self, generation: &mut u64, edit: impl FnOnce(&mut Meta)) -> Result<(), IoFailure> {
         if self.opts.read_only {
             return Err(IoFailure { op: "write META", kind: std::io::ErrorKind::PermissionDenied, message: "read-only".into() });
         }
         let mut meta = self.log.read().meta_snapshot(self.salt, self.opts.segment_size, *generation + 1);
         edit(&mut meta);
-        io::write_atomic(&*self.storage, meta::META_FILE, &meta.encode()).map_err(|e| IoFailure::new("write META", &e))?;
+        let bytes = meta.encode();
+        let storage = &*self.storage;
+        match io::write_atomic(storage, meta::META_FILE, &bytes) {
+            Err(e) if error::is_no_space(&e) => {
+                tracing::warn!("file system full: using the META reserve to persist cursors");
+                let _ = storage.remove(meta::META_RESERVE_FILE);
+                io::write_atomic(storage, meta::META_FILE, &bytes).map_err(|e| IoFailure::new("write META", &e))?;
+            }
+            other => other.map_err(|e| IoFailure::new("write META", &e))?,
+        }
         *generation += 1;
+        meta::ensure_reserve(storage, bytes.len());
         Ok(())
     }
 
@@ -504,20 +541,20 @@ impl Cache {
         if data.len() > inner.opts.record_size_max as usize {
             return Err(AppendError::RecordTooLarge { len: data.len(), max: inner.opts.record_size_max });
         }
-        let capacity = inner.opts.capacity_bytes as f64;
-        let used = inner.used_bytes();
-        let ratio = used as f64 / capacity;
-        if ratio >= inner.opts.hard_watermark {
-            inner.counters.backpressure_refusals.fetch_add(1, Ordering::Relaxed);
-            inner.wake_reclaimer();
-            return Err(AppendError::Backpressure { used_bytes: used, capacity_bytes: inner.opts.capacity_bytes });
-        }
-        if ratio >= inner.opts.soft_watermark {
-            inner.counters.throttled_appends.fetch_add(1, Ordering::Relaxed);
-            inner.wake_reclaimer();
-            let span = (inner.opts.hard_watermark - inner.opts.soft_watermark).max(1e-9);
-            let frac = ((ratio - inner.opts.soft_watermark) / span).clamp(0.05, 1.0);
-            std::thread::sleep(Duration::from_micros((inner.opts.throttle_delay_us_max as f64 * frac) as u64));
+        match inner.space_state() {
+            (_, SpaceState::Normal) => {}
+            (used, SpaceState::Full) => {
+                inner.counters.backpressure_refusals.fetch_add(1, Ordering::Relaxed);
+                inner.wake_reclaimer();
+                return Err(AppendError::Backpressure { used_bytes: used, capacity_bytes: inner.opts.capacity_bytes });
+            }
+            (used, SpaceState::Throttling) => {
+                inner.counters.throttled_appends.fetch_add(1, Ordering::Relaxed);
+                inner.wake_reclaimer();
+                let (soft, hard) = (inner.soft_limit_bytes() as f64, inner.hard_limit_bytes() as f64);
+                let frac = ((used as f64 - soft) / (hard - soft).max(1.0)).clamp(0.05, 1.0);
+                std::thread::sleep(Duration::from_micros((inner.opts.throttle_delay_us_max as f64 * frac) as u64));
+            }
         }
         compress::encode_with(data, inner.opts.compress_ratio_max, |codec, stored, crc| {
             inner.enqueue(stream.0, RecordKind::Data, None, codec, stored, data.len() as u32, crc)
@@ -637,15 +674,8 @@ impl Cache {
 
     pub fn space(&self) -> SpaceReport {
         let inner = &self.inner;
-        let used = inner.used_bytes();
+        let (used, state) = inner.space_state();
         let ratio = used as f64 / inner.opts.capacity_bytes as f64;
-        let state = if ratio >= inner.opts.hard_watermark {
-            SpaceState::Full
-        } else if ratio >= inner.opts.soft_watermark {
-            SpaceState::Throttling
-        } else {
-            SpaceState::Normal
-        };
         SpaceReport {
             capacity_bytes: inner.opts.capacity_bytes,
             used_bytes: used,

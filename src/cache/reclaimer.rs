@@ -71,8 +71,7 @@ pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimE
         compact(inner, &mut report)?;
         report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
     }
-    let usage = inner.used_bytes() as f64 / inner.opts.capacity_bytes as f64;
-    if usage >= inner.opts.hard_watermark && inner.opts.eviction == EvictionPolicy::LargestBacklog {
+    if inner.space_state().1 == super::SpaceState::Full && inner.opts.eviction == EvictionPolicy::LargestBacklog {
         let victim = {
             let log = inner.log.read();
             log.streams.iter().enumerate().filter(|(_, s)| !s.index.is_empty()).max_by_key(|(_, s)| s.index.stored_bytes()).map(|(i, _)| StreamId(i as u32))
@@ -81,6 +80,9 @@ pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimE
             evict(inner, stream, "hard watermark reached and reclaim could not free space (eviction policy LargestBacklog)")
                 .map_err(|e| ReclaimError::Io(IoFailure { op: "evict", kind: std::io::ErrorKind::Other, message: e.to_string() }))?;
             report.streams_evicted.push(stream);
+            report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
+            // What the evicted stream shared with others is now sparse: move it on.
+            compact(inner, &mut report)?;
             report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
         }
     }

@@ -333,8 +333,11 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     segment_ids.sort_unstable();
     let mut recycled: Vec<u64> = names.iter().filter_map(|n| parse_name(n, "recycle-")).collect();
     recycled.sort_unstable();
-    if !opts.read_only && names.iter().any(|n| n == "META.tmp") {
-        let _ = storage.remove("META.tmp");
+    if !opts.read_only {
+        if names.iter().any(|n| n == "META.tmp") {
+            let _ = storage.remove("META.tmp");
+        }
+        super::meta::ensure_reserve(storage, meta.encode().len());
     }
     report.segments = segment_ids.len();
 
