@@ -210,6 +210,7 @@ pub(crate) struct Inner {
     pub events: Mutex<VecDeque<CacheEvent>>,
     pub reclaim_wake: Mutex<bool>,
     pub reclaim_cv: Condvar,
+    pub reclaim_pass_lock: Mutex<()>,
     pub recovery: RecoveryReport,
 }
 
@@ -449,6 +450,7 @@ impl Cache {
             events: Mutex::new(recovered.events.into_iter().collect()),
             reclaim_wake: Mutex::new(false),
             reclaim_cv: Condvar::new(),
+            reclaim_pass_lock: Mutex::new(()),
             recovery: recovered.report,
             storage,
             opts,

@@ -43,7 +43,10 @@ pub(crate) fn free_dead_segments(inner: &Inner) -> Result<u64, IoFailure> {
     for id in dead {
         let recycle = {
             let mut log = inner.log.write();
-            log.segments.remove(&id);
+            // Whoever takes it out of the map frees the file.
+            if log.segments.remove(&id).is_none() {
+                continue;
+            }
             inner.segments_in_use.store(log.segments.len() as u64, Ordering::Relaxed);
             log.recycled.len() < inner.opts.segments_recycle_max
         };
@@ -65,6 +68,8 @@ pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimE
     if inner.opts.read_only {
         return Err(ReclaimError::ReadOnly);
     }
+    // One pass at a time: two compactions of one segment would copy its records twice.
+    let _pass = inner.reclaim_pass_lock.lock();
     let mut report = ReclaimReport { segments_freed: free_dead_segments(inner).map_err(ReclaimError::Io)?, ..Default::default() };
     let usage = inner.used_bytes() as f64 / inner.opts.capacity_bytes as f64;
     if usage >= inner.opts.compact_usage_min && !inner.shutdown.load(Ordering::Acquire) {

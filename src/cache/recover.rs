@@ -217,8 +217,8 @@ struct Scan {
     end: u64,
     /// First offset that did not validate, and why (None when the segment is full).
     stopped: Option<(u64, String)>,
-    /// The chain ended on bytes that are not this segment's: zeros, the end of the file,
-    /// or a recycled file's old contents. Nothing was torn there.
+    /// The chain ended on bytes that are not a batch header of this segment: zeros, the
+    /// end of the file, or a recycled file's old contents.
     clean_end: bool,
     hit_summary: bool,
     last_batch_no: u64,
@@ -244,15 +244,15 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
                 scan.end = off;
             }
             Err(reason) => {
-                // What is there, if anything (the file may end inside the header).
-                let avail = file.len().unwrap_or(0).saturating_sub(off).min(BATCH_HEADER_LEN as u64) as usize;
+                // A tear shows as this segment's own header over bytes that do not check
+                // out. Anything else there — zeros, the file's end, a recycled file's old
+                // bytes — is a clean end of the chain.
                 let mut head = [0u8; BATCH_HEADER_LEN];
-                let read_ok = avail > 0 && file.read_exact_at(&mut head[..avail], off).is_ok();
-                scan.clean_end = !read_ok
-                    || head.iter().all(|&b| b == 0)
-                    || (avail == BATCH_HEADER_LEN
-                        && head[..4] == super::format::BATCH_MAGIC
-                        && BatchHeader::decode(&head, segment_size).is_ok_and(|h| h.segment_id != id));
+                let ours = file.read_exact_at(&mut head, off).is_ok()
+                    && head[..4] == super::format::BATCH_MAGIC
+                    && head[super::format::BATCH_SEGMENT_AT..super::format::BATCH_SEGMENT_AT + 8] == id.to_le_bytes();
+                let partial = file.len().is_ok_and(|len| len > off && len < off + BATCH_HEADER_LEN as u64);
+                scan.clean_end = !(ours || partial);
                 scan.stopped = Some((off, reason));
                 break;
             }
