@@ -144,14 +144,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn verify(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(dir.join("META").exists(), "{} holds no churnlog cache (no META)", dir.display());
-    let opts = Options { read_only: true, recovery_mode: RecoveryMode::SalvageMarkResync, background_reclaim: false, capacity_bytes: u64::MAX / 2, ..Options::default() };
+    let opts = Options {
+        read_only: true,
+        recovery_mode: RecoveryMode::SalvageMarkResync,
+        background_reclaim: false,
+        capacity_bytes: u64::MAX / 2,
+        ..Options::default()
+    };
     let cache = Cache::open(dir, opts).context("open cache")?;
     let report = cache.verify();
     if json {
         print_json(&serde_json::json!({ "clean": report.is_clean(), "report": report }))?;
     } else {
         let r = &report.recovery;
-        println!("cache {}: {} segment(s), {} from summaries, {} scanned", dir.display(), r.segments, r.segments_from_summary, r.segments_scanned.len());
+        println!(
+            "cache {}: {} segment(s), {} from summaries, {} scanned",
+            dir.display(),
+            r.segments,
+            r.segments_from_summary,
+            r.segments_scanned.len()
+        );
         if let Some(t) = &r.torn_tail {
             println!("torn tail (unacknowledged, discarded): segment {} at {}: {}", t.segment, t.offset, t.reason);
         }
@@ -161,23 +173,51 @@ fn verify(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
         for n in &r.notes {
             println!("note: {n}");
         }
-        println!("{:<24} {:<10} {:>10} {:>23} {:>14} {:>10} {:>7}  corrupt", "machine", "disk", "records", "seq range", "bytes", "uploaded", "resync");
+        println!(
+            "{:<24} {:<10} {:>10} {:>23} {:>14} {:>10} {:>7}  corrupt",
+            "machine", "disk", "records", "seq range", "bytes", "uploaded", "resync"
+        );
         for s in &report.streams {
             let range = s.seq_range.map_or("-".to_string(), |(a, b)| format!("{a}..={b}"));
-            let corrupt = if s.corrupt_ranges.is_empty() { "-".to_string() } else { format!("{:?} ({})", s.corrupt_ranges, s.first_error.as_deref().unwrap_or("")) };
-            println!("{:<24} {:<10} {:>10} {:>23} {:>14} {:>10} {:>7}  {}", s.machine, s.disk, s.records, range, s.logical_bytes, s.uploaded_upto, s.resync_required, corrupt);
+            let corrupt = if s.corrupt_ranges.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:?} ({})", s.corrupt_ranges, s.first_error.as_deref().unwrap_or(""))
+            };
+            println!(
+                "{:<24} {:<10} {:>10} {:>23} {:>14} {:>10} {:>7}  {}",
+                s.machine, s.disk, s.records, range, s.logical_bytes, s.uploaded_upto, s.resync_required, corrupt
+            );
         }
         for d in &r.damaged_streams {
             println!("DAMAGED stream {}/{}: missing {:?}", d.machine, d.disk, d.missing);
         }
-        println!("{} record(s), {} byte(s) checked: {}", report.records_checked, report.bytes_checked, if report.is_clean() { "clean" } else { "CORRUPT" });
+        println!(
+            "{} record(s), {} byte(s) checked: {}",
+            report.records_checked,
+            report.bytes_checked,
+            if report.is_clean() { "clean" } else { "CORRUPT" }
+        );
     }
     Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
-        BenchCommand::Ingest { dir, bytes, record_size, streams, compressible, producers, window, drain, segment_size, commit_bytes, commit_window_us, json } => {
+        BenchCommand::Ingest {
+            dir,
+            bytes,
+            record_size,
+            streams,
+            compressible,
+            producers,
+            window,
+            drain,
+            segment_size,
+            commit_bytes,
+            commit_window_us,
+            json,
+        } => {
             anyhow::ensure!(compressible >= 1.0, "--compressible is a ratio >= 1 (2 means 2:1)");
             let mut options = options_for(if drain { 0 } else { bytes });
             if let Some(s) = segment_size {
@@ -257,14 +297,25 @@ fn demo(bytes: u64, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let reclaimed = cache.reclaim()?;
     println!("  drain    half of each stream acknowledged: {} segment(s) freed", reclaimed.segments_freed);
     let report = cache.verify();
-    println!("  verify   {} records, {} MiB checked: {}", report.records_checked, report.bytes_checked >> 20, if report.is_clean() { "clean" } else { "CORRUPT" });
+    println!(
+        "  verify   {} records, {} MiB checked: {}",
+        report.records_checked,
+        report.bytes_checked >> 20,
+        if report.is_clean() { "clean" } else { "CORRUPT" }
+    );
     Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 /// Appends records of deterministic content until killed; prints `ACK stream seq len`
 /// once each is durable and `UPLOADED stream upto` after each upload acknowledgement.
 fn torture(dir: &Path, streams: u32, seed: u64) -> anyhow::Result<ExitCode> {
-    let opts = Options { segment_size: 1 << 20, capacity_bytes: 256 << 20, record_size_max: 64 << 10, commit_bytes_max: 256 << 10, ..Options::default() };
+    let opts = Options {
+        segment_size: 1 << 20,
+        capacity_bytes: 256 << 20,
+        record_size_max: 64 << 10,
+        commit_bytes_max: 256 << 10,
+        ..Options::default()
+    };
     let cache = Cache::open(dir, opts)?;
     let ids: Vec<_> = (0..streams).map(|i| cache.stream(&format!("m{i}"), "d0")).collect::<Result<_, _>>()?;
     let mut out = std::io::stdout().lock();
@@ -291,7 +342,7 @@ fn torture(dir: &Path, streams: u32, seed: u64) -> anyhow::Result<ExitCode> {
             writeln!(out, "ACK {} {} {}", stream.0, seq, len)?;
         }
         out.flush()?;
-        if round % 16 == 0 {
+        if round.is_multiple_of(16) {
             for &s in &ids {
                 let info = cache.stream_info(s).expect("stream");
                 let upto = info.durable_upto.saturating_sub(20);

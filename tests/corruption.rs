@@ -3,9 +3,9 @@
 
 mod common;
 
+use churnlog::cache::flusher_test_support::segment_file_name;
 use churnlog::cache::io::fault::FaultStorage;
 use churnlog::cache::{OpenError, Options, ReadError, RecoveryMode, StreamId};
-use churnlog::cache::flusher_test_support::segment_file_name;
 use common::{data, kill, open, tiny_options};
 
 /// Two streams, ~200 records each over several segments; closed cleanly or killed.
@@ -171,7 +171,7 @@ fn truncating_the_tail_at_every_offset_of_the_last_batch_recovers_cleanly() {
             }
         };
         check(&ro);
-        if cut % 97 == 0 || full {
+        if cut.is_multiple_of(97) || full {
             // A writable open seals the segment after the cut and carries on.
             check(&opts);
             let cache = open(&copy, &opts).unwrap();

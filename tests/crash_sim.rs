@@ -31,7 +31,12 @@ struct Model {
 fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
     let st = FaultStorage::new();
     let mut rng = Rng::new(seed);
-    let mut model = Model { written: HashMap::new(), acked: HashMap::new(), uploaded_ok: HashMap::new(), uploaded_tried: HashMap::new() };
+    let mut model = Model {
+        written: HashMap::new(),
+        acked: HashMap::new(),
+        uploaded_ok: HashMap::new(),
+        uploaded_tried: HashMap::new(),
+    };
     // Up to three crash/recover cycles per seed, each cutting power at a random call.
     for cycle in 0..3 {
         let cut = rng.below(120);
@@ -60,7 +65,8 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
                 Err(_) => break,
             }
         }
-        let mut next_seq: HashMap<u32, u64> = ids.iter().map(|id| (id.0, cache.stream_info(*id).unwrap().durable_upto + 1)).collect();
+        let mut next_seq: HashMap<u32, u64> =
+            ids.iter().map(|id| (id.0, cache.stream_info(*id).unwrap().durable_upto + 1)).collect();
         'work: for _ in 0..40 {
             if ids.is_empty() {
                 break;
@@ -134,7 +140,7 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize) -> Result<
     }
     for s in 0..STREAMS {
         let Some(id) = cache.find_stream(&format!("m{s}"), "d") else {
-            if model.acked.get(&s).is_some() {
+            if model.acked.contains_key(&s) {
                 return Err(format!("stream {s} vanished"));
             }
             continue;
@@ -144,10 +150,16 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize) -> Result<
         let up_ok = model.uploaded_ok.get(&id.0).copied().unwrap_or(0);
         let up_tried = model.uploaded_tried.get(&id.0).copied().unwrap_or(0).max(up_ok);
         if info.durable_upto < acked {
-            return Err(format!("cycle {cycle}: stream {s} durable to {} but {} was acknowledged", info.durable_upto, acked));
+            return Err(format!(
+                "cycle {cycle}: stream {s} durable to {} but {} was acknowledged",
+                info.durable_upto, acked
+            ));
         }
         if info.uploaded_upto < up_ok || info.uploaded_upto > up_tried {
-            return Err(format!("cycle {cycle}: stream {s} uploaded cursor {} outside [{up_ok}, {up_tried}]", info.uploaded_upto));
+            return Err(format!(
+                "cycle {cycle}: stream {s} uploaded cursor {} outside [{up_ok}, {up_tried}]",
+                info.uploaded_upto
+            ));
         }
         for seq in info.uploaded_upto + 1..=info.durable_upto {
             let got = cache.read(id, seq).map_err(|e| format!("cycle {cycle}: stream {s} seq {seq}: {e}"))?;
@@ -182,8 +194,14 @@ fn power_loss_at_thousands_of_points() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} failing seed(s) (replay with CHURNLOG_CRASH_SEED=S):\n{}", failures.len(), failures.join("\n"));
-    let (acked, torn, checked, scanned) = (ACKED.load(Relaxed), TORN_TAILS.load(Relaxed), RECORDS_CHECKED.load(Relaxed), SEALS_SCANNED.load(Relaxed));
+    assert!(
+        failures.is_empty(),
+        "{} failing seed(s) (replay with CHURNLOG_CRASH_SEED=S):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let (acked, torn, checked, scanned) =
+        (ACKED.load(Relaxed), TORN_TAILS.load(Relaxed), RECORDS_CHECKED.load(Relaxed), SEALS_SCANNED.load(Relaxed));
     eprintln!("{seeds} seeds: {acked} records acknowledged, {checked} read back after recovery, {torn} torn tails truncated, {scanned} open segments scanned");
     // The simulation must actually exercise crashes mid-write, not only clean stops.
     assert!(acked > seeds * 10 && checked > seeds * 10, "too little work: {acked} acked, {checked} checked");

@@ -72,7 +72,7 @@ fn enospc_is_typed_and_the_engine_resumes_once_space_is_freed() {
     let cache = open(&st, &opts).unwrap();
     let (a, b) = (cache.stream("ma", "d").unwrap(), cache.stream("mb", "d").unwrap());
     st.set_space_limit(Some(st.used_bytes() + 6 * opts.segment_size));
-    let mut acked = vec![0u64, 0];
+    let mut acked = [0u64, 0];
     let mut no_space = None;
     'fill: for seq in 1..10_000u64 {
         for (i, s) in [a, b].into_iter().enumerate() {

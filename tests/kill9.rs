@@ -62,8 +62,16 @@ fn kill_minus_nine_loses_nothing_acknowledged() {
         child.wait().unwrap();
         reader.join().unwrap();
 
-        let opts = Options { segment_size: 1 << 20, capacity_bytes: 256 << 20, record_size_max: 64 << 10, commit_bytes_max: 256 << 10, background_reclaim: false, ..Options::default() };
-        let cache = Cache::open(dir.path(), opts).unwrap_or_else(|e| panic!("iteration {i}: reopen after kill -9: {e}"));
+        let opts = Options {
+            segment_size: 1 << 20,
+            capacity_bytes: 256 << 20,
+            record_size_max: 64 << 10,
+            commit_bytes_max: 256 << 10,
+            background_reclaim: false,
+            ..Options::default()
+        };
+        let cache =
+            Cache::open(dir.path(), opts).unwrap_or_else(|e| panic!("iteration {i}: reopen after kill -9: {e}"));
         let report = cache.recovery_report().clone();
         assert!(report.damage.is_empty() && report.damaged_streams.is_empty(), "iteration {i}: {report:?}");
         let s = seen.lock().unwrap();
@@ -73,10 +81,16 @@ fn kill_minus_nine_loses_nothing_acknowledged() {
         for info in cache.streams() {
             let stream = info.id.0;
             let max_acked = s.acked.keys().filter(|(st, _)| *st == stream).map(|(_, q)| *q).max().unwrap_or(0);
-            assert!(info.durable_upto >= max_acked, "iteration {i}: stream {stream} durable to {} but {max_acked} was acknowledged", info.durable_upto);
+            assert!(
+                info.durable_upto >= max_acked,
+                "iteration {i}: stream {stream} durable to {} but {max_acked} was acknowledged",
+                info.durable_upto
+            );
             assert!(info.uploaded_upto >= s.uploaded.get(&stream).copied().unwrap_or(0));
             for seq in info.uploaded_upto + 1..=info.durable_upto {
-                let got = cache.read(info.id, seq).unwrap_or_else(|e| panic!("iteration {i}: stream {stream} seq {seq}: {e}"));
+                let got = cache
+                    .read(info.id, seq)
+                    .unwrap_or_else(|e| panic!("iteration {i}: stream {stream} seq {seq}: {e}"));
                 let len = churnlog::bench::record_len(stream, seq, 1, 48 << 10);
                 churnlog::bench::record_bytes(stream, seq, len, 0.5, &mut buf);
                 assert_eq!(got, buf, "iteration {i}: stream {stream} seq {seq} differs");
@@ -87,6 +101,10 @@ fn kill_minus_nine_loses_nothing_acknowledged() {
             }
         }
         assert!(cache.verify().is_clean());
-        eprintln!("iteration {i}: {} acknowledged so far, {checked} cached records checked, torn tail: {:?}", s.acked.len(), report.torn_tail.is_some());
+        eprintln!(
+            "iteration {i}: {} acknowledged so far, {checked} cached records checked, torn tail: {:?}",
+            s.acked.len(),
+            report.torn_tail.is_some()
+        );
     }
 }

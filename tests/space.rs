@@ -10,7 +10,13 @@ use common::{data, kill, open, tiny_options};
 #[test]
 fn soft_watermark_throttles_and_hard_watermark_refuses_until_drained() {
     let st = FaultStorage::new();
-    let opts = Options { capacity_bytes: 16 * (64 << 10), soft_watermark: 0.5, hard_watermark: 0.75, throttle_delay_us_max: 200, ..tiny_options() };
+    let opts = Options {
+        capacity_bytes: 16 * (64 << 10),
+        soft_watermark: 0.5,
+        hard_watermark: 0.75,
+        throttle_delay_us_max: 200,
+        ..tiny_options()
+    };
     let cache = open(&st, &opts).unwrap();
     let s = cache.stream("m", "d").unwrap();
     let mut last = 0;
@@ -34,17 +40,22 @@ fn soft_watermark_throttles_and_hard_watermark_refuses_until_drained() {
 #[test]
 fn a_slow_stream_does_not_pin_the_disk_compaction_moves_it_forward() {
     let st = FaultStorage::new();
-    let opts = Options { capacity_bytes: 64 * (64 << 10), compact_usage_min: 0.0, compact_live_ratio_max: 0.3, ..tiny_options() };
+    let opts = Options {
+        capacity_bytes: 64 * (64 << 10),
+        compact_usage_min: 0.0,
+        compact_live_ratio_max: 0.3,
+        ..tiny_options()
+    };
     let cache = open(&st, &opts).unwrap();
     let slow = cache.stream("slow", "d").unwrap();
     let fast = cache.stream("fast", "d").unwrap();
     let mut slow_seq = 0;
     for seq in 1..=400u64 {
         cache.append(fast, &data(fast.0, seq, 2000)).unwrap().wait().unwrap();
-        if seq % 20 == 0 {
+        if seq.is_multiple_of(20) {
             slow_seq = cache.append(slow, &data(slow.0, slow_seq + 1, 2000)).unwrap().wait().unwrap();
         }
-        if seq % 10 == 0 {
+        if seq.is_multiple_of(10) {
             cache.ack(fast, seq).unwrap();
         }
     }
@@ -98,7 +109,12 @@ fn explicit_eviction_is_loud_and_durable() {
 #[test]
 fn eviction_policy_evicts_the_largest_backlog_only_at_the_hard_watermark() {
     let st = FaultStorage::new();
-    let opts = Options { capacity_bytes: 16 * (64 << 10), eviction: EvictionPolicy::LargestBacklog, compact_usage_min: 1.0, ..tiny_options() };
+    let opts = Options {
+        capacity_bytes: 16 * (64 << 10),
+        eviction: EvictionPolicy::LargestBacklog,
+        compact_usage_min: 1.0,
+        ..tiny_options()
+    };
     let cache = open(&st, &opts).unwrap();
     let big = cache.stream("big", "d").unwrap();
     let small = cache.stream("small", "d").unwrap();
@@ -113,7 +129,7 @@ fn eviction_policy_evicts_the_largest_backlog_only_at_the_hard_watermark() {
             Err(AppendError::Backpressure { .. }) => break,
             Err(e) => panic!("{e}"),
         }
-        if seq % 8 == 0 {
+        if seq.is_multiple_of(8) {
             cache.append(small, &data(small.0, seq / 8, 100)).unwrap().wait().unwrap();
         }
     }
@@ -122,6 +138,9 @@ fn eviction_policy_evicts_the_largest_backlog_only_at_the_hard_watermark() {
     assert!(cache.stream_info(big).unwrap().resync_required);
     assert!(!cache.stream_info(small).unwrap().resync_required);
     assert_eq!(cache.read(small, 1).unwrap(), data(small.0, 1, 100));
-    assert!(cache.events().iter().any(|e| matches!(e, CacheEvent::StreamEvicted { reason, .. } if reason.contains("LargestBacklog"))));
+    assert!(cache
+        .events()
+        .iter()
+        .any(|e| matches!(e, CacheEvent::StreamEvicted { reason, .. } if reason.contains("LargestBacklog"))));
     assert_ne!(cache.space().state, SpaceState::Full);
 }

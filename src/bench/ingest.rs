@@ -50,11 +50,13 @@ pub struct IngestResult {
 }
 
 pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
-    anyhow::ensure!(p.streams > 0 && p.producers > 0 && p.record_size > 0, "streams, producers and record size must be positive");
+    anyhow::ensure!(
+        p.streams > 0 && p.producers > 0 && p.record_size > 0,
+        "streams, producers and record size must be positive"
+    );
     let cache = Arc::new(Cache::open(&p.dir, p.options.clone())?);
-    let streams: Vec<StreamId> = (0..p.streams)
-        .map(|i| cache.stream(&format!("machine-{i:04}"), "disk-0"))
-        .collect::<Result<_, _>>()?;
+    let streams: Vec<StreamId> =
+        (0..p.streams).map(|i| cache.stream(&format!("machine-{i:04}"), "disk-0")).collect::<Result<_, _>>()?;
     let records_total = (p.bytes / p.record_size as u64).max(1);
     // Pre-generated contents: producers cycle through them so generation costs nothing.
     let variants = 64usize;
@@ -99,7 +101,10 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
             let mut latencies = Vec::with_capacity(share as usize);
             let mut bytes = 0u64;
             let mut i = 0u64;
-            let settle = |inflight: &mut VecDeque<(crate::cache::AppendTicket, Instant, usize)>, latencies: &mut Vec<u32>, bytes: &mut u64| -> anyhow::Result<()> {
+            let settle = |inflight: &mut VecDeque<(crate::cache::AppendTicket, Instant, usize)>,
+                          latencies: &mut Vec<u32>,
+                          bytes: &mut u64|
+             -> anyhow::Result<()> {
                 let (ticket, at, len) = inflight.pop_front().expect("non-empty");
                 ticket.wait()?;
                 latencies.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);

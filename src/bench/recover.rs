@@ -31,7 +31,11 @@ pub fn run(dir: &Path, options: Options) -> anyhow::Result<RecoverResult> {
         open_seconds,
         records: stats.index_records,
         index_bytes: stats.index_bytes,
-        index_bytes_per_record: if stats.index_records > 0 { stats.index_bytes as f64 / stats.index_records as f64 } else { 0.0 },
+        index_bytes_per_record: if stats.index_records > 0 {
+            stats.index_bytes as f64 / stats.index_records as f64
+        } else {
+            0.0
+        },
         segments: report.segments,
         segments_scanned: report.segments_scanned.len(),
         metadata_bytes_read: report.metadata_bytes_read,

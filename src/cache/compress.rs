@@ -85,10 +85,20 @@ mod tests {
     #[test]
     fn compressible_data_is_compressed_and_random_is_not() {
         let zeros = vec![0u8; 65536];
-        let codec = encode_with(&zeros, 0.9, |c, s, _| { assert!(s.len() < 1000); c });
+        let codec = encode_with(&zeros, 0.9, |c, s, _| {
+            assert!(s.len() < 1000);
+            c
+        });
         assert_eq!(codec, Codec::Lz4);
         let mut x = 1u64;
-        let random: Vec<u8> = (0..65536).map(|_| { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x as u8 }).collect();
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
         assert_eq!(encode_with(&random, 0.9, |c, _, _| c), Codec::Raw);
     }
 }

@@ -20,14 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::{is_no_space, CloseError, IoFailure};
+use super::format::RecordKind;
 use super::format::{
-    align_up, batch_crc_start, seal_batch_crc, segment_seed, trailer_offset, BatchHeader, BatchKind, SummaryEntry, Trailer,
-    BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN,
+    align_up, batch_crc_start, seal_batch_crc, segment_seed, trailer_offset, BatchHeader, BatchKind, SummaryEntry,
+    Trailer, BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN,
 };
 use super::index::Loc;
 use super::io::StorageFile;
 use super::{AppendError, AppendState, CacheEvent, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
-use super::format::RecordKind;
 
 pub(crate) fn segment_name(id: u64) -> String {
     format!("seg-{id:016x}.log")
@@ -55,7 +55,11 @@ struct WriteFailure {
 }
 
 fn write_error(op: &'static str, e: &std::io::Error) -> WriteFailure {
-    let error = if is_no_space(e) { AppendError::NoSpace(format!("{op}: {e}")) } else { AppendError::Io(IoFailure::new(op, e)) };
+    let error = if is_no_space(e) {
+        AppendError::NoSpace(format!("{op}: {e}"))
+    } else {
+        AppendError::Io(IoFailure::new(op, e))
+    };
     WriteFailure { error, poison: false }
 }
 
@@ -168,7 +172,12 @@ impl Writer {
     }
 
     /// Writes and syncs one batch; returns (segment id, offset of the batch).
-    fn write_batch(&mut self, buf: &mut Vec<u8>, records: &[PendingRecord], batch_no: u64) -> Result<(u64, u64), WriteFailure> {
+    fn write_batch(
+        &mut self,
+        buf: &mut Vec<u8>,
+        records: &[PendingRecord],
+        batch_no: u64,
+    ) -> Result<(u64, u64), WriteFailure> {
         let batch_len = buf.len();
         let aligned = align_up(batch_len as u64, BLOCK_SIZE);
         self.place(aligned, records.len())?;
@@ -206,7 +215,8 @@ impl Writer {
     fn place(&mut self, aligned: u64, count: usize) -> Result<(), WriteFailure> {
         let segment_size = self.inner.opts.segment_size;
         if let Some(seg) = &self.seg {
-            let summary = align_up((BATCH_HEADER_LEN + (seg.summary.len() + count) * SUMMARY_ENTRY_LEN) as u64, BLOCK_SIZE);
+            let summary =
+                align_up((BATCH_HEADER_LEN + (seg.summary.len() + count) * SUMMARY_ENTRY_LEN) as u64, BLOCK_SIZE);
             if seg.write_offset + aligned + summary <= trailer_offset(segment_size) {
                 return Ok(());
             }
@@ -228,7 +238,8 @@ impl Writer {
         let (id, file) = self.prepare_next()?;
         {
             let mut log = self.inner.log.write();
-            log.segments.insert(id, SegmentState { file: file.clone(), sealed: false, live_records: 0, live_stored_bytes: 0 });
+            log.segments
+                .insert(id, SegmentState { file: file.clone(), sealed: false, live_records: 0, live_stored_bytes: 0 });
             self.inner.segments_in_use.store(log.segments.len() as u64, Ordering::Relaxed);
         }
         let seed = segment_seed(self.inner.salt, id);
@@ -241,7 +252,10 @@ impl Writer {
         let inner = &self.inner;
         let id = self.next_segment_id;
         if id >= u64::from(u32::MAX) {
-            return Err(WriteFailure { error: AppendError::NoSpace("segment id space exhausted".into()), poison: false });
+            return Err(WriteFailure {
+                error: AppendError::NoSpace("segment id space exhausted".into()),
+                poison: false,
+            });
         }
         let (in_use, recycled) = {
             let mut log = inner.log.write();
@@ -252,7 +266,10 @@ impl Writer {
                 inner.log.write().recycled.push(r);
             }
             return Err(WriteFailure {
-                error: AppendError::NoSpace(format!("capacity of {} segments is in use", inner.opts.segment_count_max())),
+                error: AppendError::NoSpace(format!(
+                    "capacity of {} segments is in use",
+                    inner.opts.segment_count_max()
+                )),
                 poison: false,
             });
         }
@@ -288,8 +305,19 @@ impl Writer {
             let mut guard = inner.log.write();
             let log = &mut *guard;
             for r in records {
-                let loc = Loc { segment: segment as u32, offset: (base + u64::from(r.offset_in_batch)) as u32, stored_len: r.stored_len, logical_len: r.logical_len };
-                seg.summary.push(SummaryEntry { stream: r.stream, offset: loc.offset, seq: r.seq, stored_len: r.stored_len, logical_len: r.logical_len });
+                let loc = Loc {
+                    segment: segment as u32,
+                    offset: (base + u64::from(r.offset_in_batch)) as u32,
+                    stored_len: r.stored_len,
+                    logical_len: r.logical_len,
+                };
+                seg.summary.push(SummaryEntry {
+                    stream: r.stream,
+                    offset: loc.offset,
+                    seq: r.seq,
+                    stored_len: r.stored_len,
+                    logical_len: r.logical_len,
+                });
                 let moved_in = match r.kind {
                     RecordKind::Data => {
                         log.streams[r.stream as usize].index.push(r.seq, loc);
@@ -297,15 +325,18 @@ impl Writer {
                         stored += u64::from(r.stored_len);
                         true
                     }
-                    RecordKind::Rewrite => match log.streams[r.stream as usize].index.relocate(r.seq, r.from_segment, loc) {
-                        Some(old) => {
-                            let from = log.segments.get_mut(&u64::from(old.segment)).expect("live record's segment");
-                            from.live_records -= 1;
-                            from.live_stored_bytes -= u64::from(old.stored_len);
-                            true
+                    RecordKind::Rewrite => {
+                        match log.streams[r.stream as usize].index.relocate(r.seq, r.from_segment, loc) {
+                            Some(old) => {
+                                let from =
+                                    log.segments.get_mut(&u64::from(old.segment)).expect("live record's segment");
+                                from.live_records -= 1;
+                                from.live_stored_bytes -= u64::from(old.stored_len);
+                                true
+                            }
+                            None => false,
                         }
-                        None => false,
-                    },
+                    }
                 };
                 if moved_in {
                     let s = log.segments.get_mut(&segment).expect("open segment");

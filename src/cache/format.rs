@@ -107,8 +107,7 @@ impl BatchHeader {
         out[BATCH_SEGMENT_AT..BATCH_SEGMENT_AT + 8].copy_from_slice(&self.segment_id.to_le_bytes());
         out[BATCH_NO_AT..BATCH_NO_AT + 8].copy_from_slice(&self.batch_no.to_le_bytes());
         out[BATCH_OFFSET_AT..BATCH_OFFSET_AT + 4].copy_from_slice(&self.offset.to_le_bytes());
-        out[BATCH_DURABLE_END_AT..BATCH_DURABLE_END_AT + 4]
-            .copy_from_slice(&self.durable_end.to_le_bytes());
+        out[BATCH_DURABLE_END_AT..BATCH_DURABLE_END_AT + 4].copy_from_slice(&self.durable_end.to_le_bytes());
         out[BATCH_COUNT_AT..BATCH_COUNT_AT + 4].copy_from_slice(&self.count.to_le_bytes());
     }
 
@@ -139,9 +138,7 @@ impl BatchHeader {
             durable_end: get_u32(b, BATCH_DURABLE_END_AT),
             count: get_u32(b, BATCH_COUNT_AT),
         };
-        if (h.batch_len as usize) < BATCH_HEADER_LEN
-            || u64::from(h.offset) + u64::from(h.batch_len) > segment_size
-        {
+        if (h.batch_len as usize) < BATCH_HEADER_LEN || u64::from(h.offset) + u64::from(h.batch_len) > segment_size {
             return Err(FormatError::Field("batch length", u64::from(h.batch_len)));
         }
         let entry_len = match kind {
@@ -226,10 +223,8 @@ impl RecordHeader {
         out[REC_RESERVED1_AT..REC_RESERVED1_AT + 2].fill(0);
         out[REC_SEQ_AT..REC_SEQ_AT + 8].copy_from_slice(&self.seq.to_le_bytes());
         out[REC_STORED_LEN_AT..REC_STORED_LEN_AT + 4].copy_from_slice(&self.stored_len.to_le_bytes());
-        out[REC_LOGICAL_LEN_AT..REC_LOGICAL_LEN_AT + 4]
-            .copy_from_slice(&self.logical_len.to_le_bytes());
-        out[REC_PAYLOAD_CRC_AT..REC_PAYLOAD_CRC_AT + 4]
-            .copy_from_slice(&self.payload_crc.to_le_bytes());
+        out[REC_LOGICAL_LEN_AT..REC_LOGICAL_LEN_AT + 4].copy_from_slice(&self.logical_len.to_le_bytes());
+        out[REC_PAYLOAD_CRC_AT..REC_PAYLOAD_CRC_AT + 4].copy_from_slice(&self.payload_crc.to_le_bytes());
         out[REC_RESERVED2_AT..REC_RESERVED2_AT + 4].fill(0);
     }
 
@@ -304,8 +299,7 @@ impl SummaryEntry {
         out[SUM_OFFSET_AT..SUM_OFFSET_AT + 4].copy_from_slice(&self.offset.to_le_bytes());
         out[SUM_SEQ_AT..SUM_SEQ_AT + 8].copy_from_slice(&self.seq.to_le_bytes());
         out[SUM_STORED_LEN_AT..SUM_STORED_LEN_AT + 4].copy_from_slice(&self.stored_len.to_le_bytes());
-        out[SUM_LOGICAL_LEN_AT..SUM_LOGICAL_LEN_AT + 4]
-            .copy_from_slice(&self.logical_len.to_le_bytes());
+        out[SUM_LOGICAL_LEN_AT..SUM_LOGICAL_LEN_AT + 4].copy_from_slice(&self.logical_len.to_le_bytes());
     }
 
     pub fn decode(b: &[u8], segment_size: u64) -> Result<SummaryEntry, FormatError> {
@@ -317,11 +311,7 @@ impl SummaryEntry {
             logical_len: get_u32(b, SUM_LOGICAL_LEN_AT),
         };
         let end = u64::from(e.offset) + RECORD_HEADER_LEN as u64 + u64::from(e.stored_len);
-        if e.seq == 0
-            || e.stored_len > RECORD_SIZE_CAP
-            || e.logical_len > RECORD_SIZE_CAP
-            || end > segment_size
-        {
+        if e.seq == 0 || e.stored_len > RECORD_SIZE_CAP || e.logical_len > RECORD_SIZE_CAP || end > segment_size {
             return Err(FormatError::Field("summary entry", u64::from(e.offset)));
         }
         Ok(e)
@@ -365,8 +355,7 @@ impl Trailer {
         out.fill(0);
         out[TR_MAGIC_AT..TR_MAGIC_AT + 4].copy_from_slice(&TRAILER_MAGIC);
         out[TR_VERSION_AT..TR_VERSION_AT + 2].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        out[TR_SUMMARY_OFFSET_AT..TR_SUMMARY_OFFSET_AT + 4]
-            .copy_from_slice(&self.summary_offset.to_le_bytes());
+        out[TR_SUMMARY_OFFSET_AT..TR_SUMMARY_OFFSET_AT + 4].copy_from_slice(&self.summary_offset.to_le_bytes());
         out[TR_SUMMARY_LEN_AT..TR_SUMMARY_LEN_AT + 4].copy_from_slice(&self.summary_len.to_le_bytes());
         out[TR_COUNT_AT..TR_COUNT_AT + 4].copy_from_slice(&self.count.to_le_bytes());
         out[TR_SEGMENT_AT..TR_SEGMENT_AT + 8].copy_from_slice(&self.segment_id.to_le_bytes());

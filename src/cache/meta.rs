@@ -14,9 +14,8 @@ const META_RESERVE_MIN: u64 = 256 << 10;
 /// Best effort: with no room, it is retried on the next META write.
 pub(crate) fn ensure_reserve(storage: &dyn super::io::Storage, meta_len: usize) {
     let want = META_RESERVE_MIN.max(4 * meta_len as u64);
-    let ok = storage
-        .open(META_RESERVE_FILE, true)
-        .and_then(|f| if f.len()? < want { f.allocate(want) } else { Ok(()) });
+    let ok =
+        storage.open(META_RESERVE_FILE, true).and_then(|f| if f.size()? < want { f.allocate(want) } else { Ok(()) });
     if let Err(e) = ok {
         tracing::debug!(error = %e, "META reserve not (re)made");
         let _ = storage.remove(META_RESERVE_FILE);
@@ -131,7 +130,13 @@ impl Meta {
             }
             let machine = String::from_utf8(r.take(ml)?.to_vec()).map_err(|_| MetaError::Field("machine name"))?;
             let disk = String::from_utf8(r.take(dl)?.to_vec()).map_err(|_| MetaError::Field("disk name"))?;
-            streams.push(MetaStream { id, machine, disk, uploaded_upto, resync_required: flags & FLAG_RESYNC_REQUIRED != 0 });
+            streams.push(MetaStream {
+                id,
+                machine,
+                disk,
+                uploaded_upto,
+                resync_required: flags & FLAG_RESYNC_REQUIRED != 0,
+            });
         }
         if r.at != body.len() {
             return Err(MetaError::Field("trailing bytes"));

@@ -180,7 +180,15 @@ pub(crate) struct Counters {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum CacheEvent {
     /// A stream's unuploaded records were dropped; it needs a full resync.
-    StreamEvicted { stream: StreamId, machine: String, disk: String, first_seq: u64, last_seq: u64, logical_bytes: u64, reason: String },
+    StreamEvicted {
+        stream: StreamId,
+        machine: String,
+        disk: String,
+        first_seq: u64,
+        last_seq: u64,
+        logical_bytes: u64,
+        reason: String,
+    },
     /// Recovery found damage and salvaged the stream by evicting it.
     StreamSalvaged { stream: StreamId, machine: String, disk: String, missing: Vec<(u64, u64)> },
     /// An fsync failed: nothing more is accepted until the cache is reopened.
@@ -264,7 +272,11 @@ impl Inner {
     /// and the write retried; it is re-made as soon as there is room again.
     pub fn write_meta(&self, generation: &mut u64, edit: impl FnOnce(&mut Meta)) -> Result<(), IoFailure> {
         if self.opts.read_only {
-            return Err(IoFailure { op: "write META", kind: std::io::ErrorKind::PermissionDenied, message: "read-only".into() });
+            return Err(IoFailure {
+                op: "write META",
+                kind: std::io::ErrorKind::PermissionDenied,
+                message: "read-only".into(),
+            });
         }
         let mut meta = self.log.read().meta_snapshot(self.salt, self.opts.segment_size, *generation + 1);
         edit(&mut meta);
@@ -289,13 +301,11 @@ impl Inner {
     pub fn enqueue(
         self: &Arc<Self>,
         stream: u32,
-        kind: RecordKind,
         rewrite: Option<(u64, u32)>,
-        codec: Codec,
-        stored: &[u8],
-        logical_len: u32,
-        payload_crc: u32,
+        rec: Encoded<'_>,
     ) -> Result<AppendTicket, AppendError> {
+        let Encoded { codec, stored, logical_len, payload_crc } = rec;
+        let kind = if rewrite.is_some() { RecordKind::Rewrite } else { RecordKind::Data };
         let need = RECORD_HEADER_LEN + stored.len();
         let mut st = self.append.lock();
         loop {
@@ -317,7 +327,8 @@ impl Inner {
             }
         };
         let offset_in_batch = st.buf.len();
-        let header = RecordHeader { stream, kind, codec, seq, stored_len: stored.len() as u32, logical_len, payload_crc };
+        let header =
+            RecordHeader { stream, kind, codec, seq, stored_len: stored.len() as u32, logical_len, payload_crc };
         st.buf.resize(offset_in_batch + RECORD_HEADER_LEN, 0);
         header.encode(&mut st.buf[offset_in_batch..]);
         st.buf.extend_from_slice(stored);
@@ -338,6 +349,15 @@ impl Inner {
         }
         Ok(AppendTicket { inner: self.clone(), stream: StreamId(stream), seq, batch_no })
     }
+}
+
+/// A record encoded by its producer, ready to be copied into a batch.
+#[derive(Clone, Copy)]
+pub(crate) struct Encoded<'a> {
+    pub codec: Codec,
+    pub stored: &'a [u8],
+    pub logical_len: u32,
+    pub payload_crc: u32,
 }
 
 /// Space as the watermarks see it.
@@ -417,7 +437,8 @@ pub struct Cache {
 impl Cache {
     /// Opens (recovering) or creates the cache in `dir` on the portable I/O backend.
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Cache, OpenError> {
-        let storage = io::std_fs::StdStorage::new(dir.as_ref()).map_err(|source| OpenError::Io { op: "create cache directory", source })?;
+        let storage = io::std_fs::StdStorage::new(dir.as_ref())
+            .map_err(|source| OpenError::Io { op: "create cache directory", source })?;
         Cache::open_with_storage(Arc::new(storage), opts)
     }
 
@@ -441,7 +462,11 @@ impl Cache {
             room_cv: Condvar::new(),
             segments_in_use: AtomicU64::new(recovered.log.segments.len() as u64),
             log: RwLock::new(recovered.log),
-            commit: Mutex::new(CommitState { completed: recovered.last_batch_no, failures: VecDeque::new(), wakers: Vec::new() }),
+            commit: Mutex::new(CommitState {
+                completed: recovered.last_batch_no,
+                failures: VecDeque::new(),
+                wakers: Vec::new(),
+            }),
             commit_cv: Condvar::new(),
             meta_lock: Mutex::new(recovered.meta_generation),
             poisoned: AtomicBool::new(false),
@@ -460,7 +485,8 @@ impl Cache {
             return Ok(cache);
         }
         // Dead segments left by a crash between an ack and its reclaim go now.
-        reclaimer::free_dead_segments(&inner).map_err(|e| OpenError::Io { op: "free dead segments", source: std::io::Error::new(e.kind, e.message) })?;
+        reclaimer::free_dead_segments(&inner)
+            .map_err(|e| OpenError::Io { op: "free dead segments", source: std::io::Error::new(e.kind, e.message) })?;
         let writer = flusher::Writer::new(inner.clone(), recovered.next_segment_id);
         cache.flusher = Some(
             std::thread::Builder::new()
@@ -516,13 +542,24 @@ impl Cache {
         }
         self.inner
             .write_meta(&mut generation, |m| {
-                m.streams.push(MetaStream { id, machine: key.0.clone(), disk: key.1.clone(), uploaded_upto: 0, resync_required: false })
+                m.streams.push(MetaStream {
+                    id,
+                    machine: key.0.clone(),
+                    disk: key.1.clone(),
+                    uploaded_upto: 0,
+                    resync_required: false,
+                })
             })
             .map_err(StreamError::Io)?;
         let mut append = self.inner.append.lock();
         let mut log = self.inner.log.write();
         append.next_seq.push(1);
-        log.streams.push(StreamState { machine: key.0.clone(), disk: key.1.clone(), resync_required: false, index: StreamIndex::new(0) });
+        log.streams.push(StreamState {
+            machine: key.0.clone(),
+            disk: key.1.clone(),
+            resync_required: false,
+            index: StreamIndex::new(0),
+        });
         log.by_key.insert(key, id);
         Ok(StreamId(id))
     }
@@ -559,7 +596,7 @@ impl Cache {
             }
         }
         compress::encode_with(data, inner.opts.compress_ratio_max, |codec, stored, crc| {
-            inner.enqueue(stream.0, RecordKind::Data, None, codec, stored, data.len() as u32, crc)
+            inner.enqueue(stream.0, None, Encoded { codec, stored, logical_len: data.len() as u32, payload_crc: crc })
         })
     }
 
@@ -575,9 +612,16 @@ impl Cache {
         let (loc, file) = self.locate(stream, seq)?;
         let mut raw = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
         file.read_exact_at(&mut raw, u64::from(loc.offset)).map_err(|source| ReadError::Io { stream, seq, source })?;
-        let corrupt = |what: String| ReadError::Corruption { stream, seq, segment: u64::from(loc.segment), offset: u64::from(loc.offset), what };
+        let corrupt = |what: String| ReadError::Corruption {
+            stream,
+            seq,
+            segment: u64::from(loc.segment),
+            offset: u64::from(loc.offset),
+            what,
+        };
         let header = check_record(&raw, stream.0, seq, &loc).map_err(corrupt)?;
-        compress::decode_into(header.codec, &raw[RECORD_HEADER_LEN..], header.logical_len as usize, out).map_err(corrupt)
+        compress::decode_into(header.codec, &raw[RECORD_HEADER_LEN..], header.logical_len as usize, out)
+            .map_err(corrupt)
     }
 
     /// Location of a live durable record and a handle on its segment file.
@@ -745,7 +789,13 @@ impl Cache {
             let _ = r.join();
         }
         match self.flusher.take() {
-            Some(f) => f.join().unwrap_or_else(|_| Err(CloseError::Io(IoFailure { op: "join flusher", kind: std::io::ErrorKind::Other, message: "flusher panicked".into() }))),
+            Some(f) => f.join().unwrap_or_else(|_| {
+                Err(CloseError::Io(IoFailure {
+                    op: "join flusher",
+                    kind: std::io::ErrorKind::Other,
+                    message: "flusher panicked".into(),
+                }))
+            }),
             None => Ok(()),
         }
     }

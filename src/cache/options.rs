@@ -112,7 +112,7 @@ impl Options {
 
     pub fn validate(&self) -> Result<(), String> {
         let seg = self.segment_size;
-        if !(SEGMENT_SIZE_MIN..=SEGMENT_SIZE_CAP).contains(&seg) || seg % BLOCK_SIZE != 0 {
+        if !(SEGMENT_SIZE_MIN..=SEGMENT_SIZE_CAP).contains(&seg) || !seg.is_multiple_of(BLOCK_SIZE) {
             return Err(format!(
                 "segment_size {seg} must be a multiple of {BLOCK_SIZE} in {SEGMENT_SIZE_MIN}..={SEGMENT_SIZE_CAP}"
             ));

@@ -12,9 +12,9 @@ use std::sync::Arc;
 
 use super::error::{IoFailure, ReclaimError, StreamError};
 use super::flusher::{recycle_name, segment_name};
-use super::format::{RecordKind, RECORD_HEADER_LEN};
+use super::format::RECORD_HEADER_LEN;
 use super::options::EvictionPolicy;
-use super::{check_record, CacheEvent, EvictReport, Inner, StreamId};
+use super::{check_record, CacheEvent, Encoded, EvictReport, Inner, StreamId};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReclaimReport {
@@ -38,7 +38,8 @@ pub struct SegmentBlockers {
 /// removal lost in a crash brings back a segment whose records META already says are
 /// uploaded, and it is freed again.
 pub(crate) fn free_dead_segments(inner: &Inner) -> Result<u64, IoFailure> {
-    let dead: Vec<u64> = inner.log.read().segments.iter().filter(|(_, s)| s.sealed && s.live_records == 0).map(|(&id, _)| id).collect();
+    let dead: Vec<u64> =
+        inner.log.read().segments.iter().filter(|(_, s)| s.sealed && s.live_records == 0).map(|(&id, _)| id).collect();
     let mut freed = 0;
     for id in dead {
         let recycle = {
@@ -70,7 +71,8 @@ pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimE
     }
     // One pass at a time: two compactions of one segment would copy its records twice.
     let _pass = inner.reclaim_pass_lock.lock();
-    let mut report = ReclaimReport { segments_freed: free_dead_segments(inner).map_err(ReclaimError::Io)?, ..Default::default() };
+    let mut report =
+        ReclaimReport { segments_freed: free_dead_segments(inner).map_err(ReclaimError::Io)?, ..Default::default() };
     let usage = inner.used_bytes() as f64 / inner.opts.capacity_bytes as f64;
     if usage >= inner.opts.compact_usage_min && !inner.shutdown.load(Ordering::Acquire) {
         compact(inner, &mut report)?;
@@ -79,11 +81,22 @@ pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimE
     if inner.space_state().1 == super::SpaceState::Full && inner.opts.eviction == EvictionPolicy::LargestBacklog {
         let victim = {
             let log = inner.log.read();
-            log.streams.iter().enumerate().filter(|(_, s)| !s.index.is_empty()).max_by_key(|(_, s)| s.index.stored_bytes()).map(|(i, _)| StreamId(i as u32))
+            log.streams
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.index.is_empty())
+                .max_by_key(|(_, s)| s.index.stored_bytes())
+                .map(|(i, _)| StreamId(i as u32))
         };
         if let Some(stream) = victim {
-            evict(inner, stream, "hard watermark reached and reclaim could not free space (eviction policy LargestBacklog)")
-                .map_err(|e| ReclaimError::Io(IoFailure { op: "evict", kind: std::io::ErrorKind::Other, message: e.to_string() }))?;
+            evict(
+                inner,
+                stream,
+                "hard watermark reached and reclaim could not free space (eviction policy LargestBacklog)",
+            )
+            .map_err(|e| {
+                ReclaimError::Io(IoFailure { op: "evict", kind: std::io::ErrorKind::Other, message: e.to_string() })
+            })?;
             report.streams_evicted.push(stream);
             report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
             // What the evicted stream shared with others is now sparse: move it on.
@@ -104,7 +117,11 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
         let mut spent = 0u64;
         log.segments
             .iter()
-            .filter(|(_, s)| s.sealed && s.live_records > 0 && s.live_stored_bytes as f64 <= inner.opts.compact_live_ratio_max * segment_size as f64)
+            .filter(|(_, s)| {
+                s.sealed
+                    && s.live_records > 0
+                    && s.live_stored_bytes as f64 <= inner.opts.compact_live_ratio_max * segment_size as f64
+            })
             .take_while(|(_, s)| {
                 spent += s.live_stored_bytes;
                 spent <= budget
@@ -115,10 +132,17 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
     for segment in candidates {
         let (file, live) = {
             let log = inner.log.read();
-            let Some(seg) = log.segments.get(&segment) else { continue };
+            let Some(seg) = log.segments.get(&segment) else {
+                continue;
+            };
             let mut live = Vec::new();
             for (sid, st) in log.streams.iter().enumerate() {
-                live.extend(st.index.iter().filter(|(_, l)| u64::from(l.segment) == segment).map(|(seq, l)| (sid as u32, seq, l)));
+                live.extend(
+                    st.index
+                        .iter()
+                        .filter(|(_, l)| u64::from(l.segment) == segment)
+                        .map(|(seq, l)| (sid as u32, seq, l)),
+                );
             }
             (seg.file.clone(), live)
         };
@@ -126,11 +150,22 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
         let mut raw = Vec::new();
         for (stream, seq, loc) in &live {
             raw.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
-            file.read_exact_at(&mut raw, u64::from(loc.offset)).map_err(|e| ReclaimError::Io(IoFailure::new("read for compaction", &e)))?;
-            let header = check_record(&raw, *stream, *seq, loc)
-                .map_err(|what| ReclaimError::Corruption(format!("segment {segment} stream {stream} seq {seq}: {what}")))?;
+            file.read_exact_at(&mut raw, u64::from(loc.offset))
+                .map_err(|e| ReclaimError::Io(IoFailure::new("read for compaction", &e)))?;
+            let header = check_record(&raw, *stream, *seq, loc).map_err(|what| {
+                ReclaimError::Corruption(format!("segment {segment} stream {stream} seq {seq}: {what}"))
+            })?;
             let ticket = inner
-                .enqueue(*stream, RecordKind::Rewrite, Some((*seq, segment as u32)), header.codec, &raw[RECORD_HEADER_LEN..], header.logical_len, header.payload_crc)
+                .enqueue(
+                    *stream,
+                    Some((*seq, segment as u32)),
+                    Encoded {
+                        codec: header.codec,
+                        stored: &raw[RECORD_HEADER_LEN..],
+                        logical_len: header.logical_len,
+                        payload_crc: header.payload_crc,
+                    },
+                )
                 .map_err(ReclaimError::Rewrite)?;
             tickets.push(ticket);
         }
@@ -190,7 +225,13 @@ pub(crate) fn evict(inner: &Arc<Inner>, stream: StreamId, reason: &str) -> Resul
 
 pub(crate) fn blockers(inner: &Inner, segments_max: usize) -> Vec<SegmentBlockers> {
     let log = inner.log.read();
-    let oldest: Vec<u64> = log.segments.iter().filter(|(_, s)| s.sealed && s.live_records > 0).take(segments_max).map(|(&id, _)| id).collect();
+    let oldest: Vec<u64> = log
+        .segments
+        .iter()
+        .filter(|(_, s)| s.sealed && s.live_records > 0)
+        .take(segments_max)
+        .map(|(&id, _)| id)
+        .collect();
     let mut per: BTreeMap<u64, BTreeMap<u32, u64>> = oldest.iter().map(|&id| (id, BTreeMap::new())).collect();
     for (sid, st) in log.streams.iter().enumerate() {
         for (_, loc) in st.index.iter() {
@@ -209,8 +250,13 @@ pub(crate) fn blockers(inner: &Inner, segments_max: usize) -> Vec<SegmentBlocker
                     (StreamId(sid), st.machine.clone(), st.disk.clone(), n)
                 })
                 .collect();
-            streams.sort_by(|a, b| b.3.cmp(&a.3));
-            SegmentBlockers { segment, live_records: seg.live_records, live_stored_bytes: seg.live_stored_bytes, streams }
+            streams.sort_by_key(|s| std::cmp::Reverse(s.3));
+            SegmentBlockers {
+                segment,
+                live_records: seg.live_records,
+                live_stored_bytes: seg.live_stored_bytes,
+                streams,
+            }
         })
         .collect()
 }

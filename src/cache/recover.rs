@@ -24,8 +24,8 @@ use std::time::Instant;
 use super::error::OpenError;
 use super::flusher::{seal_segment, OpenSegment};
 use super::format::{
-    align_up, batch_crc_start, crc32, segment_seed, trailer_offset, BatchHeader, BatchKind, RecordHeader, SummaryEntry, Trailer,
-    BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN, TRAILER_LEN,
+    align_up, batch_crc_start, crc32, segment_seed, trailer_offset, BatchHeader, BatchKind, RecordHeader, SummaryEntry,
+    Trailer, BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN, TRAILER_LEN,
 };
 use super::index::{Loc, StreamIndex};
 use super::io::{read_all, write_atomic, Storage, StorageFile};
@@ -131,7 +131,14 @@ struct ValidBatch {
 
 /// Reads and fully validates the batch at `offset`: header, seeded CRC over the header and
 /// every record header, and every payload CRC (a torn payload must not pass for durable).
-fn read_batch(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, offset: u64, bytes_read: &mut u64) -> Result<ValidBatch, String> {
+fn read_batch(
+    file: &dyn StorageFile,
+    id: u64,
+    seed: u32,
+    segment_size: u64,
+    offset: u64,
+    bytes_read: &mut u64,
+) -> Result<ValidBatch, String> {
     let mut head = [0u8; BATCH_HEADER_LEN];
     file.read_exact_at(&mut head, offset).map_err(|e| format!("read: {e}"))?;
     *bytes_read += BATCH_HEADER_LEN as u64;
@@ -172,7 +179,12 @@ fn read_batch(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, off
                 if crc32(payload) != rh.payload_crc {
                     return Err(format!("payload checksum mismatch (stream {} seq {})", rh.stream, rh.seq));
                 }
-                let loc = Loc { segment: id as u32, offset: (offset + at as u64) as u32, stored_len: rh.stored_len, logical_len: rh.logical_len };
+                let loc = Loc {
+                    segment: id as u32,
+                    offset: (offset + at as u64) as u32,
+                    stored_len: rh.stored_len,
+                    logical_len: rh.logical_len,
+                };
                 found.push(Found { stream: rh.stream, seq: rh.seq, loc });
             }
         }
@@ -185,8 +197,10 @@ fn read_batch(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, off
                 return Err("summary checksum mismatch".into());
             }
             for i in 0..header.count as usize {
-                let e = SummaryEntry::decode(&buf[BATCH_HEADER_LEN + i * SUMMARY_ENTRY_LEN..], segment_size).map_err(|e| e.to_string())?;
-                let loc = Loc { segment: id as u32, offset: e.offset, stored_len: e.stored_len, logical_len: e.logical_len };
+                let e = SummaryEntry::decode(&buf[BATCH_HEADER_LEN + i * SUMMARY_ENTRY_LEN..], segment_size)
+                    .map_err(|e| e.to_string())?;
+                let loc =
+                    Loc { segment: id as u32, offset: e.offset, stored_len: e.stored_len, logical_len: e.logical_len };
                 found.push(Found { stream: e.stream, seq: e.seq, loc });
             }
         }
@@ -195,7 +209,13 @@ fn read_batch(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, off
 }
 
 /// Indexes a sealed segment from its trailer and summary alone.
-fn read_summary(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Result<(Vec<Found>, u64), String> {
+fn read_summary(
+    file: &dyn StorageFile,
+    id: u64,
+    seed: u32,
+    segment_size: u64,
+    bytes_read: &mut u64,
+) -> Result<(Vec<Found>, u64), String> {
     let mut block = [0u8; TRAILER_LEN];
     file.read_exact_at(&mut block, trailer_offset(segment_size)).map_err(|e| format!("read trailer: {e}"))?;
     *bytes_read += TRAILER_LEN as u64;
@@ -228,7 +248,15 @@ struct Scan {
 
 fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Scan {
     let limit = trailer_offset(segment_size);
-    let mut scan = Scan { found: Vec::new(), end: 0, stopped: None, clean_end: true, hit_summary: false, last_batch_no: 0, later: Vec::new() };
+    let mut scan = Scan {
+        found: Vec::new(),
+        end: 0,
+        stopped: None,
+        clean_end: true,
+        hit_summary: false,
+        last_batch_no: 0,
+        later: Vec::new(),
+    };
     let mut off = 0u64;
     while off < limit {
         match read_batch(file, id, seed, segment_size, off, bytes_read) {
@@ -251,7 +279,7 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
                 let ours = file.read_exact_at(&mut head, off).is_ok()
                     && head[..4] == super::format::BATCH_MAGIC
                     && head[super::format::BATCH_SEGMENT_AT..super::format::BATCH_SEGMENT_AT + 8] == id.to_le_bytes();
-                let partial = file.len().is_ok_and(|len| len > off && len < off + BATCH_HEADER_LEN as u64);
+                let partial = file.size().is_ok_and(|len| len > off && len < off + BATCH_HEADER_LEN as u64);
                 scan.clean_end = !(ours || partial);
                 scan.stopped = Some((off, reason));
                 break;
@@ -260,7 +288,9 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
     }
     // Past the first invalid batch, look at every block boundary for valid batches: they
     // tell a torn tail (nothing later claims the bad bytes were durable) from damage.
-    let Some((bad, _)) = scan.stopped else { return scan };
+    let Some((bad, _)) = scan.stopped else {
+        return scan;
+    };
     let mut at = bad + BLOCK_SIZE;
     let mut chunk = vec![0u8; 1 << 20];
     while at < limit {
@@ -309,7 +339,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             if opts.read_only {
                 return Err(OpenError::Io { op: "read META (is this a churnlog cache?)", source: e });
             }
-            let meta = Meta { salt: random_salt(), segment_size: opts.segment_size, generation: 0, streams: Vec::new() };
+            let meta =
+                Meta { salt: random_salt(), segment_size: opts.segment_size, generation: 0, streams: Vec::new() };
             write_atomic(storage, META_FILE, &meta.encode()).map_err(io_err("create META"))?;
             meta
         }
@@ -391,7 +422,13 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                         write_offset: tail_end,
                         summary: tail_found
                             .iter()
-                            .map(|f| SummaryEntry { stream: f.stream, offset: f.loc.offset, seq: f.seq, stored_len: f.loc.stored_len, logical_len: f.loc.logical_len })
+                            .map(|f| SummaryEntry {
+                                stream: f.stream,
+                                offset: f.loc.offset,
+                                seq: f.seq,
+                                stored_len: f.loc.stored_len,
+                                logical_len: f.loc.logical_len,
+                            })
                             .collect(),
                         last_batch_no: scan.last_batch_no,
                     });
@@ -399,8 +436,13 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                     if scan.hit_summary {
                         report.notes.push(format!("segment {id}: {why}; indexed from a scan instead"));
                     } else {
-                        let (off, reason) = scan.stopped.clone().unwrap_or((scan.end, "segment ends without a summary".into()));
-                        report.damage.push(Damage { segment: id, offset: off, what: format!("sealed segment: {reason}") });
+                        let (off, reason) =
+                            scan.stopped.clone().unwrap_or((scan.end, "segment ends without a summary".into()));
+                        report.damage.push(Damage {
+                            segment: id,
+                            offset: off,
+                            what: format!("sealed segment: {reason}"),
+                        });
                         for (_, _, _, f) in &scan.later {
                             found.extend(f.iter().copied());
                         }
@@ -446,20 +488,36 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             max_seen = f.seq;
         }
         if !missing.is_empty() {
-            let damaged = DamagedStream { stream: StreamId(m.id), machine: m.machine.clone(), disk: m.disk.clone(), missing, last_seen: max_seen };
+            let damaged = DamagedStream {
+                stream: StreamId(m.id),
+                machine: m.machine.clone(),
+                disk: m.disk.clone(),
+                missing,
+                last_seen: max_seen,
+            };
             if opts.recovery_mode == RecoveryMode::SalvageMarkResync {
                 index = StreamIndex::new(max_seen);
                 m.uploaded_upto = max_seen;
                 m.resync_required = true;
                 salvaged = true;
-                events.push(CacheEvent::StreamSalvaged { stream: StreamId(m.id), machine: m.machine.clone(), disk: m.disk.clone(), missing: damaged.missing.clone() });
+                events.push(CacheEvent::StreamSalvaged {
+                    stream: StreamId(m.id),
+                    machine: m.machine.clone(),
+                    disk: m.disk.clone(),
+                    missing: damaged.missing.clone(),
+                });
             }
             report.damaged_streams.push(damaged);
         }
         report.records += index.len() as u64;
         next_seq.push(max_seen + 1);
         by_key.insert((m.machine.clone(), m.disk.clone()), m.id);
-        streams.push(StreamState { machine: m.machine.clone(), disk: m.disk.clone(), resync_required: m.resync_required, index });
+        streams.push(StreamState {
+            machine: m.machine.clone(),
+            disk: m.disk.clone(),
+            resync_required: m.resync_required,
+            index,
+        });
     }
     for (stream, list) in by_stream {
         report.damage.push(Damage {
@@ -497,7 +555,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                 s.sealed = false;
             }
         } else {
-            seal_segment(&tail, segment_size).map_err(|(_, e)| OpenError::Io { op: "seal the segment left open", source: e })?;
+            seal_segment(&tail, segment_size)
+                .map_err(|(_, e)| OpenError::Io { op: "seal the segment left open", source: e })?;
         }
     }
     if salvaged && !opts.read_only {

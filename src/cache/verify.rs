@@ -2,8 +2,8 @@
 //! the index, payload CRC, decompressed length), on top of the summary and tail checks
 //! recovery already did. Used by `churnlog cache verify`.
 
-use super::{Cache, StreamId};
 use super::recover::RecoveryReport;
+use super::{Cache, StreamId};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct StreamVerify {
@@ -40,7 +40,12 @@ impl VerifyReport {
 }
 
 pub(crate) fn verify(cache: &Cache) -> VerifyReport {
-    let mut out = VerifyReport { recovery: cache.recovery_report().clone(), streams: Vec::new(), records_checked: 0, bytes_checked: 0 };
+    let mut out = VerifyReport {
+        recovery: cache.recovery_report().clone(),
+        streams: Vec::new(),
+        records_checked: 0,
+        bytes_checked: 0,
+    };
     let mut buf = Vec::new();
     for info in cache.streams() {
         let mut sv = StreamVerify {

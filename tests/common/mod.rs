@@ -8,7 +8,7 @@ use churnlog::cache::{Cache, OpenError, Options};
 
 pub fn data(stream: u32, seq: u64, len: usize) -> Vec<u8> {
     let mut out = Vec::new();
-    churnlog::bench::record_bytes(stream, seq, len, if seq % 2 == 0 { 0.6 } else { 0.0 }, &mut out);
+    churnlog::bench::record_bytes(stream, seq, len, if seq.is_multiple_of(2) { 0.6 } else { 0.0 }, &mut out);
     out
 }
 

@@ -105,7 +105,9 @@ impl State {
     }
 
     fn grow_check(&self, ino: u64, new_len: u64) -> io::Result<()> {
-        let Some(limit) = self.space_limit else { return Ok(()) };
+        let Some(limit) = self.space_limit else {
+            return Ok(());
+        };
         let cur = self.inodes.get(&ino).map_or(0, |i| i.current.len() as u64);
         if new_len > cur && self.used_bytes() + (new_len - cur) > limit {
             return Err(io::Error::from_raw_os_error(28)); // ENOSPC
@@ -142,7 +144,11 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
     }
 }
 
@@ -289,9 +295,17 @@ impl FaultStorage {
             .inodes
             .iter()
             .filter(|(ino, _)| s.dir_durable.values().any(|i| i == *ino))
-            .map(|(&ino, i)| (ino, Inode { durable: i.durable.clone(), current: i.durable.clone(), pending: Vec::new() }))
+            .map(|(&ino, i)| {
+                (ino, Inode { durable: i.durable.clone(), current: i.durable.clone(), pending: Vec::new() })
+            })
             .collect();
-        let copy = State { inodes, next_ino: s.next_ino, dir: s.dir_durable.clone(), dir_durable: s.dir_durable.clone(), ..State::default() };
+        let copy = State {
+            inodes,
+            next_ino: s.next_ino,
+            dir: s.dir_durable.clone(),
+            dir_durable: s.dir_durable.clone(),
+            ..State::default()
+        };
         FaultStorage { state: Arc::new(Mutex::new(copy)) }
     }
 
@@ -354,7 +368,7 @@ impl StorageFile for FaultFile {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         let mut s = self.state.lock();
         s.check(Op::Read, Some(self.epoch))?;
         Ok(s.inodes.get(&self.ino).map_or(0, |i| i.current.len() as u64))
@@ -495,7 +509,7 @@ mod tests {
             for sector in d.chunks(SECTOR_SIZE) {
                 assert!(sector.iter().all(|&b| b == sector[0]), "tear inside a sector");
             }
-            if d.len() == 4096 && d.iter().any(|&b| b == 0) && d.iter().any(|&b| b == 1) {
+            if d.len() == 4096 && d.contains(&0) && d.contains(&1) {
                 seen_torn = true;
             }
         }

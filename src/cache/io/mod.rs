@@ -20,7 +20,8 @@ pub trait StorageFile: Send + Sync {
     fn sync_data(&self) -> io::Result<()>;
     /// Reserves `len` bytes so later writes below it cannot fail for want of space.
     fn allocate(&self, len: u64) -> io::Result<()>;
-    fn len(&self) -> io::Result<u64>;
+    /// Current length of the file in bytes.
+    fn size(&self) -> io::Result<u64>;
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
@@ -56,7 +57,7 @@ pub fn write_atomic(storage: &dyn Storage, name: &str, bytes: &[u8]) -> io::Resu
 /// Reads a whole small file.
 pub fn read_all(storage: &dyn Storage, name: &str) -> io::Result<Vec<u8>> {
     let f = storage.open(name, false)?;
-    let len = f.len()?;
+    let len = f.size()?;
     let len = usize::try_from(len).map_err(|_| io::Error::other("file too large"))?;
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, 0)?;

@@ -45,7 +45,7 @@ impl StorageFile for StdFile {
         }
         Ok(())
     }
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -55,12 +55,7 @@ impl StorageFile for StdFile {
 
 impl Storage for StdStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(self.dir.join(name))?;
+        let f = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(self.dir.join(name))?;
         Ok(Arc::new(StdFile(f)))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -83,12 +78,7 @@ impl Storage for StdStorage {
         Ok(names)
     }
     fn lock(&self) -> io::Result<Box<dyn Send + Sync>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(self.dir.join("LOCK"))?;
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(self.dir.join("LOCK"))?;
         match f.try_lock() {
             Ok(()) => Ok(Box::new(f)),
             Err(fs::TryLockError::WouldBlock) => Err(io::Error::new(
