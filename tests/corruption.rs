@@ -180,3 +180,41 @@ fn truncating_the_tail_at_every_offset_of_the_last_batch_recovers_cleanly() {
         }
     }
 }
+
+#[test]
+fn missing_meta_over_existing_segments_is_refused_not_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = churnlog::cache::Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+        let s = cache.stream("m", "d").unwrap();
+        cache.append(s, b"precious").unwrap().wait().unwrap();
+        cache.close().unwrap();
+    }
+    std::fs::remove_file(dir.path().join("META")).unwrap();
+    match churnlog::cache::Cache::open(dir.path(), Options::small_for_tests()) {
+        Err(OpenError::MetaCorrupt(why)) => assert!(why.contains("META is missing"), "{why}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn salvage_flags_a_stream_whose_newest_records_were_in_the_damaged_batch() {
+    let st = FaultStorage::new();
+    let opts = tiny_options();
+    let cache = open(&st, &opts).unwrap();
+    let (a, b) = (cache.stream("ma", "d").unwrap(), cache.stream("mb", "d").unwrap());
+    // Stream b writes only in the first batch; a keeps going into later segments.
+    cache.append(b, &data(b.0, 1, 700)).unwrap().wait().unwrap();
+    for seq in 1..=200 {
+        cache.append(a, &data(a.0, seq, 700)).unwrap().wait().unwrap();
+    }
+    cache.close().unwrap();
+    let oldest = common::segments(&st).into_iter().min().unwrap();
+    st.flip_bit(&oldest, opts.segment_size - 4096 + 13, 1); // trailer
+    st.flip_bit(&oldest, 8, 0); // the first batch: b's only record
+    let salvage = Options { recovery_mode: RecoveryMode::SalvageMarkResync, ..opts.clone() };
+    let cache = open(&st, &salvage).unwrap();
+    let report = cache.recovery_report();
+    assert!(report.damaged_streams.iter().any(|d| d.stream == b), "{report:?}");
+    assert!(cache.stream_info(b).unwrap().resync_required, "b lost its only record without a visible hole");
+}

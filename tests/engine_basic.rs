@@ -1,6 +1,6 @@
 //! Engine behaviour through the public API on a real directory.
 
-use churnlog::cache::{AppendError, Cache, OpenError, Options, StreamError};
+use churnlog::cache::{AppendError, Cache, IoBackend, OpenError, Options, StreamError};
 
 fn record(stream: u32, seq: u64, len: usize) -> Vec<u8> {
     let mut x = (u64::from(stream) << 32) ^ seq ^ 0x9E37_79B9_7F4A_7C15;
@@ -19,12 +19,33 @@ fn record(stream: u32, seq: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
-fn append_read_ack_reopen() {
+fn append_read_ack_reopen_std_backend() {
+    append_read_ack_reopen(IoBackend::Std, "std");
+}
+
+#[test]
+fn append_read_ack_reopen_direct_backend() {
+    append_read_ack_reopen(IoBackend::Direct, "direct");
+}
+
+#[test]
+fn auto_backend_picks_one_that_works() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = Options::small_for_tests();
+    let cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+    assert!(["std", "direct"].contains(&cache.backend_name()));
+}
+
+fn append_read_ack_reopen(backend: IoBackend, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = Options { io_backend: backend, ..Options::small_for_tests() };
+    if backend == IoBackend::Direct && churnlog::cache::io::direct::DirectStorage::probe(dir.path()).is_err() {
+        eprintln!("O_DIRECT is not supported on this file system: skipping the direct backend");
+        return;
+    }
     let (a, b);
     {
         let cache = Cache::open(dir.path(), opts.clone()).unwrap();
+        assert_eq!(cache.backend_name(), name);
         a = cache.stream("m1", "disk0").unwrap();
         b = cache.stream("m2", "disk0").unwrap();
         assert_eq!(cache.stream("m1", "disk0").unwrap(), a);

@@ -26,6 +26,7 @@ use super::format::{
     Trailer, BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN,
 };
 use super::index::Loc;
+use super::io::aligned::AlignedBuf;
 use super::io::StorageFile;
 use super::{AppendError, AppendState, CacheEvent, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
 
@@ -174,7 +175,7 @@ impl Writer {
     /// Writes and syncs one batch; returns (segment id, offset of the batch).
     fn write_batch(
         &mut self,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
         records: &[PendingRecord],
         batch_no: u64,
     ) -> Result<(u64, u64), WriteFailure> {

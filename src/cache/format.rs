@@ -21,7 +21,8 @@ pub const RECORD_SIZE_CAP: u32 = 16 << 20;
 pub const SEGMENT_SIZE_CAP: u64 = 1 << 32;
 pub const SEGMENT_SIZE_MIN: u64 = 64 << 10;
 pub const STREAM_KEY_LEN_MAX: usize = 255;
-pub const STREAMS_MAX: u32 = 1 << 20;
+/// With 255-byte names a META entry is at most 530 bytes: 65,536 streams fit the META cap.
+pub const STREAMS_MAX: u32 = 1 << 16;
 pub const META_BODY_LEN_MAX: u32 = 256 << 20;
 
 pub fn align_up(value: u64, align: u64) -> u64 {
@@ -138,6 +139,9 @@ impl BatchHeader {
             durable_end: get_u32(b, BATCH_DURABLE_END_AT),
             count: get_u32(b, BATCH_COUNT_AT),
         };
+        if b[BATCH_RESERVED_AT..BATCH_HEADER_LEN].iter().any(|&x| x != 0) {
+            return Err(FormatError::Field("batch reserved bytes", 0));
+        }
         if (h.batch_len as usize) < BATCH_HEADER_LEN || u64::from(h.offset) + u64::from(h.batch_len) > segment_size {
             return Err(FormatError::Field("batch length", u64::from(h.batch_len)));
         }
@@ -395,6 +399,9 @@ impl Trailer {
             segment_id: get_u64(b, TR_SEGMENT_AT),
             last_batch_no: get_u64(b, TR_LAST_BATCH_AT),
         };
+        if b[TR_RESERVED1_AT..TR_CRC_AT] != [0, 0] || b[TR_RESERVED2_AT..TRAILER_LEN].iter().any(|&x| x != 0) {
+            return Err(FormatError::Field("trailer reserved bytes", 0));
+        }
         let end = u64::from(t.summary_offset) + u64::from(t.summary_len);
         if end > trailer_offset(segment_size)
             || (t.summary_len as usize) < BATCH_HEADER_LEN

@@ -10,7 +10,8 @@ pub const META_FILE: &str = "META";
 pub const META_RESERVE_FILE: &str = "META.reserve";
 const META_RESERVE_MIN: u64 = 256 << 10;
 
-/// Makes sure the reserve exists and can hold two META copies of `meta_len` bytes.
+/// Makes sure the reserve exists and holds at least four times `meta_len` bytes (a temp
+/// copy plus slack for growth), and never less than 256 KiB.
 /// Best effort: with no room, it is retried on the next META write.
 pub(crate) fn ensure_reserve(storage: &dyn super::io::Storage, meta_len: usize) {
     let want = META_RESERVE_MIN.max(4 * meta_len as u64);

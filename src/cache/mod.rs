@@ -41,7 +41,7 @@ pub mod flusher_test_support {
 }
 
 pub use error::{AppendError, CloseError, IoFailure, OpenError, ReadError, ReclaimError, StreamError};
-pub use options::{EvictionPolicy, Options, RecoveryMode};
+pub use options::{EvictionPolicy, IoBackend, Options, RecoveryMode};
 pub use reclaimer::{ReclaimReport, SegmentBlockers};
 pub use recover::RecoveryReport;
 pub use ticket::AppendTicket;
@@ -49,6 +49,7 @@ pub use verify::{StreamVerify, VerifyReport};
 
 use format::{Codec, RecordHeader, RecordKind, BATCH_HEADER_LEN, RECORD_HEADER_LEN};
 use index::{Loc, StreamIndex};
+use io::aligned::AlignedBuf;
 use io::{Storage, StorageFile};
 use meta::{Meta, MetaStream};
 
@@ -72,12 +73,12 @@ pub(crate) struct PendingRecord {
 
 /// The batch being filled, and what producers need to fill it.
 pub(crate) struct AppendState {
-    pub buf: Vec<u8>,
+    pub buf: AlignedBuf,
     pub records: Vec<PendingRecord>,
     /// Number the pending batch will carry.
     pub batch_no: u64,
     pub next_seq: Vec<u64>,
-    pub spare: Vec<(Vec<u8>, Vec<PendingRecord>)>,
+    pub spare: Vec<(AlignedBuf, Vec<PendingRecord>)>,
     /// Set when closing or poisoned: nothing more is accepted.
     pub refuse: Option<AppendError>,
     /// The flusher has been asked to stop once the pending batch is written.
@@ -85,8 +86,8 @@ pub(crate) struct AppendState {
 }
 
 impl AppendState {
-    pub fn fresh_buffer(commit_bytes_max: u32) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(commit_bytes_max as usize + format::BLOCK_SIZE as usize);
+    pub fn fresh_buffer(commit_bytes_max: u32) -> AlignedBuf {
+        let mut buf = AlignedBuf::with_capacity(commit_bytes_max as usize + format::BLOCK_SIZE as usize);
         buf.resize(BATCH_HEADER_LEN, 0);
         buf
     }
@@ -435,11 +436,12 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Opens (recovering) or creates the cache in `dir` on the portable I/O backend.
+    /// Opens (recovering) or creates the cache in `dir` on the I/O backend the options
+    /// ask for; `Auto` probes the fastest one and falls back, saying so in the log.
     pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Cache, OpenError> {
-        let storage = io::std_fs::StdStorage::new(dir.as_ref())
-            .map_err(|source| OpenError::Io { op: "create cache directory", source })?;
-        Cache::open_with_storage(Arc::new(storage), opts)
+        let storage = io::open_backend(dir.as_ref(), opts.io_backend)
+            .map_err(|source| OpenError::Io { op: "open cache directory", source })?;
+        Cache::open_with_storage(storage, opts)
     }
 
     /// Opens on any [`Storage`] backend (the fault-injecting one in tests).

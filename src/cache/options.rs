@@ -18,9 +18,10 @@ pub enum RecoveryMode {
     /// not quietly continue over lost acknowledged data.
     #[default]
     FailOnCorruption,
-    /// Open anyway: each damaged stream keeps its records up to the first unreadable one,
-    /// loses the rest, and is marked *resync required* (persisted, listed in the report and
-    /// in the cache's events). The operator's way forward after a media error.
+    /// Open anyway: every damaged stream — one with a hole in its sequence, or with records
+    /// in a damaged segment — is evicted (its unuploaded records dropped, as
+    /// `evict_stream` does) and marked *resync required* (persisted, listed in the report
+    /// and in the cache's events). The operator's way forward after a media error.
     SalvageMarkResync,
 }
 
@@ -37,8 +38,22 @@ pub enum EvictionPolicy {
     LargestBacklog,
 }
 
+/// Which I/O path the cache uses on a real directory.
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IoBackend {
+    /// The fastest that works here: O_DIRECT when the file system takes it, else `Std`.
+    #[default]
+    Auto,
+    /// Buffered `pwrite` + `fdatasync`: works everywhere.
+    Std,
+    /// O_DIRECT writes from aligned buffers + `fdatasync`.
+    Direct,
+}
+
 #[derive(Clone, Debug)]
 pub struct Options {
+    pub io_backend: IoBackend,
     /// Upper bound on the bytes of segment files the cache keeps.
     pub capacity_bytes: u64,
     /// Size of each preallocated segment file (a new cache only; an existing one keeps its own).
@@ -76,6 +91,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
+            io_backend: IoBackend::Auto,
             capacity_bytes: 16 << 30,
             segment_size: 128 << 20,
             record_size_max: 1 << 20,

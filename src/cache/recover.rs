@@ -66,6 +66,32 @@ pub struct Damage {
     pub segment: u64,
     pub offset: u64,
     pub what: String,
+    /// Streams whose records the damaged bytes seem to hold, read from record headers the
+    /// checksum no longer vouches for; `None` when even that failed (any stream may be hit).
+    pub suspect_streams: Option<Vec<u32>>,
+}
+
+/// Best effort: the streams named by the record headers of the (invalid) batch at
+/// `offset`, parsed without trusting its checksum.
+fn suspect_streams(file: &dyn StorageFile, segment_size: u64, offset: u64) -> Option<Vec<u32>> {
+    let mut head = [0u8; BATCH_HEADER_LEN];
+    file.read_exact_at(&mut head, offset).ok()?;
+    let h = BatchHeader::decode(&head, segment_size).ok()?;
+    if h.kind != BatchKind::Records {
+        return None;
+    }
+    let mut buf = vec![0u8; h.batch_len as usize];
+    file.read_exact_at(&mut buf, offset).ok()?;
+    let mut at = BATCH_HEADER_LEN;
+    let mut streams = Vec::new();
+    for _ in 0..h.count {
+        let rh = RecordHeader::decode(buf.get(at..)?).ok()?;
+        if !streams.contains(&rh.stream) {
+            streams.push(rh.stream);
+        }
+        at += RECORD_HEADER_LEN + rh.stored_len as usize;
+    }
+    Some(streams)
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -247,7 +273,8 @@ struct Scan {
 }
 
 fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Scan {
-    let limit = trailer_offset(segment_size);
+    // A file cut short (truncated, or never fully allocated) ends the search early.
+    let limit = trailer_offset(segment_size).min(file.size().unwrap_or(0));
     let mut scan = Scan {
         found: Vec::new(),
         end: 0,
@@ -294,7 +321,10 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
     let mut at = bad + BLOCK_SIZE;
     let mut chunk = vec![0u8; 1 << 20];
     while at < limit {
-        let len = chunk.len().min((limit - at) as usize);
+        let len = chunk.len().min((limit - at) as usize) / BLOCK_SIZE as usize * BLOCK_SIZE as usize;
+        if len == 0 {
+            break;
+        }
         if file.read_exact_at(&mut chunk[..len], at).is_err() {
             break; // a short (truncated) file: nothing more to find
         }
@@ -336,6 +366,14 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     let mut meta = match read_all(storage, META_FILE) {
         Ok(bytes) => Meta::decode(&bytes).map_err(|e| OpenError::MetaCorrupt(e.to_string()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Segments without META: the salt that validates them is gone. Starting a new
+            // cache here would silently treat acknowledged data as garbage.
+            let names = storage.list().map_err(io_err("list cache directory"))?;
+            if names.iter().any(|n| parse_name(n, "seg-").is_some()) {
+                return Err(OpenError::MetaCorrupt(
+                    "META is missing but segment files exist; refusing to start over".into(),
+                ));
+            }
             if opts.read_only {
                 return Err(OpenError::Io { op: "read META (is this a churnlog cache?)", source: e });
             }
@@ -404,6 +442,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                                 segment: id,
                                 offset: *bad,
                                 what: format!("{reason}; the batch at {off} shows it was durable"),
+                                suspect_streams: suspect_streams(&*file, segment_size, *bad),
                             });
                             // Keep what validates past the hole; the summary goes after it.
                             for (_, _, end, f) in &scan.later {
@@ -442,6 +481,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                             segment: id,
                             offset: off,
                             what: format!("sealed segment: {reason}"),
+                            suspect_streams: suspect_streams(&*file, segment_size, off),
                         });
                         for (_, _, _, f) in &scan.later {
                             found.extend(f.iter().copied());
@@ -458,13 +498,20 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     //    already uploaded are dead, and what is left must be gap-free from the cursor.
     found.sort_unstable_by_key(|f| (f.stream, f.seq, f.loc.segment));
     let mut by_stream: HashMap<u32, Vec<Found>> = HashMap::new();
+    let mut by_stream_segments: HashMap<u32, std::collections::HashSet<u32>> = HashMap::new();
     for f in found {
+        if f.seq > meta.streams.get(f.stream as usize).map_or(0, |m| m.uploaded_upto) {
+            by_stream_segments.entry(f.stream).or_default().insert(f.loc.segment);
+        }
         let list = by_stream.entry(f.stream).or_default();
         match list.last_mut() {
             Some(last) if last.seq == f.seq => *last = f,
             _ => list.push(f),
         }
     }
+    // Streams with any record in a damaged segment may have lost their newest records,
+    // which no hole shows: they count as damaged too.
+    let damaged_segments: std::collections::HashSet<u32> = report.damage.iter().map(|d| d.segment as u32).collect();
     let mut streams = Vec::with_capacity(meta.streams.len());
     let mut next_seq = Vec::with_capacity(meta.streams.len());
     let mut by_key = HashMap::new();
@@ -487,7 +534,10 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             }
             max_seen = f.seq;
         }
-        if !missing.is_empty() {
+        let in_damaged_segment =
+            by_stream_segments.get(&m.id).is_some_and(|segs| segs.iter().any(|s| damaged_segments.contains(s)));
+        let suspected = report.damage.iter().any(|d| d.suspect_streams.as_ref().is_none_or(|s| s.contains(&m.id)));
+        if !missing.is_empty() || in_damaged_segment || suspected {
             let damaged = DamagedStream {
                 stream: StreamId(m.id),
                 machine: m.machine.clone(),
@@ -524,6 +574,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             segment: u64::from(list[0].loc.segment),
             offset: u64::from(list[0].loc.offset),
             what: format!("{} record(s) of stream {stream}, which META does not know", list.len()),
+            suspect_streams: Some(Vec::new()),
         });
     }
 

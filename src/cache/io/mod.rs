@@ -6,6 +6,8 @@
 use std::io;
 use std::sync::Arc;
 
+pub mod aligned;
+pub mod direct;
 pub mod fault;
 pub mod std_fs;
 
@@ -39,6 +41,23 @@ pub trait Storage: Send + Sync + 'static {
     fn lock(&self) -> io::Result<Box<dyn Send + Sync>>;
     /// A short name for logs ("std", "uring", "fault").
     fn backend_name(&self) -> &'static str;
+}
+
+/// Opens `dir` on the backend `choice` names; `Auto` probes O_DIRECT and falls back to
+/// the portable backend with a log line when the file system refuses it.
+pub fn open_backend(dir: &std::path::Path, choice: crate::cache::IoBackend) -> io::Result<Arc<dyn Storage>> {
+    use crate::cache::IoBackend;
+    match choice {
+        IoBackend::Std => Ok(Arc::new(std_fs::StdStorage::new(dir)?)),
+        IoBackend::Direct => Ok(Arc::new(direct::DirectStorage::probe(dir)?)),
+        _ => match direct::DirectStorage::probe(dir) {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(e) => {
+                tracing::info!(error = %e, dir = %dir.display(), "O_DIRECT unavailable; using buffered I/O");
+                Ok(Arc::new(std_fs::StdStorage::new(dir)?))
+            }
+        },
+    }
 }
 
 /// Writes `bytes` to `name` crash-atomically: temp file → fsync → rename → fsync dir.
