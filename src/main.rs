@@ -95,6 +95,19 @@ enum BenchCommand {
         commit_bytes: Option<u64>,
         #[arg(long)]
         commit_window_us: Option<u64>,
+        /// Pace producers to this many MiB/s of logical data (default: flat out).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Also measure the device: O_DIRECT 1 MiB writes of the same size, fdatasync
+        /// every 4 MiB, on the same file system, and report both figures.
+        #[arg(long)]
+        compare_device: bool,
+        /// Exit without closing the cache, as a kill -9 would (for `bench recover`).
+        #[arg(long)]
+        crash: bool,
+        /// I/O backend: auto, std, direct or uring.
+        #[arg(long, default_value = "auto")]
+        backend: String,
         #[arg(long)]
         json: bool,
     },
@@ -119,6 +132,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn parse_backend(name: &str) -> anyhow::Result<churnlog::cache::IoBackend> {
+    use churnlog::cache::IoBackend;
+    Ok(match name {
+        "auto" => IoBackend::Auto,
+        "std" => IoBackend::Std,
+        "direct" => IoBackend::Direct,
+        "uring" => IoBackend::Uring,
+        other => anyhow::bail!("unknown backend {other:?} (auto, std, direct, uring)"),
+    })
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -216,6 +240,10 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
             segment_size,
             commit_bytes,
             commit_window_us,
+            rate,
+            compare_device,
+            crash,
+            backend,
             json,
         } => {
             anyhow::ensure!(compressible >= 1.0, "--compressible is a ratio >= 1 (2 means 2:1)");
@@ -230,6 +258,7 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 options.commit_window_us = w;
             }
             options.record_size_max = options.record_size_max.max(record_size as u32);
+            options.io_backend = parse_backend(&backend)?;
             let params = IngestParams {
                 dir,
                 bytes,
@@ -239,16 +268,37 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 producers: producers.unwrap_or(streams.min(32) as usize),
                 window_per_stream: window,
                 drain,
+                rate_mib_per_s: rate,
+                leave_open: crash,
                 options,
             };
             let r = bench::ingest::run(&params)?;
+            let device = if compare_device {
+                Some(bench::device::sequential_direct_mib_per_s(&params.dir, bytes).context("measure the device")?)
+            } else {
+                None
+            };
             if json {
-                print_json(&r)?;
+                let mut v = serde_json::to_value(&r)?;
+                if let Some(d) = device {
+                    v["device_limit_mib_per_s"] = serde_json::json!(d);
+                    v["ratio_to_device"] = serde_json::json!(r.mib_per_s / d);
+                }
+                print_json(&v)?;
             } else {
                 println!(
                     "ingest: {:.1} MiB/s logical, {:.1} MiB/s to the device, {} records in {:.2} s, ack p50 {} us p99 {} us, {:.1} records/batch, write amplification {:.3}",
                     r.mib_per_s, r.device_mib_per_s, r.records, r.seconds, r.ack_latency_us_p50, r.ack_latency_us_p99, r.records_per_batch, r.write_amplification
                 );
+                if let Some(d) = device {
+                    println!(
+                        "device: {d:.1} MiB/s (O_DIRECT 1 MiB writes, fdatasync every 4 MiB): churnlog at {:.2}x",
+                        r.mib_per_s / d
+                    );
+                }
+            }
+            if crash {
+                std::process::exit(0);
             }
         }
         BenchCommand::Recover { dir, json } => {
@@ -279,6 +329,8 @@ fn demo(bytes: u64, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         producers: 8,
         window_per_stream: 2,
         drain: false,
+        rate_mib_per_s: None,
+        leave_open: false,
         options: Options { segment_size: 32 << 20, capacity_bytes: (bytes * 2).max(1 << 30), ..Options::default() },
     };
     let r = bench::ingest::run(&params)?;

@@ -29,17 +29,27 @@ fn append_read_ack_reopen_direct_backend() {
 }
 
 #[test]
+fn append_read_ack_reopen_uring_backend() {
+    append_read_ack_reopen(IoBackend::Uring, "uring");
+}
+
+#[test]
 fn auto_backend_picks_one_that_works() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
-    assert!(["std", "direct"].contains(&cache.backend_name()));
+    assert!(["std", "direct", "uring"].contains(&cache.backend_name()));
 }
 
 fn append_read_ack_reopen(backend: IoBackend, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options { io_backend: backend, ..Options::small_for_tests() };
-    if backend == IoBackend::Direct && churnlog::cache::io::direct::DirectStorage::probe(dir.path()).is_err() {
-        eprintln!("O_DIRECT is not supported on this file system: skipping the direct backend");
+    let unavailable = match backend {
+        IoBackend::Direct => churnlog::cache::io::direct::DirectStorage::probe(dir.path()).err(),
+        IoBackend::Uring => churnlog::cache::io::uring::UringStorage::probe(dir.path()).err(),
+        _ => None,
+    };
+    if let Some(e) = unavailable {
+        eprintln!("{name} backend unavailable here ({e}): skipping");
         return;
     }
     let (a, b);

@@ -23,6 +23,10 @@ pub struct IngestParams {
     pub window_per_stream: usize,
     /// Acknowledge records as uploaded once durable, as a keeping-up drain would.
     pub drain: bool,
+    /// Pace producers to this many logical MiB/s in total (None: as fast as possible).
+    pub rate_mib_per_s: Option<f64>,
+    /// Leave the cache open on return (the caller exits as a crash would).
+    pub leave_open: bool,
     pub options: Options,
 }
 
@@ -96,6 +100,9 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         let share = records_total / p.producers as u64 + u64::from((t as u64) < records_total % p.producers as u64);
         let (cache, pool) = (cache.clone(), pool.clone());
         let window = p.window_per_stream.max(1) * mine.len();
+        // Bytes per second this producer may send when paced.
+        let pace = p.rate_mib_per_s.map(|r| r * (1u64 << 20) as f64 / p.producers as f64);
+        let record_size = p.record_size;
         handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
             let mut inflight = VecDeque::with_capacity(window);
             let mut latencies = Vec::with_capacity(share as usize);
@@ -111,7 +118,14 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
                 *bytes += len as u64;
                 Ok(())
             };
+            let t0 = Instant::now();
             while i < share {
+                if let Some(bps) = pace {
+                    let due = Duration::from_secs_f64((i * record_size as u64) as f64 / bps);
+                    if let Some(wait) = due.checked_sub(t0.elapsed()) {
+                        std::thread::sleep(wait);
+                    }
+                }
                 let s = mine[(i % mine.len() as u64) as usize];
                 let data = &pool[((i * 7 + u64::from(s.0)) % pool.len() as u64) as usize];
                 let at = Instant::now();
@@ -155,7 +169,12 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
     let stored = after.stored_bytes - before.stored_bytes;
     let batches = after.batches - before.batches;
     let backend = cache.backend_name().to_string();
-    drop(cache);
+    if p.leave_open {
+        // The flusher keeps running until the process exits, as it would at a kill.
+        std::mem::forget(cache);
+    } else {
+        drop(cache);
+    }
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     Ok(IngestResult {
         mib_per_s: mib(logical) / seconds,

@@ -202,7 +202,7 @@ impl Writer {
         buf.resize(aligned as usize, 0);
         let base = seg.write_offset;
         seg.file.write_all_at(buf, base).map_err(|e| write_error("write batch", &e))?;
-        seg.file.sync_data().map_err(|e| sync_error("fdatasync batch", &e))?;
+        seg.file.sync_data_range(base, aligned).map_err(|e| sync_error("fdatasync batch", &e))?;
         seg.write_offset += aligned;
         seg.last_batch_no = batch_no;
         let c = &self.inner.counters;

@@ -42,13 +42,15 @@ pub enum EvictionPolicy {
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoBackend {
-    /// The fastest that works here: O_DIRECT when the file system takes it, else `Std`.
+    /// The fastest that works here: `Uring`, else `Direct`, else `Std`.
     #[default]
     Auto,
     /// Buffered `pwrite` + `fdatasync`: works everywhere.
     Std,
     /// O_DIRECT writes from aligned buffers + `fdatasync`.
     Direct,
+    /// io_uring: O_DIRECT writes of a batch in flight together, ranged `IORING_OP_FSYNC`.
+    Uring,
 }
 
 #[derive(Clone, Debug)]
