@@ -86,6 +86,9 @@ enum BenchCommand {
         /// Records each stream may have in flight.
         #[arg(long, default_value_t = 2)]
         window: usize,
+        /// Records each producer may have in flight (1 = a blocking writer).
+        #[arg(long)]
+        inflight: Option<usize>,
         /// Acknowledge records as uploaded once durable (a drain that keeps up).
         #[arg(long)]
         drain: bool,
@@ -236,6 +239,7 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
             compressible,
             producers,
             window,
+            inflight,
             drain,
             segment_size,
             commit_bytes,
@@ -267,6 +271,7 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 compressible: 1.0 - 1.0 / compressible,
                 producers: producers.unwrap_or(streams.min(32) as usize),
                 window_per_stream: window,
+                inflight_per_producer_max: inflight,
                 drain,
                 rate_mib_per_s: rate,
                 leave_open: crash,
@@ -328,6 +333,7 @@ fn demo(bytes: u64, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         compressible: 0.5,
         producers: 8,
         window_per_stream: 2,
+        inflight_per_producer_max: None,
         drain: false,
         rate_mib_per_s: None,
         leave_open: false,

@@ -21,6 +21,9 @@ pub struct IngestParams {
     pub producers: usize,
     /// Records each stream may have in flight (appended, not yet durable).
     pub window_per_stream: usize,
+    /// Caps the records one producer has in flight, whatever its stream count: with 1,
+    /// a producer behaves like a blocking writer (one write at a time).
+    pub inflight_per_producer_max: Option<usize>,
     /// Acknowledge records as uploaded once durable, as a keeping-up drain would.
     pub drain: bool,
     /// Pace producers to this many logical MiB/s in total (None: as fast as possible).
@@ -99,7 +102,8 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         }
         let share = records_total / p.producers as u64 + u64::from((t as u64) < records_total % p.producers as u64);
         let (cache, pool) = (cache.clone(), pool.clone());
-        let window = p.window_per_stream.max(1) * mine.len();
+        let window =
+            (p.window_per_stream.max(1) * mine.len()).min(p.inflight_per_producer_max.unwrap_or(usize::MAX)).max(1);
         // Bytes per second this producer may send when paced.
         let pace = p.rate_mib_per_s.map(|r| r * (1u64 << 20) as f64 / p.producers as f64);
         let record_size = p.record_size;

@@ -17,7 +17,7 @@ thread_local! {
 
 /// Encodes `data` and hands `(codec, stored bytes, payload crc)` to `f`. Compression is
 /// kept only when the result is at most `ratio_max` of the input (0 disables it).
-pub(crate) fn encode_with<R>(data: &[u8], ratio_max: f64, f: impl FnOnce(Codec, &[u8], u32) -> R) -> R {
+pub fn encode_with<R>(data: &[u8], ratio_max: f64, f: impl FnOnce(Codec, &[u8], u32) -> R) -> R {
     if ratio_max <= 0.0 || data.len() < 64 {
         return f(Codec::Raw, data, crc32(data));
     }
@@ -45,7 +45,7 @@ pub(crate) fn encode_with<R>(data: &[u8], ratio_max: f64, f: impl FnOnce(Codec, 
 }
 
 /// Decodes a stored payload into `out` (cleared first), checking the logical length.
-pub(crate) fn decode_into(codec: Codec, stored: &[u8], logical_len: usize, out: &mut Vec<u8>) -> Result<(), String> {
+pub fn decode_into(codec: Codec, stored: &[u8], logical_len: usize, out: &mut Vec<u8>) -> Result<(), String> {
     out.clear();
     match codec {
         Codec::Raw => {

@@ -44,6 +44,10 @@ struct Cli {
     /// churnlog producers (default: min(streams, 32), as `churnlog bench ingest`).
     #[arg(long)]
     churnlog_producers: Option<usize>,
+    /// Records one churnlog producer may have in flight (1 = a blocking writer, the same
+    /// queue depth as raft-engine's blocking `write` per thread; default: 2 per stream).
+    #[arg(long)]
+    churnlog_inflight: Option<usize>,
     /// raft-engine `batch_compression_threshold` in bytes (0 = never LZ4 a batch; its
     /// default is 8KiB, which would LZ4 every 64 KiB record).
     #[arg(long, default_value = "0", value_parser = parse_size)]
@@ -57,19 +61,7 @@ struct Cli {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
-    };
-    Ok((n * mult as f64) as u64)
+    churnlog::size::parse_size(s)
 }
 
 #[derive(Clone, Debug)]
@@ -164,6 +156,7 @@ fn run_churnlog(cli: &Cli) -> anyhow::Result<Outcome> {
         compressible: 0.0,
         producers: cli.churnlog_producers.unwrap_or(cli.streams.min(32) as usize),
         window_per_stream: 2,
+        inflight_per_producer_max: cli.churnlog_inflight,
         drain: false,
         rate_mib_per_s: None,
         leave_open: false,
