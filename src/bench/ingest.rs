@@ -2,7 +2,6 @@
 //! acknowledged durable count. Optionally a drainer acknowledges uploads behind them, so
 //! segments are reclaimed as in normal operation.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -108,20 +107,21 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         let pace = p.rate_mib_per_s.map(|r| r * (1u64 << 20) as f64 / p.producers as f64);
         let record_size = p.record_size;
         handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
-            let mut inflight = VecDeque::with_capacity(window);
-            let mut latencies = Vec::with_capacity(share as usize);
-            let mut bytes = 0u64;
+            // A waiter thread blocks on the tickets in order, so each latency is taken the
+            // moment its record is durable, not when the producer next looks. The bounded
+            // channel is the in-flight window.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(crate::cache::AppendTicket, Instant, usize)>(window);
+            let waiter = std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
+                let mut latencies = Vec::with_capacity(share as usize);
+                let mut bytes = 0u64;
+                for (ticket, at, len) in rx {
+                    ticket.wait()?;
+                    latencies.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    bytes += len as u64;
+                }
+                Ok((latencies, bytes))
+            });
             let mut i = 0u64;
-            let settle = |inflight: &mut VecDeque<(crate::cache::AppendTicket, Instant, usize)>,
-                          latencies: &mut Vec<u32>,
-                          bytes: &mut u64|
-             -> anyhow::Result<()> {
-                let (ticket, at, len) = inflight.pop_front().expect("non-empty");
-                ticket.wait()?;
-                latencies.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                *bytes += len as u64;
-                Ok(())
-            };
             let t0 = Instant::now();
             while i < share {
                 if let Some(bps) = pace {
@@ -135,24 +135,17 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
                 let at = Instant::now();
                 match cache.append(s, data) {
                     Ok(ticket) => {
-                        inflight.push_back((ticket, at, data.len()));
+                        if tx.send((ticket, at, data.len())).is_err() {
+                            break; // the waiter stopped on an error: it reports it
+                        }
                         i += 1;
                     }
-                    Err(crate::cache::AppendError::Backpressure { .. }) => {
-                        if inflight.is_empty() {
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                    }
+                    Err(crate::cache::AppendError::Backpressure { .. }) => std::thread::sleep(Duration::from_millis(1)),
                     Err(e) => return Err(e.into()),
                 }
-                while inflight.len() >= window {
-                    settle(&mut inflight, &mut latencies, &mut bytes)?;
-                }
             }
-            while !inflight.is_empty() {
-                settle(&mut inflight, &mut latencies, &mut bytes)?;
-            }
-            Ok((latencies, bytes))
+            drop(tx);
+            waiter.join().map_err(|_| anyhow::anyhow!("waiter panicked"))?
         }));
     }
     let mut latencies = Vec::with_capacity(records_total as usize);

@@ -272,7 +272,21 @@ struct Scan {
     later: Vec<(u64, u64, u64, Vec<Found>)>,
 }
 
-fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Scan {
+/// How far past a bad offset to look for a batch that proves it durable. The flusher
+/// issues batch k+1 only once batch k is durable, so the nearest later batch starts at
+/// most one batch length away; four lengths cover up to three damaged batches in a row.
+fn proof_window(commit_bytes_max: u32) -> u64 {
+    4 * (u64::from(commit_bytes_max) + BLOCK_SIZE)
+}
+
+fn scan_segment(
+    file: &dyn StorageFile,
+    id: u64,
+    seed: u32,
+    segment_size: u64,
+    commit_bytes_max: u32,
+    bytes_read: &mut u64,
+) -> Scan {
     // A file cut short (truncated, or never fully allocated) ends the search early.
     let limit = trailer_offset(segment_size).min(file.size().unwrap_or(0));
     let mut scan = Scan {
@@ -319,6 +333,7 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
         return scan;
     };
     let mut at = bad + BLOCK_SIZE;
+    let limit = limit.min(bad + proof_window(commit_bytes_max));
     let mut chunk = vec![0u8; 1 << 20];
     while at < limit {
         let len = chunk.len().min((limit - at) as usize) / BLOCK_SIZE as usize * BLOCK_SIZE as usize;
@@ -347,6 +362,40 @@ fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, b
         at = next;
     }
     scan
+}
+
+type SummaryResult = (Arc<dyn StorageFile>, Result<(Vec<Found>, u64), String>, u64);
+
+/// Opens every segment and reads its trailer and summary, several at a time: on a cold
+/// cache these small reads are latency-bound, and the device serves them in parallel.
+fn read_summaries(
+    storage: &dyn Storage,
+    ids: &[u64],
+    salt: u64,
+    segment_size: u64,
+) -> Result<Vec<SummaryResult>, OpenError> {
+    const READERS_MAX: usize = 8;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<parking_lot::Mutex<Option<Result<SummaryResult, std::io::Error>>>> =
+        ids.iter().map(|_| parking_lot::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..READERS_MAX.min(ids.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&id) = ids.get(i) else { break };
+                let result = storage.open(&super::flusher::segment_name(id), false).map(|file| {
+                    let mut bytes_read = 0;
+                    let summary = read_summary(&*file, id, segment_seed(salt, id), segment_size, &mut bytes_read);
+                    (file, summary, bytes_read)
+                });
+                *slots[i].lock() = Some(result);
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| slot.into_inner().expect("every slot filled").map_err(io_err("open segment")))
+        .collect()
 }
 
 fn random_salt() -> u64 {
@@ -416,13 +465,14 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     let mut last_batch_no = 0u64;
     let mut open_tail: Option<OpenSegment> = None;
     let newest = segment_ids.last().copied();
-    for &id in &segment_ids {
-        if id >= u64::from(u32::MAX) {
-            return Err(OpenError::MetaCorrupt(format!("segment id {id} out of range")));
-        }
-        let file = storage.open(&super::flusher::segment_name(id), false).map_err(io_err("open segment"))?;
+    if let Some(&id) = segment_ids.iter().find(|&&id| id >= u64::from(u32::MAX)) {
+        return Err(OpenError::MetaCorrupt(format!("segment id {id} out of range")));
+    }
+    let summaries = read_summaries(storage, &segment_ids, meta.salt, segment_size)?;
+    for (&id, (file, summary, bytes_read)) in segment_ids.iter().zip(summaries) {
+        report.metadata_bytes_read += bytes_read;
         let seed = segment_seed(meta.salt, id);
-        match read_summary(&*file, id, seed, segment_size, &mut report.metadata_bytes_read) {
+        match summary {
             Ok((f, last)) => {
                 report.segments_from_summary += 1;
                 last_batch_no = last_batch_no.max(last);
@@ -430,7 +480,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             }
             Err(why) => {
                 report.segments_scanned.push(id);
-                let scan = scan_segment(&*file, id, seed, segment_size, &mut report.scanned_bytes_read);
+                let scan =
+                    scan_segment(&*file, id, seed, segment_size, opts.commit_bytes_max, &mut report.scanned_bytes_read);
                 last_batch_no = last_batch_no.max(scan.last_batch_no);
                 if Some(id) == newest && !scan.hit_summary {
                     let mut tail_found = scan.found.clone();
@@ -496,28 +547,43 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
 
     // 4. Per stream: newest copy of each record wins (compaction rewrites forward), records
     //    already uploaded are dead, and what is left must be gap-free from the cursor.
-    found.sort_unstable_by_key(|f| (f.stream, f.seq, f.loc.segment));
-    let mut by_stream: HashMap<u32, Vec<Found>> = HashMap::new();
-    let mut by_stream_segments: HashMap<u32, std::collections::HashSet<u32>> = HashMap::new();
+    // Dense per-stream lists (stream ids are dense), each sorted on its own: the entries
+    // arrive nearly in order, so these sorts are cheap.
+    let mut by_stream: Vec<Vec<Found>> = vec![Vec::new(); meta.streams.len()];
+    let mut unknown: HashMap<u32, Vec<Found>> = HashMap::new();
     for f in found {
-        if f.seq > meta.streams.get(f.stream as usize).map_or(0, |m| m.uploaded_upto) {
-            by_stream_segments.entry(f.stream).or_default().insert(f.loc.segment);
-        }
-        let list = by_stream.entry(f.stream).or_default();
-        match list.last_mut() {
-            Some(last) if last.seq == f.seq => *last = f,
-            _ => list.push(f),
+        match by_stream.get_mut(f.stream as usize) {
+            Some(list) => list.push(f),
+            None => unknown.entry(f.stream).or_default().push(f),
         }
     }
-    // Streams with any record in a damaged segment may have lost their newest records,
-    // which no hole shows: they count as damaged too.
+    // Streams with any live record in a damaged segment may have lost their newest
+    // records, which no hole shows: they count as damaged too.
     let damaged_segments: std::collections::HashSet<u32> = report.damage.iter().map(|d| d.segment as u32).collect();
+    let mut touched_damaged = std::collections::HashSet::new();
+    for (list, m) in by_stream.iter_mut().zip(&meta.streams) {
+        list.sort_unstable_by_key(|f| (f.seq, f.loc.segment));
+        // Newest copy of each record wins (compaction rewrites forward).
+        list.dedup_by(|later, earlier| {
+            if later.seq == earlier.seq {
+                *earlier = *later;
+                true
+            } else {
+                false
+            }
+        });
+        if !damaged_segments.is_empty()
+            && list.iter().any(|f| f.seq > m.uploaded_upto && damaged_segments.contains(&f.loc.segment))
+        {
+            touched_damaged.insert(m.id);
+        }
+    }
     let mut streams = Vec::with_capacity(meta.streams.len());
     let mut next_seq = Vec::with_capacity(meta.streams.len());
     let mut by_key = HashMap::new();
     let mut salvaged = false;
     for m in meta.streams.iter_mut() {
-        let list = by_stream.remove(&m.id).unwrap_or_default();
+        let list = std::mem::take(&mut by_stream[m.id as usize]);
         let live = list.iter().filter(|f| f.seq > m.uploaded_upto).count();
         let mut index = StreamIndex::with_capacity(m.uploaded_upto, live);
         let mut missing = Vec::new();
@@ -534,8 +600,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             }
             max_seen = f.seq;
         }
-        let in_damaged_segment =
-            by_stream_segments.get(&m.id).is_some_and(|segs| segs.iter().any(|s| damaged_segments.contains(s)));
+        let in_damaged_segment = touched_damaged.contains(&m.id);
         let suspected = report.damage.iter().any(|d| d.suspect_streams.as_ref().is_none_or(|s| s.contains(&m.id)));
         if !missing.is_empty() || in_damaged_segment || suspected {
             let damaged = DamagedStream {
@@ -569,7 +634,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             index,
         });
     }
-    for (stream, list) in by_stream {
+    for (stream, list) in unknown {
         report.damage.push(Damage {
             segment: u64::from(list[0].loc.segment),
             offset: u64::from(list[0].loc.offset),
