@@ -1,9 +1,17 @@
 //! churnlog: an open, self-hostable scale-out process server for disaster-recovery
 //! replication. The heart is [`cache`], an embedded, log-structured, crash-safe cache
-//! engine; around it sit the command-line tools.
+//! engine. Around it: the wire [`protocol`], the TLS [`ingest`] server, the [`drain`] to
+//! object storage, the [`agent`] and [`restore`]. Dependencies point one way:
+//! command line → server parts → engine → I/O.
 
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod bench;
 pub mod cache;
+pub mod drain;
+pub mod ingest;
+pub mod protocol;
+pub mod restore;
 pub mod size;
+pub mod tls;

@@ -4,13 +4,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+mod demo;
+
+use churnlog::agent::{Agent, AgentConfig};
 use churnlog::bench::{self, ingest::IngestParams};
 use churnlog::cache::{Cache, Options, RecoveryMode};
+use churnlog::drain::{DrainConfig, Drainer, ProxySettings, Target};
+use churnlog::ingest::{IngestConfig, IngestServer};
+use churnlog::protocol::PointKind;
+use churnlog::restore::PointSelector;
 use churnlog::size::parse_size;
 
 #[derive(Parser)]
@@ -32,14 +38,70 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
-    /// Run the engine end to end on a temporary directory and print a summary.
+    /// The whole data path on loopback: process server, agent, churn, recovery points,
+    /// drain to a local directory, restore of every point, byte comparison.
     Demo {
-        /// Logical bytes to ingest.
-        #[arg(long, default_value = "256MiB", value_parser = parse_size)]
-        bytes: u64,
-        /// Keep the demo's cache in this directory instead of a temporary one.
+        /// Size of the generated disk image.
+        #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+        image: u64,
+        /// Rounds of churn (each ends with a recovery point).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Keep everything in this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Process server commands.
+    Ps {
+        #[command(subcommand)]
+        command: PsCommand,
+    },
+    /// Replicate disk images or block devices to a process server.
+    Agent {
+        /// host:port of the process server.
+        #[arg(long)]
+        ps: String,
+        /// The process server's certificate (its TLS directory's cert.pem).
+        #[arg(long)]
+        ps_cert: PathBuf,
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        #[arg(long)]
+        machine: String,
+        /// ID=PATH, once per disk.
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// One pass, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Return only once the pass's recovery point is uploaded.
+        #[arg(long)]
+        wait_uploaded: bool,
+        /// Seconds between passes (crash-consistent point after each).
+        #[arg(long, default_value_t = 300)]
+        interval: u64,
+        /// Tag the points app-consistent (the application quiesced).
+        #[arg(long)]
+        app_consistent: bool,
+    },
+    /// Rebuild a disk image at a recovery point from the object store.
+    Restore {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        machine: String,
+        #[arg(long)]
+        disk: String,
+        /// `latest` or a point id.
+        #[arg(long, default_value = "latest")]
+        point: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// List the recovery points instead.
+        #[arg(long)]
+        list: bool,
+        #[arg(long)]
+        proxy_file: Option<PathBuf>,
     },
     /// Crash-test child: appends forever and prints each durable acknowledgement.
     #[command(hide = true)]
@@ -50,6 +112,33 @@ enum Command {
         streams: u32,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PsCommand {
+    /// Run a process server: TLS ingest into the cache, drain to the target.
+    Run {
+        #[arg(long)]
+        cache_dir: PathBuf,
+        #[arg(long, value_parser = parse_size)]
+        cache_size: u64,
+        #[arg(long, default_value = "0.0.0.0:9443")]
+        listen: std::net::SocketAddr,
+        /// file:///abs/dir, az://container/prefix or s3://bucket/prefix
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        passphrase_file: PathBuf,
+        /// Holds cert.pem and key.pem; a self-signed pair is created when empty.
+        #[arg(long)]
+        tls_dir: PathBuf,
+        /// Proxy settings file ([ProxySettings] format).
+        #[arg(long)]
+        proxy_file: Option<PathBuf>,
+        /// Upload bandwidth cap in MB/s.
+        #[arg(long)]
+        bandwidth_mbps: Option<f64>,
     },
 }
 
@@ -164,7 +253,34 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Cache { command: CacheCommand::Verify { dir, json } } => verify(&dir, json),
         Command::Bench { command } => bench_cmd(command),
-        Command::Demo { bytes, dir } => demo(bytes, dir),
+        Command::Demo { image, rounds, dir } => demo(image, rounds, dir),
+        Command::Ps {
+            command:
+                PsCommand::Run {
+                    cache_dir,
+                    cache_size,
+                    listen,
+                    target,
+                    passphrase_file,
+                    tls_dir,
+                    proxy_file,
+                    bandwidth_mbps,
+                },
+        } => ps_run(cache_dir, cache_size, listen, &target, &passphrase_file, tls_dir, proxy_file, bandwidth_mbps),
+        Command::Agent {
+            ps,
+            ps_cert,
+            passphrase_file,
+            machine,
+            disks,
+            once,
+            wait_uploaded,
+            interval,
+            app_consistent,
+        } => agent(ps, &ps_cert, &passphrase_file, machine, disks, once, wait_uploaded, interval, app_consistent),
+        Command::Restore { target, machine, disk, point, out, list, proxy_file } => {
+            restore(&target, &machine, &disk, &point, out, list, proxy_file)
+        }
         Command::Torture { dir, streams, seed } => torture(&dir, streams, seed),
     }
 }
@@ -321,47 +437,169 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn demo(bytes: u64, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn read_passphrase(path: &Path) -> anyhow::Result<String> {
+    let p = std::fs::read_to_string(path).with_context(|| format!("read passphrase file {}", path.display()))?;
+    anyhow::ensure!(!p.trim().is_empty(), "passphrase file {} is empty", path.display());
+    Ok(p.trim().to_string())
+}
+
+fn read_proxy(path: Option<PathBuf>) -> anyhow::Result<Option<ProxySettings>> {
+    path.map(|p| {
+        let text = std::fs::read_to_string(&p).with_context(|| format!("read proxy file {}", p.display()))?;
+        Ok(ProxySettings::parse(&text)?)
+    })
+    .transpose()
+}
+
+fn demo(image: u64, rounds: usize, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let tmp = tempfile::tempdir()?;
-    let dir = dir.unwrap_or_else(|| tmp.path().join("cache"));
-    println!("churnlog demo: cache engine in {}", dir.display());
-    let params = IngestParams {
-        dir: dir.clone(),
-        bytes,
-        record_size: 64 << 10,
-        streams: 16,
-        compressible: 0.5,
-        producers: 8,
-        window_per_stream: 2,
-        inflight_per_producer_max: None,
-        drain: false,
-        rate_mib_per_s: None,
-        leave_open: false,
-        options: Options { segment_size: 32 << 20, capacity_bytes: (bytes * 2).max(1 << 30), ..Options::default() },
-    };
-    let r = bench::ingest::run(&params)?;
+    let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+    println!("churnlog demo in {}", dir.display());
+    let report = runtime()?.block_on(demo::run(&dir, image >> 20, rounds.max(1), |line| println!("  {line}")))?;
+    let ok = report.points.iter().all(|p| p.identical);
     println!(
-        "  ingest   {} records from 16 streams: {:.0} MiB/s logical ({:.0} MiB/s to disk), ack p99 {} us",
-        r.records, r.mib_per_s, r.device_mib_per_s, r.ack_latency_us_p99
+        "{} of {} recovery points restored byte-identical",
+        report.points.iter().filter(|p| p.identical).count(),
+        report.points.len()
     );
-    let opts = params.options.clone();
-    let started = Instant::now();
-    let cache = Arc::new(Cache::open(&dir, opts.clone())?);
-    println!("  reopen   {:.3} s, {} records indexed", started.elapsed().as_secs_f64(), cache.stats().index_records);
-    // Drain half of every stream, then reclaim.
-    for s in cache.streams() {
-        cache.ack(s.id, s.uploaded_upto + s.records / 2)?;
-    }
-    let reclaimed = cache.reclaim()?;
-    println!("  drain    half of each stream acknowledged: {} segment(s) freed", reclaimed.segments_freed);
-    let report = cache.verify();
-    println!(
-        "  verify   {} records, {} MiB checked: {}",
-        report.records_checked,
-        report.bytes_checked >> 20,
-        if report.is_clean() { "clean" } else { "CORRUPT" }
-    );
-    Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ps_run(
+    cache_dir: PathBuf,
+    cache_size: u64,
+    listen: std::net::SocketAddr,
+    target: &str,
+    passphrase_file: &Path,
+    tls_dir: PathBuf,
+    proxy_file: Option<PathBuf>,
+    bandwidth_mbps: Option<f64>,
+) -> anyhow::Result<ExitCode> {
+    let passphrase = read_passphrase(passphrase_file)?;
+    let proxy = read_proxy(proxy_file)?;
+    let target = Target::from_url(target, proxy.as_ref())?;
+    let cache = Arc::new(Cache::open(&cache_dir, Options { capacity_bytes: cache_size, ..Options::default() })?);
+    runtime()?.block_on(async move {
+        let server =
+            IngestServer::start(cache.clone(), IngestConfig::new(listen, tls_dir.clone(), &passphrase)).await?;
+        eprintln!(
+            "churnlog process server listening on {} (certificate: {})",
+            server.local_addr,
+            tls_dir.join("cert.pem").display()
+        );
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let cfg = DrainConfig { bandwidth_mb_per_s: bandwidth_mbps, ..DrainConfig::default() };
+        let drainer = tokio::spawn(Drainer::new(cache.clone(), target, cfg).run(stopped));
+        tokio::signal::ctrl_c().await?;
+        eprintln!("stopping");
+        let _ = stop.send(true);
+        let _ = drainer.await;
+        server.stop().await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn agent(
+    ps: String,
+    ps_cert: &Path,
+    passphrase_file: &Path,
+    machine: String,
+    disks: Vec<String>,
+    once: bool,
+    wait_uploaded: bool,
+    interval: u64,
+    app_consistent: bool,
+) -> anyhow::Result<ExitCode> {
+    let passphrase = read_passphrase(passphrase_file)?;
+    let cert = std::fs::read_to_string(ps_cert).with_context(|| format!("read {}", ps_cert.display()))?;
+    let disks = disks
+        .iter()
+        .map(|d| {
+            d.split_once('=')
+                .map(|(id, p)| (id.to_string(), PathBuf::from(p)))
+                .ok_or_else(|| anyhow::anyhow!("--disk takes ID=PATH, got {d:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let kind = if app_consistent { PointKind::AppConsistent } else { PointKind::CrashConsistent };
+    let mut agent = Agent::new(AgentConfig::new(ps, cert, machine, disks), &passphrase)?;
+    runtime()?.block_on(async move {
+        loop {
+            let bar = progress_bar();
+            let report = agent.pass(kind, wait_uploaded, |done, total| {
+                if let Some(b) = &bar {
+                    b.set_length(total);
+                    b.set_position(done);
+                }
+            });
+            let report = report.await?;
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            println!("{}", serde_json::to_string(&report)?);
+            if once {
+                return anyhow::Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(interval)).await;
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on a terminal, nothing otherwise.
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .expect("template"),
+        );
+        b
+    })
+}
+
+fn restore(
+    target: &str,
+    machine: &str,
+    disk: &str,
+    point: &str,
+    out: Option<PathBuf>,
+    list: bool,
+    proxy_file: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let proxy = read_proxy(proxy_file)?;
+    let target = Target::from_url(target, proxy.as_ref())?;
+    runtime()?.block_on(async move {
+        if list {
+            for p in churnlog::restore::list_points(&target, machine, disk).await? {
+                println!("{}", serde_json::to_string(&p)?);
+            }
+            return anyhow::Ok(());
+        }
+        let out = out.ok_or_else(|| anyhow::anyhow!("--out FILE is required unless --list"))?;
+        let selector: PointSelector = point.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        let bar = progress_bar();
+        let report = churnlog::restore::restore(&target, machine, disk, selector, &out, |done, total| {
+            if let Some(b) = &bar {
+                b.set_length(total);
+                b.set_position(done);
+            }
+        })
+        .await?;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        println!("{}", serde_json::to_string(&report)?);
+        Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Appends records of deterministic content until killed; prints `ACK stream seq len`

@@ -1,0 +1,381 @@
+//! The agent: replicates disk image files or block devices to a process server. Each
+//! pass reads every block, hashes it (xxh3-128) and sends the blocks that changed since
+//! the previous pass (the first pass of a process sends all data blocks, and describes
+//! all-zero runs with a small `Zero` frame instead of their bytes), then tags a recovery
+//! point over all disks. Frames stay queued until the server acknowledges them durable;
+//! after a lost connection the agent reconnects and resends exactly those, in order, so
+//! nothing acknowledged is lost and nothing unacknowledged is skipped.
+
+use std::collections::{HashSet, VecDeque};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::protocol::auth::{nonce, AuthKey};
+use crate::protocol::{read_frame, write_frame, Frame, FrameError, PointKind, PROTOCOL_VERSION, ZERO_LEN_MAX};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// host:port of the process server.
+    pub ps: String,
+    /// The process server's certificate (PEM): the only one trusted.
+    pub ps_cert_pem: String,
+    pub machine: String,
+    /// (disk id, path of the image file or block device).
+    pub disks: Vec<(String, PathBuf)>,
+    pub block_size: usize,
+    /// Frames in flight before the agent waits for acknowledgements.
+    pub window: usize,
+    /// Give up when the server stays unreachable this long.
+    pub reconnect_timeout: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(ps: String, ps_cert_pem: String, machine: String, disks: Vec<(String, PathBuf)>) -> AgentConfig {
+        AgentConfig {
+            ps,
+            ps_cert_pem,
+            machine,
+            disks,
+            block_size: 64 << 10,
+            window: 256,
+            reconnect_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("disk {0}: {1}")]
+    Disk(String, std::io::Error),
+    #[error("cannot reach the process server within {0:?}: {1}")]
+    Unreachable(Duration, String),
+    #[error("the process server refused us: {0}")]
+    Refused(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct PassReport {
+    pub point_id: u64,
+    pub blocks_read: u64,
+    pub blocks_sent: u64,
+    pub zero_runs_sent: u64,
+    pub bytes_sent: u64,
+    pub seconds: f64,
+    pub reconnects: u64,
+}
+
+/// What the server told the reader task.
+enum Event {
+    Durable(u64),
+    Uploaded(u64),
+    Closed(String),
+}
+
+struct Conn {
+    tx: mpsc::Sender<Frame>,
+    events: mpsc::Receiver<Event>,
+    next_tag: u64,
+}
+
+/// A frame awaiting its durable acknowledgement (tags are per connection).
+struct Unacked {
+    tag: u64,
+    frame: Frame,
+}
+
+fn with_tag(frame: &Frame, tag: u64) -> Frame {
+    let mut f = frame.clone();
+    match &mut f {
+        Frame::Write { tag: t, .. } | Frame::Zero { tag: t, .. } | Frame::Point { tag: t, .. } => *t = tag,
+        _ => unreachable!("only tagged frames are tracked"),
+    }
+    f
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    key: AuthKey,
+    tls: tokio_rustls::TlsConnector,
+    conn: Option<Conn>,
+    unacked: VecDeque<Unacked>,
+    uploaded: HashSet<u64>,
+    hashes: Vec<Option<Vec<u128>>>,
+    last_point_id: u64,
+    reconnects: u64,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig, passphrase: &str) -> Result<Agent, AgentError> {
+        let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&cfg.ps_cert_pem)?);
+        let hashes = vec![None; cfg.disks.len()];
+        Ok(Agent {
+            key: AuthKey::from_passphrase(passphrase),
+            cfg,
+            tls,
+            conn: None,
+            unacked: VecDeque::new(),
+            uploaded: HashSet::new(),
+            hashes,
+            last_point_id: 0,
+            reconnects: 0,
+        })
+    }
+
+    /// One pass over every disk, then a recovery point of `kind`. Returns once the point
+    /// is durable on the process server, or — with `wait_uploaded` — uploaded.
+    pub async fn pass(
+        &mut self,
+        kind: PointKind,
+        wait_uploaded: bool,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<PassReport, AgentError> {
+        let started = Instant::now();
+        let reconnects_before = self.reconnects;
+        let mut report = PassReport::default();
+        let bs = self.cfg.block_size;
+        let total: u64 = self.cfg.disks.iter().map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+        let mut done = 0u64;
+        let mut sizes = Vec::with_capacity(self.cfg.disks.len());
+        let mut buf = vec![0u8; bs];
+        for d in 0..self.cfg.disks.len() {
+            let (id, path) = self.cfg.disks[d].clone();
+            let file = std::fs::File::open(&path).map_err(|e| AgentError::Disk(id.clone(), e))?;
+            let size = file.metadata().map_err(|e| AgentError::Disk(id.clone(), e))?.len();
+            sizes.push((d as u16, size));
+            let blocks = size.div_ceil(bs as u64) as usize;
+            let previous = self.hashes[d].take();
+            let mut current = Vec::with_capacity(blocks);
+            let mut zero_run: Option<(u64, u64)> = None;
+            for b in 0..blocks {
+                let offset = (b * bs) as u64;
+                let len = (size - offset).min(bs as u64) as usize;
+                file.read_exact_at(&mut buf[..len], offset).map_err(|e| AgentError::Disk(id.clone(), e))?;
+                let block = &buf[..len];
+                let h = xxhash_rust::xxh3::xxh3_128(block);
+                current.push(h);
+                report.blocks_read += 1;
+                done += len as u64;
+                let changed = previous.as_ref().and_then(|p| p.get(b)).is_none_or(|&old| old != h);
+                if !changed {
+                    self.flush_zero_run(d as u16, &mut zero_run, &mut report).await?;
+                    continue;
+                }
+                if block.iter().all(|&x| x == 0) {
+                    zero_run = match zero_run {
+                        Some((start, n)) if start + n == offset && n + len as u64 <= ZERO_LEN_MAX => {
+                            Some((start, n + len as u64))
+                        }
+                        other => {
+                            let mut run = other;
+                            self.flush_zero_run(d as u16, &mut run, &mut report).await?;
+                            Some((offset, len as u64))
+                        }
+                    };
+                    continue;
+                }
+                self.flush_zero_run(d as u16, &mut zero_run, &mut report).await?;
+                self.send(Frame::Write { disk: d as u16, tag: 0, offset, data: block.to_vec() }).await?;
+                report.blocks_sent += 1;
+                report.bytes_sent += len as u64;
+                if report.blocks_read.is_multiple_of(64) {
+                    progress(done, total);
+                }
+            }
+            self.flush_zero_run(d as u16, &mut zero_run, &mut report).await?;
+            self.hashes[d] = Some(current);
+        }
+        progress(total, total);
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let point_id = (self.last_point_id + 1).max(now_ms);
+        self.last_point_id = point_id;
+        let point = Frame::Point { tag: 0, point_id, kind, unix_ms: now_ms, disks: sizes };
+        self.send(point.clone()).await?;
+        while !self.unacked.is_empty() {
+            self.next_event().await?;
+        }
+        if wait_uploaded {
+            let mut reconnects = self.reconnects;
+            while !self.uploaded.contains(&point_id) {
+                self.next_event().await?;
+                if self.reconnects != reconnects {
+                    // A new session does not know the point: tag it again (same id).
+                    reconnects = self.reconnects;
+                    self.send(point.clone()).await?;
+                }
+            }
+        }
+        report.point_id = point_id;
+        report.seconds = started.elapsed().as_secs_f64();
+        report.reconnects = self.reconnects - reconnects_before;
+        Ok(report)
+    }
+
+    async fn flush_zero_run(
+        &mut self,
+        disk: u16,
+        run: &mut Option<(u64, u64)>,
+        report: &mut PassReport,
+    ) -> Result<(), AgentError> {
+        if let Some((offset, len)) = run.take() {
+            self.send(Frame::Zero { disk, tag: 0, offset, len }).await?;
+            report.zero_runs_sent += 1;
+        }
+        Ok(())
+    }
+
+    /// Queues a tagged frame and sends it; waits while the window is full.
+    async fn send(&mut self, frame: Frame) -> Result<(), AgentError> {
+        while self.unacked.len() >= self.cfg.window {
+            self.next_event().await?;
+        }
+        let conn = self.connected().await?;
+        let tag = conn.next_tag;
+        conn.next_tag += 1;
+        let tagged = with_tag(&frame, tag);
+        let sent = conn.tx.send(tagged).await.is_ok();
+        self.unacked.push_back(Unacked { tag, frame });
+        if !sent {
+            self.conn = None; // resent by the next connection
+        }
+        Ok(())
+    }
+
+    async fn next_event(&mut self) -> Result<(), AgentError> {
+        let conn = self.connected().await?;
+        match conn.events.recv().await {
+            Some(Event::Durable(upto)) => {
+                while self.unacked.front().is_some_and(|u| u.tag <= upto) {
+                    self.unacked.pop_front();
+                }
+            }
+            Some(Event::Uploaded(id)) => {
+                self.uploaded.insert(id);
+            }
+            Some(Event::Closed(why)) => {
+                if why.starts_with("refused") {
+                    return Err(AgentError::Refused(why));
+                }
+                tracing::warn!(%why, "connection to the process server lost; reconnecting");
+                self.conn = None;
+            }
+            None => self.conn = None,
+        }
+        Ok(())
+    }
+
+    /// The live connection, (re)connecting with backoff and resending everything not yet
+    /// acknowledged, in its original order.
+    async fn connected(&mut self) -> Result<&mut Conn, AgentError> {
+        if self.conn.is_none() {
+            let deadline = Instant::now() + self.cfg.reconnect_timeout;
+            let mut delay = Duration::from_millis(50);
+            let mut conn = loop {
+                match self.connect().await {
+                    Ok(c) => break c,
+                    Err(AgentError::Refused(why)) => return Err(AgentError::Refused(why)),
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(AgentError::Unreachable(self.cfg.reconnect_timeout, e.to_string()))
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connect failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            };
+            if self.reconnects > 0 || !self.unacked.is_empty() {
+                for u in self.unacked.iter_mut() {
+                    u.tag = conn.next_tag;
+                    conn.next_tag += 1;
+                    let _ = conn.tx.send(with_tag(&u.frame, u.tag)).await;
+                }
+            }
+            self.reconnects += 1;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected"))
+    }
+
+    async fn connect(&self) -> Result<Conn, AgentError> {
+        let unreachable = |e: String| AgentError::Unreachable(Duration::ZERO, e);
+        let tcp = tokio::net::TcpStream::connect(&self.cfg.ps).await.map_err(|e| unreachable(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let host = self.cfg.ps.rsplit_once(':').map_or(self.cfg.ps.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+        let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| unreachable(e.to_string()))?;
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| unreachable(e.to_string()))?;
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let mut buf = Vec::new();
+        let client_nonce = nonce();
+        let machine = self.cfg.machine.clone();
+        write_frame(&mut wr, &Frame::Hello { version: PROTOCOL_VERSION, machine: machine.clone(), client_nonce })
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        wr.flush().await.map_err(|e| unreachable(e.to_string()))?;
+        let server_nonce = match read_frame(&mut rd, &mut buf).await {
+            Ok(Frame::Challenge { server_nonce, .. }) => server_nonce,
+            Ok(Frame::Error { message, .. }) => return Err(AgentError::Refused(message)),
+            Ok(other) => return Err(AgentError::Refused(format!("unexpected {other:?}"))),
+            Err(e) => return Err(unreachable(e.to_string())),
+        };
+        let mac = self.key.client_mac(&client_nonce, &server_nonce, &machine);
+        write_frame(&mut wr, &Frame::Auth { mac }).await.map_err(|e| unreachable(e.to_string()))?;
+        wr.flush().await.map_err(|e| unreachable(e.to_string()))?;
+        match read_frame(&mut rd, &mut buf).await {
+            Ok(Frame::AuthOk { mac }) if self.key.verify_server(&client_nonce, &server_nonce, &machine, &mac) => {}
+            Ok(Frame::AuthOk { .. }) => {
+                return Err(AgentError::Refused("the server did not prove the passphrase".into()))
+            }
+            Ok(Frame::Error { message, .. }) => return Err(AgentError::Refused(message)),
+            Ok(other) => return Err(AgentError::Refused(format!("unexpected {other:?}"))),
+            Err(e) => return Err(unreachable(e.to_string())),
+        }
+        for (i, (id, _)) in self.cfg.disks.iter().enumerate() {
+            write_frame(&mut wr, &Frame::OpenDisk { disk: i as u16, name: id.clone() })
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        }
+        let (tx, mut out_rx) = mpsc::channel::<Frame>(self.cfg.window.max(16));
+        let (ev_tx, events) = mpsc::channel::<Event>(self.cfg.window.max(16) * 2);
+        tokio::spawn(async move {
+            while let Some(f) = out_rx.recv().await {
+                if write_frame(&mut wr, &f).await.is_err() {
+                    break;
+                }
+                if out_rx.is_empty() && wr.flush().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let ev = Arc::new(ev_tx);
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            loop {
+                let event = match read_frame(&mut rd, &mut buf).await {
+                    Ok(Frame::Durable { upto_tag }) => Event::Durable(upto_tag),
+                    Ok(Frame::Uploaded { point_id }) => Event::Uploaded(point_id),
+                    Ok(Frame::Backpressure { retry_after_ms }) => {
+                        tracing::info!(retry_after_ms, "process server signals backpressure");
+                        continue;
+                    }
+                    Ok(Frame::Error { code, message }) => Event::Closed(format!("server error {code}: {message}")),
+                    Ok(other) => Event::Closed(format!("unexpected frame {other:?}")),
+                    Err(FrameError::Closed) => Event::Closed("closed by the server".into()),
+                    Err(e) => Event::Closed(e.to_string()),
+                };
+                let last = matches!(event, Event::Closed(_));
+                if ev.send(event).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Conn { tx, events, next_tag: 1 })
+    }
+}

@@ -1,0 +1,145 @@
+//! The drain: per stream, in order, records are packed into objects and uploaded to
+//! object storage (`object_store`: local directory, Azure Blob, S3), with a per-stream
+//! manifest that tells restore which objects and recovery points exist.
+//!
+//! Layout under the target's prefix:
+//! `{machine}/{disk}/data/{first_seq:020}-{last_seq:020}.clo` (see [`object`]) and
+//! `{machine}/{disk}/manifest.json`. Object names are deterministic, so a re-upload
+//! after a crash overwrites instead of duplicating; a run re-packed differently after a
+//! crash is harmless because restore applies each sequence number once.
+
+pub mod drainer;
+pub mod object;
+pub mod proxy;
+
+use std::sync::Arc;
+
+use object_store::path::Path as StorePath;
+use object_store::ObjectStore;
+
+pub use drainer::{DrainConfig, Drainer};
+pub use proxy::ProxySettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("bad target URL {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("manifest {0} is not valid JSON: {1}")]
+    Manifest(String, serde_json::Error),
+    #[error("object {0}: {1}")]
+    Object(String, object::ObjectError),
+    #[error("cache: {0}")]
+    Cache(String),
+    #[error("restore: {0}")]
+    Restore(String),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An object store and the prefix everything goes under.
+#[derive(Clone)]
+pub struct Target {
+    pub store: Arc<dyn ObjectStore>,
+    pub prefix: StorePath,
+    pub url: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Target({})", self.url)
+    }
+}
+
+impl Target {
+    /// `file:///abs/dir`, `az://container/prefix` (credentials and emulator from the
+    /// standard `AZURE_*` variables) or `s3://bucket/prefix` (standard `AWS_*` variables,
+    /// endpoint included). A proxy, when given, carries all HTTP traffic.
+    pub fn from_url(url: &str, proxy: Option<&ProxySettings>) -> Result<Target, DrainError> {
+        let bad = |why: &str| DrainError::Url { url: url.to_string(), why: why.to_string() };
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("expected scheme://..."))?;
+        let mut options = object_store::ClientOptions::new();
+        if let Some(p) = proxy {
+            options = options.with_proxy_url(p.url());
+        }
+        let (store, prefix): (Arc<dyn ObjectStore>, &str) = match scheme {
+            "file" => {
+                if !rest.starts_with('/') {
+                    return Err(bad("file URLs need an absolute path: file:///abs/dir"));
+                }
+                std::fs::create_dir_all(rest)?;
+                (Arc::new(object_store::local::LocalFileSystem::new_with_prefix(rest)?), "")
+            }
+            "az" | "azure" => {
+                let (container, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let store = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_client_options(options)
+                    .build()?;
+                (Arc::new(store), prefix)
+            }
+            "s3" => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let store = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(options)
+                    .build()?;
+                (Arc::new(store), prefix)
+            }
+            other => return Err(bad(&format!("unknown scheme {other:?} (file, az, s3)"))),
+        };
+        Ok(Target { store, prefix: StorePath::from(prefix.trim_matches('/')), url: url.to_string() })
+    }
+
+    pub fn stream_dir(&self, machine: &str, disk: &str) -> StorePath {
+        self.prefix.child(machine).child(disk)
+    }
+
+    pub fn manifest_path(&self, machine: &str, disk: &str) -> StorePath {
+        self.stream_dir(machine, disk).child("manifest.json")
+    }
+
+    pub fn object_path(&self, machine: &str, disk: &str, first: u64, last: u64) -> StorePath {
+        self.stream_dir(machine, disk).child("data").child(format!("{first:020}-{last:020}.clo"))
+    }
+
+    pub async fn load_manifest(&self, machine: &str, disk: &str) -> Result<Option<Manifest>, DrainError> {
+        let path = self.manifest_path(machine, disk);
+        match self.store.get(&path).await {
+            Ok(r) => {
+                let bytes = r.bytes().await?;
+                serde_json::from_slice(&bytes).map(Some).map_err(|e| DrainError::Manifest(path.to_string(), e))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ObjectEntry {
+    pub name: String,
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PointEntry {
+    pub point_id: u64,
+    pub kind: crate::protocol::PointKind,
+    pub unix_ms: u64,
+    /// Sequence number of the point's record in this stream: the point holds every
+    /// record before it.
+    pub seq: u64,
+    pub disk_size: u64,
+}
+
+/// What exists in the object store for one stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    pub machine: String,
+    pub disk: String,
+    pub objects: Vec<ObjectEntry>,
+    pub points: Vec<PointEntry>,
+}

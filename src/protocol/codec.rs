@@ -1,0 +1,391 @@
+//! Frame encoding and decoding, and async read/write of frames on a stream.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{PointKind, FRAME_LEN_MAX, MAC_LEN, NAME_LEN_MAX, NONCE_LEN, POINT_DISKS_MAX, WRITE_DATA_MAX};
+
+/// One protocol message. Tags number the agent's `Write` and `Point` frames on a
+/// connection (strictly increasing); `Durable { upto_tag }` acknowledges every tagged
+/// frame up to it as durable on the process server's cache disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        version: u16,
+        machine: String,
+        client_nonce: [u8; NONCE_LEN],
+    },
+    Challenge {
+        version: u16,
+        server_nonce: [u8; NONCE_LEN],
+    },
+    Auth {
+        mac: [u8; MAC_LEN],
+    },
+    AuthOk {
+        mac: [u8; MAC_LEN],
+    },
+    OpenDisk {
+        disk: u16,
+        name: String,
+    },
+    Write {
+        disk: u16,
+        tag: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// `len` bytes at `offset` are zeros (cheaper than sending them).
+    Zero {
+        disk: u16,
+        tag: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// A recovery point over the listed disks: (disk, disk size in bytes).
+    Point {
+        tag: u64,
+        point_id: u64,
+        kind: PointKind,
+        unix_ms: u64,
+        disks: Vec<(u16, u64)>,
+    },
+    Durable {
+        upto_tag: u64,
+    },
+    Uploaded {
+        point_id: u64,
+    },
+    /// The cache is above its watermark: the server holds writes back for about this long.
+    Backpressure {
+        retry_after_ms: u32,
+    },
+    Error {
+        code: u16,
+        message: String,
+    },
+}
+
+pub const T_HELLO: u8 = 0x01;
+pub const T_CHALLENGE: u8 = 0x02;
+pub const T_AUTH: u8 = 0x03;
+pub const T_AUTH_OK: u8 = 0x04;
+pub const T_OPEN_DISK: u8 = 0x05;
+pub const T_WRITE: u8 = 0x10;
+pub const T_POINT: u8 = 0x11;
+pub const T_ZERO: u8 = 0x12;
+pub const T_DURABLE: u8 = 0x20;
+pub const T_UPLOADED: u8 = 0x21;
+pub const T_BACKPRESSURE: u8 = 0x22;
+pub const T_ERROR: u8 = 0x7F;
+
+/// Error codes carried by `Frame::Error`.
+pub const E_VERSION: u16 = 1;
+pub const E_AUTH: u16 = 2;
+pub const E_PROTOCOL: u16 = 3;
+pub const E_SERVER: u16 = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame length {0} out of range (1..={FRAME_LEN_MAX})")]
+    Length(u32),
+    #[error("unknown frame type {0:#04x}")]
+    UnknownType(u8),
+    #[error("frame truncated")]
+    Truncated,
+    #[error("bad field: {0}")]
+    Field(&'static str),
+}
+
+fn put_name(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(s.len() <= NAME_LEN_MAX);
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+impl Frame {
+    /// Appends `len | type | body` to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Frame::Hello { version, machine, client_nonce } => {
+                out.push(T_HELLO);
+                out.extend_from_slice(&version.to_le_bytes());
+                put_name(out, machine);
+                out.extend_from_slice(client_nonce);
+            }
+            Frame::Challenge { version, server_nonce } => {
+                out.push(T_CHALLENGE);
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(server_nonce);
+            }
+            Frame::Auth { mac } => {
+                out.push(T_AUTH);
+                out.extend_from_slice(mac);
+            }
+            Frame::AuthOk { mac } => {
+                out.push(T_AUTH_OK);
+                out.extend_from_slice(mac);
+            }
+            Frame::OpenDisk { disk, name } => {
+                out.push(T_OPEN_DISK);
+                out.extend_from_slice(&disk.to_le_bytes());
+                put_name(out, name);
+            }
+            Frame::Write { disk, tag, offset, data } => {
+                out.push(T_WRITE);
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(data);
+            }
+            Frame::Zero { disk, tag, offset, len } => {
+                out.push(T_ZERO);
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+            }
+            Frame::Point { tag, point_id, kind, unix_ms, disks } => {
+                out.push(T_POINT);
+                out.extend_from_slice(&tag.to_le_bytes());
+                out.extend_from_slice(&point_id.to_le_bytes());
+                out.push(*kind as u8);
+                out.extend_from_slice(&unix_ms.to_le_bytes());
+                out.extend_from_slice(&(disks.len() as u16).to_le_bytes());
+                for (disk, size) in disks {
+                    out.extend_from_slice(&disk.to_le_bytes());
+                    out.extend_from_slice(&size.to_le_bytes());
+                }
+            }
+            Frame::Durable { upto_tag } => {
+                out.push(T_DURABLE);
+                out.extend_from_slice(&upto_tag.to_le_bytes());
+            }
+            Frame::Uploaded { point_id } => {
+                out.push(T_UPLOADED);
+                out.extend_from_slice(&point_id.to_le_bytes());
+            }
+            Frame::Backpressure { retry_after_ms } => {
+                out.push(T_BACKPRESSURE);
+                out.extend_from_slice(&retry_after_ms.to_le_bytes());
+            }
+            Frame::Error { code, message } => {
+                out.push(T_ERROR);
+                out.extend_from_slice(&code.to_le_bytes());
+                let m = &message.as_bytes()[..message.len().min(1024)];
+                out.extend_from_slice(&(m.len() as u16).to_le_bytes());
+                out.extend_from_slice(m);
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        debug_assert!(len <= FRAME_LEN_MAX);
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// Decodes one frame from its type and body (the length prefix already removed).
+    pub fn decode(kind: u8, body: &[u8]) -> Result<Frame, FrameError> {
+        let mut r = Reader { b: body, at: 0 };
+        let frame = match kind {
+            T_HELLO => Frame::Hello { version: r.u16()?, machine: r.name()?, client_nonce: r.array()? },
+            T_CHALLENGE => Frame::Challenge { version: r.u16()?, server_nonce: r.array()? },
+            T_AUTH => Frame::Auth { mac: r.array()? },
+            T_AUTH_OK => Frame::AuthOk { mac: r.array()? },
+            T_OPEN_DISK => Frame::OpenDisk { disk: r.u16()?, name: r.name()? },
+            T_WRITE => {
+                let (disk, tag, offset) = (r.u16()?, r.u64()?, r.u64()?);
+                let data = r.rest().to_vec();
+                if data.is_empty() || data.len() > WRITE_DATA_MAX {
+                    return Err(FrameError::Field("write data length"));
+                }
+                Frame::Write { disk, tag, offset, data }
+            }
+            T_ZERO => {
+                let (disk, tag, offset, len) = (r.u16()?, r.u64()?, r.u64()?, r.u64()?);
+                if len == 0 || len > super::ZERO_LEN_MAX {
+                    return Err(FrameError::Field("zero run length"));
+                }
+                Frame::Zero { disk, tag, offset, len }
+            }
+            T_POINT => {
+                let (tag, point_id) = (r.u64()?, r.u64()?);
+                let kind = PointKind::from_u8(r.u8()?).ok_or(FrameError::Field("point kind"))?;
+                let unix_ms = r.u64()?;
+                let n = r.u16()? as usize;
+                if n == 0 || n > POINT_DISKS_MAX {
+                    return Err(FrameError::Field("point disk count"));
+                }
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    disks.push((r.u16()?, r.u64()?));
+                }
+                Frame::Point { tag, point_id, kind, unix_ms, disks }
+            }
+            T_DURABLE => Frame::Durable { upto_tag: r.u64()? },
+            T_UPLOADED => Frame::Uploaded { point_id: r.u64()? },
+            T_BACKPRESSURE => Frame::Backpressure { retry_after_ms: r.u32()? },
+            T_ERROR => {
+                let code = r.u16()?;
+                let n = r.u16()? as usize;
+                if n > 1024 {
+                    return Err(FrameError::Field("error message length"));
+                }
+                Frame::Error { code, message: String::from_utf8_lossy(r.take(n)?).into_owned() }
+            }
+            other => return Err(FrameError::UnknownType(other)),
+        };
+        if r.at != body.len() {
+            return Err(FrameError::Field("trailing bytes"));
+        }
+        Ok(frame)
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], FrameError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len()).ok_or(FrameError::Truncated)?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        Ok(self.take(N)?.try_into().expect("N"))
+    }
+    fn name(&mut self) -> Result<String, FrameError> {
+        let n = self.u8()? as usize;
+        if n == 0 || n > NAME_LEN_MAX {
+            return Err(FrameError::Field("name length"));
+        }
+        let s = std::str::from_utf8(self.take(n)?).map_err(|_| FrameError::Field("name is not UTF-8"))?;
+        if !s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(FrameError::Field("name has characters outside [A-Za-z0-9._-]"));
+        }
+        Ok(s.to_string())
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.b[self.at..];
+        self.at = self.b.len();
+        s
+    }
+}
+
+/// Reads one frame; `Closed` on a clean end of stream at a frame boundary.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<Frame, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(len);
+    if len == 0 || len > FRAME_LEN_MAX {
+        return Err(FrameError::Length(len));
+    }
+    buf.resize(len as usize, 0);
+    r.read_exact(buf).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            e.into()
+        }
+    })?;
+    Frame::decode(buf[0], &buf[1..])
+}
+
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    frame.encode(&mut out);
+    w.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{1,64}"
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u16>(), name(), any::<[u8; 32]>()).prop_map(|(version, machine, client_nonce)| Frame::Hello {
+                version,
+                machine,
+                client_nonce
+            }),
+            (any::<u16>(), any::<[u8; 32]>())
+                .prop_map(|(version, server_nonce)| Frame::Challenge { version, server_nonce }),
+            any::<[u8; 32]>().prop_map(|mac| Frame::Auth { mac }),
+            (any::<u16>(), name()).prop_map(|(disk, name)| Frame::OpenDisk { disk, name }),
+            (any::<u16>(), any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 1..3000))
+                .prop_map(|(disk, tag, offset, data)| Frame::Write { disk, tag, offset, data }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec((any::<u16>(), any::<u64>()), 1..10))
+                .prop_map(|(tag, point_id, unix_ms, disks)| Frame::Point {
+                    tag,
+                    point_id,
+                    kind: PointKind::AppConsistent,
+                    unix_ms,
+                    disks
+                }),
+            (any::<u16>(), any::<u64>(), any::<u64>(), 1u64..1 << 40)
+                .prop_map(|(disk, tag, offset, len)| Frame::Zero { disk, tag, offset, len }),
+            any::<u64>().prop_map(|upto_tag| Frame::Durable { upto_tag }),
+            any::<u64>().prop_map(|point_id| Frame::Uploaded { point_id }),
+            any::<u32>().prop_map(|retry_after_ms| Frame::Backpressure { retry_after_ms }),
+            (any::<u16>(), "[ -~]{0,100}").prop_map(|(code, message)| Frame::Error { code, message }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(f in frame()) {
+            let mut out = Vec::new();
+            f.encode(&mut out);
+            let len = u32::from_le_bytes(out[..4].try_into().unwrap()) as usize;
+            prop_assert_eq!(len, out.len() - 4);
+            prop_assert_eq!(Frame::decode(out[4], &out[5..]).unwrap(), f);
+        }
+
+        #[test]
+        fn decode_never_panics(kind in any::<u8>(), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Frame::decode(kind, &body);
+        }
+
+        #[test]
+        fn truncated_frames_are_rejected(f in frame(), cut in any::<prop::sample::Index>()) {
+            let mut out = Vec::new();
+            f.encode(&mut out);
+            let body = &out[5..];
+            if !body.is_empty() {
+                let cut = cut.index(body.len());
+                // Cutting a write's data still decodes (the data is the rest): only
+                // structured frames must refuse every shorter body.
+                if !matches!(f, Frame::Write { .. } | Frame::Error { .. }) {
+                    prop_assert!(Frame::decode(out[4], &body[..cut]).is_err());
+                }
+            }
+        }
+    }
+}

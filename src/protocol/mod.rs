@@ -1,0 +1,143 @@
+//! The agent ⇄ process-server wire format, documented byte by byte in
+//! `docs/protocol.md`. Every frame is `len: u32 LE | type: u8 | body`, `len` counting
+//! type and body and capped at [`FRAME_LEN_MAX`]; every variable field inside is capped
+//! too. Decoding never trusts a length before checking it.
+
+pub mod auth;
+pub mod codec;
+
+pub use codec::{read_frame, write_frame, Frame, FrameError};
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame (type + body), bytes.
+pub const FRAME_LEN_MAX: u32 = (1 << 20) + 1024;
+/// Largest data carried by one write frame.
+pub const WRITE_DATA_MAX: usize = 1 << 20;
+/// Longest machine or disk name.
+pub const NAME_LEN_MAX: usize = 64;
+/// Most disks one recovery point may cover.
+pub const POINT_DISKS_MAX: usize = 64;
+pub const NONCE_LEN: usize = 32;
+pub const MAC_LEN: usize = 32;
+/// The default data-transfer port of a process server.
+pub const DEFAULT_PORT: u16 = 9443;
+
+/// Kinds of recovery point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PointKind {
+    /// Taken on a timer: the disks as they were at one instant.
+    CrashConsistent = 1,
+    /// Requested by the application after it quiesced.
+    AppConsistent = 2,
+}
+
+impl PointKind {
+    pub fn from_u8(v: u8) -> Option<PointKind> {
+        match v {
+            1 => Some(PointKind::CrashConsistent),
+            2 => Some(PointKind::AppConsistent),
+            _ => None,
+        }
+    }
+}
+
+/// Contents of one cache record of a disk stream (the engine stores these bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StreamRecord {
+    /// `data` was written at byte `offset` of the disk.
+    Write { offset: u64, data: Vec<u8> },
+    /// A recovery point: everything before it in this stream belongs to it.
+    Point { point_id: u64, kind: PointKind, unix_ms: u64, disk_size: u64 },
+    /// `len` bytes from `offset` are zeros.
+    Zero { offset: u64, len: u64 },
+}
+
+const REC_WRITE: u8 = 1;
+const REC_POINT: u8 = 2;
+const REC_ZERO: u8 = 3;
+/// Longest zero run one record or frame may describe.
+pub const ZERO_LEN_MAX: u64 = 1 << 40;
+
+impl StreamRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            StreamRecord::Write { offset, data } => {
+                let mut out = Vec::with_capacity(9 + data.len());
+                out.push(REC_WRITE);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(data);
+                out
+            }
+            StreamRecord::Point { point_id, kind, unix_ms, disk_size } => {
+                let mut out = Vec::with_capacity(26);
+                out.push(REC_POINT);
+                out.extend_from_slice(&point_id.to_le_bytes());
+                out.push(*kind as u8);
+                out.extend_from_slice(&unix_ms.to_le_bytes());
+                out.extend_from_slice(&disk_size.to_le_bytes());
+                out
+            }
+            StreamRecord::Zero { offset, len } => {
+                let mut out = Vec::with_capacity(17);
+                out.push(REC_ZERO);
+                out.extend_from_slice(&offset.to_le_bytes());
+                out.extend_from_slice(&len.to_le_bytes());
+                out
+            }
+        }
+    }
+
+    pub fn decode(b: &[u8]) -> Result<StreamRecord, FrameError> {
+        let u64_at = |at: usize| -> Result<u64, FrameError> {
+            b.get(at..at + 8).map(|s| u64::from_le_bytes(s.try_into().expect("8"))).ok_or(FrameError::Truncated)
+        };
+        match b.first() {
+            Some(&REC_WRITE) => {
+                let offset = u64_at(1)?;
+                let data = b[9..].to_vec();
+                if data.is_empty() || data.len() > WRITE_DATA_MAX {
+                    return Err(FrameError::Field("write data length"));
+                }
+                Ok(StreamRecord::Write { offset, data })
+            }
+            Some(&REC_POINT) if b.len() == 26 => Ok(StreamRecord::Point {
+                point_id: u64_at(1)?,
+                kind: PointKind::from_u8(b[9]).ok_or(FrameError::Field("point kind"))?,
+                unix_ms: u64_at(10)?,
+                disk_size: u64_at(18)?,
+            }),
+            Some(&REC_ZERO) if b.len() == 17 => {
+                let (offset, len) = (u64_at(1)?, u64_at(9)?);
+                if len == 0 || len > ZERO_LEN_MAX {
+                    return Err(FrameError::Field("zero run length"));
+                }
+                Ok(StreamRecord::Zero { offset, len })
+            }
+            _ => Err(FrameError::Field("stream record kind")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn stream_records_round_trip(offset in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 1..2000),
+                                     id in any::<u64>(), ms in any::<u64>(), size in any::<u64>(), app in any::<bool>()) {
+            let w = StreamRecord::Write { offset, data };
+            prop_assert_eq!(StreamRecord::decode(&w.encode()).unwrap(), w);
+            let kind = if app { PointKind::AppConsistent } else { PointKind::CrashConsistent };
+            let p = StreamRecord::Point { point_id: id, kind, unix_ms: ms, disk_size: size };
+            prop_assert_eq!(StreamRecord::decode(&p.encode()).unwrap(), p);
+        }
+
+        #[test]
+        fn stream_record_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = StreamRecord::decode(&bytes);
+        }
+    }
+}
