@@ -204,12 +204,14 @@ impl Agent {
         if wait_uploaded {
             let mut reconnects = self.reconnects;
             while !self.uploaded.contains(&point_id) {
-                self.next_event().await?;
+                // Reconnect first if the session died: a new session does not know the
+                // point, so it is tagged again (same id) before waiting for anything.
+                self.connected().await?;
                 if self.reconnects != reconnects {
-                    // A new session does not know the point: tag it again (same id).
                     reconnects = self.reconnects;
                     self.send(point.clone()).await?;
                 }
+                self.next_event().await?;
             }
         }
         report.point_id = point_id;

@@ -1,0 +1,295 @@
+//! End to end on loopback with real TLS and a local-directory target: agents replicate,
+//! the drain uploads, restore rebuilds every recovery point byte for byte. Hostile
+//! clients are closed without disturbing the others; many agents run at once.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use churnlog::agent::{Agent, AgentConfig, AgentError};
+use churnlog::cache::{Cache, Options};
+use churnlog::drain::{DrainConfig, Drainer, Target};
+use churnlog::ingest::{IngestConfig, IngestServer};
+use churnlog::protocol::auth::{nonce, AuthKey};
+use churnlog::protocol::{read_frame, write_frame, Frame, PointKind, PROTOCOL_VERSION};
+use churnlog::restore::{restore, PointSelector};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PASSPHRASE: &str = "a registration passphrase";
+
+struct Rig {
+    dir: tempfile::TempDir,
+    cache: Arc<Cache>,
+    server: IngestServer,
+    target: Target,
+    stop: tokio::sync::watch::Sender<bool>,
+    drainer: tokio::task::JoinHandle<()>,
+}
+
+impl Rig {
+    async fn start(idle_timeout: Duration) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = Options { capacity_bytes: 1 << 30, segment_size: 16 << 20, ..Options::default() };
+        let cache = Arc::new(Cache::open(dir.path().join("cache"), opts).unwrap());
+        let mut cfg = IngestConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("tls"), PASSPHRASE);
+        cfg.idle_timeout = idle_timeout;
+        cfg.handshake_timeout = Duration::from_secs(5);
+        let server = IngestServer::start(cache.clone(), cfg).await.unwrap();
+        let target = Target::from_url(&format!("file://{}", dir.path().join("store").display()), None).unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let drainer = tokio::spawn(Drainer::new(cache.clone(), target.clone(), DrainConfig::default()).run(stopped));
+        Rig { dir, cache, server, target, stop, drainer }
+    }
+
+    fn agent(&self, machine: &str, disks: Vec<(String, PathBuf)>) -> Agent {
+        let cfg =
+            AgentConfig::new(self.server.local_addr.to_string(), self.server.cert_pem.clone(), machine.into(), disks);
+        Agent::new(cfg, PASSPHRASE).unwrap()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.drainer.await;
+        self.server.stop().await;
+    }
+}
+
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+fn image(path: &Path, size: usize, seed: u64) {
+    let mut data = vec![0u8; size];
+    for (i, region) in data.chunks_mut(256 << 10).enumerate() {
+        if i % 3 != 2 {
+            fill(region, seed + i as u64);
+        }
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+/// Overwrites `n` 64 KiB blocks (every third with zeros), and grows nothing.
+fn churn(path: &Path, n: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    let blocks = f.metadata().unwrap().len() / (64 << 10);
+    let mut block = vec![0u8; 64 << 10];
+    for i in 0..n {
+        let b = (seed.wrapping_mul(31) + i * 7919) % blocks;
+        if i % 3 == 0 {
+            block.fill(0);
+        } else {
+            fill(&mut block, seed ^ i);
+        }
+        f.write_all_at(&block, b * (64 << 10)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_disks_three_points_restore_byte_identical() {
+    let rig = Rig::start(Duration::from_secs(60)).await;
+    let work = rig.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let (d0, d1) = (work.join("d0.img"), work.join("d1.img"));
+    image(&d0, 4 << 20, 1);
+    image(&d1, 2 << 20, 2);
+    let mut agent = rig.agent("vm-1", vec![("disk0".into(), d0.clone()), ("disk1".into(), d1.clone())]);
+    let mut points = Vec::new();
+    for round in 0..3u64 {
+        if round > 0 {
+            churn(&d0, 9, round);
+            churn(&d1, 5, round + 100);
+        }
+        let kind = if round == 1 { PointKind::AppConsistent } else { PointKind::CrashConsistent };
+        let r = agent.pass(kind, true, |_, _| {}).await.unwrap();
+        if round == 0 {
+            assert!(r.zero_runs_sent > 0, "the first pass describes zero runs instead of sending them");
+        }
+        points.push((r.point_id, std::fs::read(&d0).unwrap(), std::fs::read(&d1).unwrap()));
+    }
+    // A common recovery point restores both disks as they were together.
+    for (point, want0, want1) in &points {
+        for (disk, want) in [("disk0", want0), ("disk1", want1)] {
+            let out = work.join(format!("r-{disk}-{point}"));
+            let rep = restore(&rig.target, "vm-1", disk, PointSelector::Id(*point), &out, |_, _| {}).await.unwrap();
+            assert_eq!(rep.point.point_id, *point);
+            assert!(std::fs::read(&out).unwrap() == *want, "{disk} at point {point} differs");
+        }
+    }
+    let listed = churnlog::restore::list_points(&rig.target, "vm-1", "disk0").await.unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[1].kind, PointKind::AppConsistent);
+    // Uploaded records were acknowledged to the cache: nothing is left to drain.
+    for s in rig.cache.streams() {
+        assert_eq!(s.uploaded_upto, s.durable_upto, "{s:?}");
+    }
+    rig.stop().await;
+}
+
+async fn raw_tls(rig: &Rig) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(churnlog::tls::client_config(&rig.server.cert_pem).unwrap());
+    let tcp = tokio::net::TcpStream::connect(rig.server.local_addr).await.unwrap();
+    connector.connect(rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(), tcp).await.unwrap()
+}
+
+/// Reads until the server closes the connection (or sends an error); returns what it sent.
+async fn until_closed(s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(10));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            f = read_frame(s, &mut buf) => match f {
+                Ok(f) => frames.push(f),
+                Err(_) => return frames,
+            },
+            _ = &mut deadline => panic!("the server did not close the connection; it sent {frames:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_clients_are_closed_and_others_are_unaffected() {
+    let rig = Rig::start(Duration::from_millis(500)).await;
+    let work = rig.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let img = work.join("good.img");
+    image(&img, 8 << 20, 9);
+    let mut good = rig.agent("good-vm", vec![("d".into(), img.clone())]);
+    let good_pass = tokio::spawn(async move {
+        let r = good.pass(PointKind::CrashConsistent, true, |_, _| {}).await;
+        (good, r)
+    });
+
+    // 1. Wrong passphrase: refused.
+    let cfg = AgentConfig::new(
+        rig.server.local_addr.to_string(),
+        rig.server.cert_pem.clone(),
+        "intruder".into(),
+        vec![("d".into(), img.clone())],
+    );
+    let mut wrong = Agent::new(cfg, "not the passphrase").unwrap();
+    assert!(matches!(wrong.pass(PointKind::CrashConsistent, false, |_, _| {}).await, Err(AgentError::Refused(_))));
+
+    // 2. Replayed handshake: a MAC valid for one server nonce is useless for the next.
+    let key = AuthKey::from_passphrase(PASSPHRASE);
+    let client_nonce = nonce();
+    let mut first = raw_tls(&rig).await;
+    write_frame(&mut first, &Frame::Hello { version: PROTOCOL_VERSION, machine: "replayer".into(), client_nonce })
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let Frame::Challenge { server_nonce, .. } = read_frame(&mut first, &mut buf).await.unwrap() else {
+        panic!("no challenge")
+    };
+    let mac = key.client_mac(&client_nonce, &server_nonce, "replayer");
+    drop(first);
+    let mut replay = raw_tls(&rig).await;
+    write_frame(&mut replay, &Frame::Hello { version: PROTOCOL_VERSION, machine: "replayer".into(), client_nonce })
+        .await
+        .unwrap();
+    let Frame::Challenge { server_nonce: second_nonce, .. } = read_frame(&mut replay, &mut buf).await.unwrap() else {
+        panic!("no challenge")
+    };
+    assert_ne!(second_nonce, server_nonce);
+    write_frame(&mut replay, &Frame::Auth { mac }).await.unwrap();
+    let frames = until_closed(&mut replay).await;
+    assert!(matches!(frames.last(), Some(Frame::Error { code: 2, .. })), "{frames:?}");
+
+    // 3. Oversized frame length: closed before the body is read.
+    let mut big = raw_tls(&rig).await;
+    big.write_all(&(64u32 << 20).to_le_bytes()).await.unwrap();
+    big.write_all(&[0x01; 16]).await.unwrap();
+    big.flush().await.unwrap();
+    until_closed(&mut big).await;
+
+    // 4. Truncated frame: a length promising more than is sent, then silence past the
+    //    handshake timeout, or a hang-up.
+    let mut cut = raw_tls(&rig).await;
+    cut.write_all(&100u32.to_le_bytes()).await.unwrap();
+    cut.write_all(&[0x01, 1, 0]).await.unwrap();
+    cut.shutdown().await.unwrap();
+    until_closed(&mut cut).await;
+
+    // 5. Garbage instead of a hello.
+    let mut junk = raw_tls(&rig).await;
+    let mut garbage = Vec::new();
+    Frame::Durable { upto_tag: 1 }.encode(&mut garbage);
+    junk.write_all(&garbage).await.unwrap();
+    junk.flush().await.unwrap();
+    until_closed(&mut junk).await;
+
+    // 6. An authenticated session that goes idle is closed after the idle timeout.
+    let mut idle = raw_tls(&rig).await;
+    let cn = nonce();
+    write_frame(&mut idle, &Frame::Hello { version: PROTOCOL_VERSION, machine: "idler".into(), client_nonce: cn })
+        .await
+        .unwrap();
+    let Frame::Challenge { server_nonce: sn, .. } = read_frame(&mut idle, &mut buf).await.unwrap() else { panic!() };
+    write_frame(&mut idle, &Frame::Auth { mac: key.client_mac(&cn, &sn, "idler") }).await.unwrap();
+    assert!(matches!(read_frame(&mut idle, &mut buf).await.unwrap(), Frame::AuthOk { .. }));
+    until_closed(&mut idle).await;
+
+    // 7. A plain-TCP client that never starts TLS.
+    let mut plain = tokio::net::TcpStream::connect(rig.server.local_addr).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), plain.read_to_end(&mut sink)).await.expect("closed");
+
+    let (_good, result) = good_pass.await.unwrap();
+    let report = result.expect("the well-behaved agent was not disturbed");
+    let out = work.join("restored.img");
+    restore(&rig.target, "good-vm", "d", PointSelector::Id(report.point_id), &out, |_, _| {}).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+    let st = &rig.server.stats;
+    assert!(st.auth_failures.load(Ordering::Relaxed) >= 2, "{st:?}");
+    assert!(st.protocol_errors.load(Ordering::Relaxed) >= 2, "{st:?}");
+    assert!(st.timeouts.load(Ordering::Relaxed) >= 1, "{st:?}");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_twenty_five_agents_at_once() {
+    let rig = Rig::start(Duration::from_secs(60)).await;
+    let work = rig.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let agents = 225;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..agents {
+        let img = work.join(format!("vm{i}.img"));
+        image(&img, 512 << 10, i as u64);
+        let mut agent = rig.agent(&format!("vm{i:03}"), vec![("d0".into(), img.clone())]);
+        tasks.spawn(async move {
+            let first = agent.pass(PointKind::CrashConsistent, false, |_, _| {}).await.unwrap();
+            churn(&img, 2, i as u64);
+            let second = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+            (i, first.point_id, second.point_id, std::fs::read(&img).unwrap())
+        });
+    }
+    let results = tokio::time::timeout(Duration::from_secs(300), async {
+        let mut out = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            out.push(r.unwrap());
+        }
+        out
+    })
+    .await
+    .expect("225 agents finish within the bound");
+    assert_eq!(results.len(), agents);
+    assert_eq!(rig.server.stats.sessions.load(Ordering::Relaxed), agents as u64);
+    // Spot-check restores.
+    for (i, _, second, want) in results.iter().filter(|r| r.0 % 45 == 0) {
+        let out = work.join(format!("r{i}.img"));
+        restore(&rig.target, &format!("vm{i:03}"), "d0", PointSelector::Id(*second), &out, |_, _| {}).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == *want, "vm{i} differs");
+    }
+    rig.stop().await;
+}
