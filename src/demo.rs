@@ -78,7 +78,12 @@ pub async fn run(dir: &Path, image_mib: u64, rounds: usize, mut say: impl FnMut(
         (dir.join("cache"), dir.join("store"), dir.join("tls"), dir.join("work"));
     std::fs::create_dir_all(&work)?;
     let passphrase = "demo passphrase: change me";
-    let opts = Options { capacity_bytes: 2 << 30, segment_size: 32 << 20, ..Options::default() };
+    let opts = Options {
+        capacity_bytes: 2 << 30,
+        segment_size: 32 << 20,
+        record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
+        ..Options::default()
+    };
     let cache = Arc::new(Cache::open(&cache_dir, opts)?);
     let server =
         IngestServer::start(cache.clone(), IngestConfig::new("127.0.0.1:0".parse()?, tls_dir, passphrase)).await?;

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::cache::{AppendError, AppendTicket, Cache, StreamId};
 use crate::protocol::auth::{nonce, AuthKey};
 use crate::protocol::codec::{E_AUTH, E_PROTOCOL, E_SERVER, E_VERSION};
-use crate::protocol::{read_frame, write_frame, Frame, FrameError, StreamRecord, PROTOCOL_VERSION};
+use crate::protocol::{read_frame, write_frame, Frame, FrameError, StreamRecord, PROTOCOL_VERSION, RECORD_BYTES_MAX};
 
 #[derive(Clone, Debug)]
 pub struct IngestConfig {
@@ -33,6 +33,9 @@ pub struct IngestConfig {
     pub idle_timeout: Duration,
     /// Disks one machine may open on a connection.
     pub disks_max: usize,
+    /// Extra DNS names or IPs for a generated certificate (localhost and 127.0.0.1 are
+    /// always in it): the names agents use to reach this server.
+    pub tls_names: Vec<String>,
 }
 
 impl IngestConfig {
@@ -44,6 +47,7 @@ impl IngestConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             disks_max: 64,
+            tls_names: Vec::new(),
         }
     }
 }
@@ -67,6 +71,8 @@ pub enum IngestError {
     Listen(SocketAddr, std::io::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("the cache's record_size_max ({0}) is below the protocol's largest record ({RECORD_BYTES_MAX})")]
+    RecordSize(u32),
 }
 
 pub struct IngestServer {
@@ -80,7 +86,10 @@ pub struct IngestServer {
 
 impl IngestServer {
     pub async fn start(cache: Arc<Cache>, cfg: IngestConfig) -> Result<IngestServer, IngestError> {
-        let (tls, cert_pem) = crate::tls::server_config(&cfg.tls_dir, &[])?;
+        if (cache.options().record_size_max as usize) < RECORD_BYTES_MAX {
+            return Err(IngestError::RecordSize(cache.options().record_size_max));
+        }
+        let (tls, cert_pem) = crate::tls::server_config(&cfg.tls_dir, &cfg.tls_names)?;
         let listener = TcpListener::bind(cfg.listen).await.map_err(|e| IngestError::Listen(cfg.listen, e))?;
         let local_addr = listener.local_addr().map_err(|e| IngestError::Listen(cfg.listen, e))?;
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);

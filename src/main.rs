@@ -136,9 +136,13 @@ enum PsCommand {
         /// Proxy settings file ([ProxySettings] format).
         #[arg(long)]
         proxy_file: Option<PathBuf>,
-        /// Upload bandwidth cap in MB/s.
+        /// Upload bandwidth cap in megabytes per second (average since start).
         #[arg(long)]
         bandwidth_mbps: Option<f64>,
+        /// A DNS name or IP agents use to reach this server, put in a generated
+        /// certificate (repeatable; localhost and 127.0.0.1 are always in it).
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
     },
 }
 
@@ -265,8 +269,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tls_dir,
                     proxy_file,
                     bandwidth_mbps,
+                    tls_names,
                 },
-        } => ps_run(cache_dir, cache_size, listen, &target, &passphrase_file, tls_dir, proxy_file, bandwidth_mbps),
+        } => ps_run(
+            cache_dir,
+            cache_size,
+            listen,
+            &target,
+            &passphrase_file,
+            tls_dir,
+            proxy_file,
+            bandwidth_mbps,
+            tls_names,
+        ),
         Command::Agent {
             ps,
             ps_cert,
@@ -479,14 +494,23 @@ fn ps_run(
     tls_dir: PathBuf,
     proxy_file: Option<PathBuf>,
     bandwidth_mbps: Option<f64>,
+    tls_names: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let passphrase = read_passphrase(passphrase_file)?;
     let proxy = read_proxy(proxy_file)?;
     let target = Target::from_url(target, proxy.as_ref())?;
-    let cache = Arc::new(Cache::open(&cache_dir, Options { capacity_bytes: cache_size, ..Options::default() })?);
+    let options = Options {
+        capacity_bytes: cache_size,
+        record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
+        ..Options::default()
+    };
+    let cache = Arc::new(Cache::open(&cache_dir, options)?);
     runtime()?.block_on(async move {
-        let server =
-            IngestServer::start(cache.clone(), IngestConfig::new(listen, tls_dir.clone(), &passphrase)).await?;
+        let server = IngestServer::start(
+            cache.clone(),
+            IngestConfig { tls_names, ..IngestConfig::new(listen, tls_dir.clone(), &passphrase) },
+        )
+        .await?;
         eprintln!(
             "churnlog process server listening on {} (certificate: {})",
             server.local_addr,
@@ -495,7 +519,11 @@ fn ps_run(
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let cfg = DrainConfig { bandwidth_mb_per_s: bandwidth_mbps, ..DrainConfig::default() };
         let drainer = tokio::spawn(Drainer::new(cache.clone(), target, cfg).run(stopped));
-        tokio::signal::ctrl_c().await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
         eprintln!("stopping");
         let _ = stop.send(true);
         let _ = drainer.await;

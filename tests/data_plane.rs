@@ -2,95 +2,17 @@
 //! the drain uploads, restore rebuilds every recovery point byte for byte. Hostile
 //! clients are closed without disturbing the others; many agents run at once.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use churnlog::agent::{Agent, AgentConfig, AgentError};
-use churnlog::cache::{Cache, Options};
-use churnlog::drain::{DrainConfig, Drainer, Target};
-use churnlog::ingest::{IngestConfig, IngestServer};
 use churnlog::protocol::auth::{nonce, AuthKey};
 use churnlog::protocol::{read_frame, write_frame, Frame, PointKind, PROTOCOL_VERSION};
 use churnlog::restore::{restore, PointSelector};
+use common::rig::{churn, image, Rig, PASSPHRASE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const PASSPHRASE: &str = "a registration passphrase";
-
-struct Rig {
-    dir: tempfile::TempDir,
-    cache: Arc<Cache>,
-    server: IngestServer,
-    target: Target,
-    stop: tokio::sync::watch::Sender<bool>,
-    drainer: tokio::task::JoinHandle<()>,
-}
-
-impl Rig {
-    async fn start(idle_timeout: Duration) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = Options { capacity_bytes: 1 << 30, segment_size: 16 << 20, ..Options::default() };
-        let cache = Arc::new(Cache::open(dir.path().join("cache"), opts).unwrap());
-        let mut cfg = IngestConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("tls"), PASSPHRASE);
-        cfg.idle_timeout = idle_timeout;
-        cfg.handshake_timeout = Duration::from_secs(5);
-        let server = IngestServer::start(cache.clone(), cfg).await.unwrap();
-        let target = Target::from_url(&format!("file://{}", dir.path().join("store").display()), None).unwrap();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let drainer = tokio::spawn(Drainer::new(cache.clone(), target.clone(), DrainConfig::default()).run(stopped));
-        Rig { dir, cache, server, target, stop, drainer }
-    }
-
-    fn agent(&self, machine: &str, disks: Vec<(String, PathBuf)>) -> Agent {
-        let cfg =
-            AgentConfig::new(self.server.local_addr.to_string(), self.server.cert_pem.clone(), machine.into(), disks);
-        Agent::new(cfg, PASSPHRASE).unwrap()
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.drainer.await;
-        self.server.stop().await;
-    }
-}
-
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
-
-fn image(path: &Path, size: usize, seed: u64) {
-    let mut data = vec![0u8; size];
-    for (i, region) in data.chunks_mut(256 << 10).enumerate() {
-        if i % 3 != 2 {
-            fill(region, seed + i as u64);
-        }
-    }
-    std::fs::write(path, data).unwrap();
-}
-
-/// Overwrites `n` 64 KiB blocks (every third with zeros), and grows nothing.
-fn churn(path: &Path, n: u64, seed: u64) {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
-    let blocks = f.metadata().unwrap().len() / (64 << 10);
-    let mut block = vec![0u8; 64 << 10];
-    for i in 0..n {
-        let b = (seed.wrapping_mul(31) + i * 7919) % blocks;
-        if i % 3 == 0 {
-            block.fill(0);
-        } else {
-            fill(&mut block, seed ^ i);
-        }
-        f.write_all_at(&block, b * (64 << 10)).unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_disks_three_points_restore_byte_identical() {

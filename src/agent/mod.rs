@@ -113,6 +113,20 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(cfg: AgentConfig, passphrase: &str) -> Result<Agent, AgentError> {
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= crate::protocol::NAME_LEN_MAX
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        if !name_ok(&cfg.machine) || cfg.disks.iter().any(|(id, _)| !name_ok(id)) {
+            return Err(AgentError::Refused("machine and disk names are 1..=64 characters of [A-Za-z0-9._-]".into()));
+        }
+        if cfg.disks.is_empty() || cfg.disks.len() > crate::protocol::POINT_DISKS_MAX {
+            return Err(AgentError::Refused(format!(
+                "an agent protects 1..={} disks",
+                crate::protocol::POINT_DISKS_MAX
+            )));
+        }
         let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&cfg.ps_cert_pem)?);
         let hashes = vec![None; cfg.disks.len()];
         Ok(Agent {
@@ -140,14 +154,25 @@ impl Agent {
         let reconnects_before = self.reconnects;
         let mut report = PassReport::default();
         let bs = self.cfg.block_size;
-        let total: u64 = self.cfg.disks.iter().map(|(_, p)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).sum();
+        let total: u64 = self
+            .cfg
+            .disks
+            .iter()
+            .map(|(_, p)| {
+                std::fs::File::open(p)
+                    .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                    .unwrap_or(0)
+            })
+            .sum();
         let mut done = 0u64;
         let mut sizes = Vec::with_capacity(self.cfg.disks.len());
         let mut buf = vec![0u8; bs];
         for d in 0..self.cfg.disks.len() {
             let (id, path) = self.cfg.disks[d].clone();
-            let file = std::fs::File::open(&path).map_err(|e| AgentError::Disk(id.clone(), e))?;
-            let size = file.metadata().map_err(|e| AgentError::Disk(id.clone(), e))?.len();
+            let mut file = std::fs::File::open(&path).map_err(|e| AgentError::Disk(id.clone(), e))?;
+            // Seeking to the end gives the size of block devices too (their metadata says 0).
+            let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+                .map_err(|e| AgentError::Disk(id.clone(), e))?;
             sizes.push((d as u16, size));
             let blocks = size.div_ceil(bs as u64) as usize;
             let previous = self.hashes[d].take();
@@ -366,6 +391,11 @@ impl Agent {
                     Ok(Frame::Backpressure { retry_after_ms }) => {
                         tracing::info!(retry_after_ms, "process server signals backpressure");
                         continue;
+                    }
+                    // Authentication, version and protocol errors will not go away by
+                    // reconnecting; a server-side error (code 4) may.
+                    Ok(Frame::Error { code, message }) if code != crate::protocol::codec::E_SERVER => {
+                        Event::Closed(format!("refused (code {code}): {message}"))
                     }
                     Ok(Frame::Error { code, message }) => Event::Closed(format!("server error {code}: {message}")),
                     Ok(other) => Event::Closed(format!("unexpected frame {other:?}")),

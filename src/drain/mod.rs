@@ -81,6 +81,10 @@ impl Target {
             }
             "s3" => {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                // Our client options replace the ones from_env read: carry this one over.
+                let allow_http =
+                    std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+                let options = options.with_allow_http(allow_http);
                 let store = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_client_options(options)

@@ -14,6 +14,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const FRAME_LEN_MAX: u32 = (1 << 20) + 1024;
 /// Largest data carried by one write frame.
 pub const WRITE_DATA_MAX: usize = 1 << 20;
+/// Largest cache record the protocol produces (a full write plus its 9-byte header): a
+/// process server's cache must accept records this large.
+pub const RECORD_BYTES_MAX: usize = WRITE_DATA_MAX + 9;
 /// Longest machine or disk name.
 pub const NAME_LEN_MAX: usize = 64;
 /// Most disks one recovery point may cover.

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod rig;
+
 use std::sync::Arc;
 
 use churnlog::cache::io::fault::FaultStorage;
