@@ -57,7 +57,18 @@ fn wait_port(port: u16) {
 
 /// One HTTP/1.1 request on a fresh connection; returns the status code.
 fn http(port: u16, method: &str, path: &str, headers: &[(String, String)]) -> u16 {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // A server that just opened its port may still drop a connection or two.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect to 127.0.0.1:{port}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("connect to 127.0.0.1:{port}: {e}"),
+        }
+    };
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n");
     for (k, v) in headers {
