@@ -41,12 +41,19 @@ pub fn fill(buf: &mut [u8], seed: u64) {
     }
 }
 
-/// A disk image of `size` bytes: random blocks with every fourth 1 MiB region left zero.
-pub fn make_image(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
+/// A disk image of `size` bytes: random blocks with every fourth 1 MiB region left zero;
+/// with `compressible`, half of every 256 bytes is zeros (about 2:1 for LZ4).
+pub fn make_image(path: &Path, size: u64, seed: u64, compressible: bool) -> std::io::Result<()> {
     let mut data = vec![0u8; size as usize];
     for (i, region) in data.chunks_mut(1 << 20).enumerate() {
         if i % 4 != 3 {
             fill(region, seed + i as u64);
+            if compressible {
+                for run in region.chunks_mut(256) {
+                    let half = run.len() / 2;
+                    run[half..].fill(0);
+                }
+            }
         }
     }
     std::fs::write(path, data)
@@ -73,7 +80,13 @@ pub fn churn(path: &Path, blocks: usize, seed: u64) -> std::io::Result<()> {
     f.sync_all()
 }
 
-pub async fn run(dir: &Path, image_mib: u64, rounds: usize, mut say: impl FnMut(&str)) -> anyhow::Result<DemoReport> {
+pub async fn run(
+    dir: &Path,
+    image_mib: u64,
+    rounds: usize,
+    compressible: bool,
+    mut say: impl FnMut(&str),
+) -> anyhow::Result<DemoReport> {
     let (cache_dir, store_dir, tls_dir, work) =
         (dir.join("cache"), dir.join("store"), dir.join("tls"), dir.join("work"));
     std::fs::create_dir_all(&work)?;
@@ -98,7 +111,7 @@ pub async fn run(dir: &Path, image_mib: u64, rounds: usize, mut say: impl FnMut(
     ));
 
     let image = work.join("disk0.img");
-    make_image(&image, image_mib << 20, 7)?;
+    make_image(&image, image_mib << 20, 7, compressible)?;
     let cfg = AgentConfig::new(
         server.local_addr.to_string(),
         server.cert_pem.clone(),
@@ -115,11 +128,12 @@ pub async fn run(dir: &Path, image_mib: u64, rounds: usize, mut say: impl FnMut(
         let snap = work.join(format!("point-{}.img", r.point_id));
         std::fs::copy(&image, &snap)?;
         say(&format!(
-            "point {}: {} blocks ({:.1} MiB) replicated and uploaded in {:.2} s",
+            "point {}: {} blocks ({:.1} MiB) replicated and uploaded in {:.2} s ({:.0} MiB/s)",
             r.point_id,
             r.blocks_sent,
             r.bytes_sent as f64 / (1 << 20) as f64,
-            r.seconds
+            r.seconds,
+            r.bytes_sent as f64 / (1 << 20) as f64 / r.seconds
         ));
         snapshots.push((r, snap));
     }
@@ -131,10 +145,11 @@ pub async fn run(dir: &Path, image_mib: u64, rounds: usize, mut say: impl FnMut(
         let restore_seconds = started.elapsed().as_secs_f64();
         let identical = std::fs::read(&out)? == std::fs::read(snap)?;
         say(&format!(
-            "restore of point {}: {} in {:.2} s",
+            "restore of point {}: {} in {:.2} s ({:.0} MiB/s of image)",
             r.point_id,
             if identical { "byte-identical" } else { "DIFFERS" },
-            restore_seconds
+            restore_seconds,
+            image_mib as f64 / restore_seconds
         ));
         points.push(DemoPoint {
             point_id: r.point_id,

@@ -47,6 +47,9 @@ enum Command {
         /// Rounds of churn (each ends with a recovery point).
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Make the image about 2:1 compressible.
+        #[arg(long)]
+        compressible: bool,
         /// Keep everything in this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -257,7 +260,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Cache { command: CacheCommand::Verify { dir, json } } => verify(&dir, json),
         Command::Bench { command } => bench_cmd(command),
-        Command::Demo { image, rounds, dir } => demo(image, rounds, dir),
+        Command::Demo { image, rounds, compressible, dir } => demo(image, rounds, compressible, dir),
         Command::Ps {
             command:
                 PsCommand::Run {
@@ -470,11 +473,12 @@ fn read_proxy(path: Option<PathBuf>) -> anyhow::Result<Option<ProxySettings>> {
     .transpose()
 }
 
-fn demo(image: u64, rounds: usize, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn demo(image: u64, rounds: usize, compressible: bool, dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let tmp = tempfile::tempdir()?;
     let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
     println!("churnlog demo in {}", dir.display());
-    let report = runtime()?.block_on(demo::run(&dir, image >> 20, rounds.max(1), |line| println!("  {line}")))?;
+    let report =
+        runtime()?.block_on(demo::run(&dir, image >> 20, rounds.max(1), compressible, |line| println!("  {line}")))?;
     let ok = report.points.iter().all(|p| p.identical);
     println!(
         "{} of {} recovery points restored byte-identical",
