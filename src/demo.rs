@@ -30,16 +30,7 @@ pub struct DemoReport {
     pub points: Vec<DemoPoint>,
 }
 
-/// Fills `buf` with deterministic pseudo-random bytes.
-pub fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
+pub use churnlog::bench::fill_random as fill;
 
 /// A disk image of `size` bytes: random blocks with every fourth 1 MiB region left zero;
 /// with `compressible`, half of every 256 bytes is zeros (about 2:1 for LZ4).

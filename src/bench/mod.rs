@@ -27,6 +27,18 @@ pub fn record_bytes(stream: u32, seq: u64, len: usize, compressible: f64, out: &
     }
 }
 
+/// Fills `buf` with deterministic pseudo-random bytes (xorshift64), fast enough for
+/// multi-GiB test images.
+pub fn fill_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
 /// A record length between `min` and `max` chosen by (stream, seq), deterministically.
 pub fn record_len(stream: u32, seq: u64, min: usize, max: usize) -> usize {
     let h = (u64::from(stream).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 17;

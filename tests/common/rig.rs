@@ -61,15 +61,7 @@ impl Rig {
     }
 }
 
-pub fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for chunk in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-}
+pub use churnlog::bench::fill_random as fill;
 
 pub fn image(path: &Path, size: usize, seed: u64) {
     let mut data = vec![0u8; size];

@@ -41,9 +41,19 @@ impl DirectStorage {
     }
 }
 
-struct DirectFile {
-    direct: File,
-    buffered: File,
+/// A file open twice: for O_DIRECT writes and for everything else.
+pub(crate) struct DirectFile {
+    pub(crate) direct: File,
+    pub(crate) buffered: File,
+}
+
+impl DirectFile {
+    pub(crate) fn open(path: &Path, create: bool) -> io::Result<DirectFile> {
+        let buffered = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
+        let direct =
+            OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(path)?;
+        Ok(DirectFile { direct, buffered })
+    }
 }
 
 impl StorageFile for DirectFile {
@@ -74,11 +84,7 @@ impl StorageFile for DirectFile {
 
 impl Storage for DirectStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
-        let path = self.dir.join(name);
-        let buffered = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path)?;
-        let direct =
-            OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(&path)?;
-        Ok(Arc::new(DirectFile { direct, buffered }))
+        Ok(Arc::new(DirectFile::open(&self.dir.join(name), create)?))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
         self.inner.remove(name)

@@ -5,10 +5,8 @@
 //! One ring serves the whole cache: only the flusher writes on the hot path.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +14,7 @@ use io_uring::{opcode, types, IoUring};
 use parking_lot::Mutex;
 
 use super::aligned::{is_direct_io_aligned, AlignedBuf};
-use super::std_fs::{fallocate, StdStorage};
+use super::direct::{DirectFile, DirectStorage};
 use super::{Storage, StorageFile};
 
 /// Largest single write submitted; a 4 MiB batch goes as four writes in flight.
@@ -27,7 +25,7 @@ const DRAIN_ATTEMPTS_MAX: usize = 1000;
 
 pub struct UringStorage {
     dir: PathBuf,
-    inner: StdStorage,
+    inner: DirectStorage,
     ring: Arc<Mutex<IoUring>>,
 }
 
@@ -35,7 +33,7 @@ impl UringStorage {
     /// Sets up a ring and proves it can write and fdatasync an O_DIRECT file in `dir`;
     /// fails where io_uring is blocked (seccomp in many containers) or O_DIRECT refused.
     pub fn probe(dir: impl AsRef<Path>) -> io::Result<UringStorage> {
-        let inner = StdStorage::new(dir.as_ref())?;
+        let inner = DirectStorage::probe(dir.as_ref())?;
         let ring = Arc::new(Mutex::new(IoUring::new(RING_ENTRIES)?));
         let storage = UringStorage { dir: dir.as_ref().to_path_buf(), inner, ring };
         let name = ".uring-probe";
@@ -50,9 +48,9 @@ impl UringStorage {
     }
 }
 
+/// An O_DIRECT file whose aligned writes and syncs go through the ring.
 struct UringFile {
-    direct: File,
-    buffered: File,
+    file: DirectFile,
     ring: Arc<Mutex<IoUring>>,
 }
 
@@ -67,7 +65,7 @@ fn unpack(data: u64) -> (usize, usize) {
 impl UringFile {
     fn write_direct(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         assert!(buf.len() < (1 << 32), "one write is below 4 GiB");
-        let fd = types::Fd(self.direct.as_raw_fd());
+        let fd = types::Fd(self.file.direct.as_raw_fd());
         let mut todo: VecDeque<(usize, usize)> =
             (0..buf.len()).step_by(CHUNK_LEN).map(|s| (s, (s + CHUNK_LEN).min(buf.len()))).collect();
         let mut ring = self.ring.lock();
@@ -122,7 +120,7 @@ impl UringFile {
     }
 
     fn fsync(&self, offset: u64, len: u64) -> io::Result<()> {
-        let entry = opcode::Fsync::new(types::Fd(self.buffered.as_raw_fd()))
+        let entry = opcode::Fsync::new(types::Fd(self.file.buffered.as_raw_fd()))
             .flags(types::FsyncFlags::DATASYNC)
             .offset(offset)
             .len(u32::try_from(len).unwrap_or(0))
@@ -149,13 +147,13 @@ impl UringFile {
 
 impl StorageFile for UringFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.buffered.read_exact_at(buf, offset)
+        self.file.read_exact_at(buf, offset)
     }
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if is_direct_io_aligned(buf, offset) {
             self.write_direct(buf, offset)
         } else {
-            self.buffered.write_all_at(buf, offset)
+            self.file.write_all_at(buf, offset)
         }
     }
     fn sync_data(&self) -> io::Result<()> {
@@ -168,23 +166,19 @@ impl StorageFile for UringFile {
         self.fsync(offset, len)
     }
     fn allocate(&self, len: u64) -> io::Result<()> {
-        fallocate(&self.buffered, len)
+        self.file.allocate(len)
     }
     fn size(&self) -> io::Result<u64> {
-        Ok(self.buffered.metadata()?.len())
+        self.file.size()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.buffered.set_len(len)
+        self.file.set_len(len)
     }
 }
 
 impl Storage for UringStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
-        let path = self.dir.join(name);
-        let buffered = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(&path)?;
-        let direct =
-            OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(&path)?;
-        Ok(Arc::new(UringFile { direct, buffered, ring: self.ring.clone() }))
+        Ok(Arc::new(UringFile { file: DirectFile::open(&self.dir.join(name), create)?, ring: self.ring.clone() }))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
         self.inner.remove(name)
