@@ -189,7 +189,7 @@ async fn serve(
         }
         let _ = wr.shutdown().await;
     });
-    let (ack_tx, ack_rx) = mpsc::channel::<Pending>(4096);
+    let (ack_tx, ack_rx) = mpsc::channel::<AckWork>(4096);
     let acker = tokio::spawn(acknowledge(ack_rx, out_tx.clone(), cache.clone()));
     let result = session(&mut rd, &mut buf, &machine, &cache, &cfg, &stats, &out_tx, &ack_tx, stop).await;
     if let Err(e) = &result {
@@ -247,6 +247,15 @@ struct Pending {
     tickets: Vec<AppendTicket>,
     /// For a recovery point: its id and the (stream, sequence) of its record in each disk.
     point: Option<(u64, Vec<(StreamId, u64)>)>,
+    /// For a resync base: the stream and the base record's sequence number.
+    resync: Option<(StreamId, u64)>,
+}
+
+/// What the session tells its acknowledger.
+enum AckWork {
+    Pending(Pending),
+    /// The agent opened disk `.0` as stream `.1`: watch it for resync-required.
+    Disk(u16, StreamId),
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -258,7 +267,7 @@ async fn session<R: AsyncRead + Unpin>(
     cfg: &IngestConfig,
     stats: &IngestStats,
     out: &mpsc::Sender<Frame>,
-    acks: &mpsc::Sender<Pending>,
+    acks: &mpsc::Sender<AckWork>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), SessionEnd> {
     let mut disks: HashMap<u16, StreamId> = HashMap::new();
@@ -289,6 +298,7 @@ async fn session<R: AsyncRead + Unpin>(
                 }
                 let stream = cache.stream(machine, &name).map_err(|e| SessionEnd::Cache(e.to_string()))?;
                 disks.insert(disk, stream);
+                acks.send(AckWork::Disk(disk, stream)).await.map_err(|_| SessionEnd::Stopping)?;
             }
             Frame::Write { disk, tag, offset, data } => {
                 check_tag(tag)?;
@@ -298,7 +308,7 @@ async fn session<R: AsyncRead + Unpin>(
                 let ticket = append_waiting(cache, stream, &record, out, stats).await?;
                 stats.writes.fetch_add(1, Ordering::Relaxed);
                 stats.write_bytes.fetch_add(record.len() as u64 - 9, Ordering::Relaxed);
-                acks.send(Pending { tag, tickets: vec![ticket], point: None })
+                acks.send(AckWork::Pending(Pending { tag, tickets: vec![ticket], point: None, resync: None }))
                     .await
                     .map_err(|_| SessionEnd::Stopping)?;
             }
@@ -309,7 +319,7 @@ async fn session<R: AsyncRead + Unpin>(
                     .ok_or_else(|| SessionEnd::Refused(format!("zero run on unopened disk {disk}")))?;
                 let record = StreamRecord::Zero { offset, len }.encode();
                 let ticket = append_waiting(cache, stream, &record, out, stats).await?;
-                acks.send(Pending { tag, tickets: vec![ticket], point: None })
+                acks.send(AckWork::Pending(Pending { tag, tickets: vec![ticket], point: None, resync: None }))
                     .await
                     .map_err(|_| SessionEnd::Stopping)?;
             }
@@ -326,9 +336,29 @@ async fn session<R: AsyncRead + Unpin>(
                     places.push((stream, ticket.seq));
                     tickets.push(ticket);
                 }
-                acks.send(Pending { tag, tickets, point: Some((point_id, places)) })
+                acks.send(AckWork::Pending(Pending { tag, tickets, point: Some((point_id, places)), resync: None }))
                     .await
                     .map_err(|_| SessionEnd::Stopping)?;
+            }
+            Frame::Resync { disk, tag } => {
+                check_tag(tag)?;
+                let stream =
+                    *disks.get(&disk).ok_or_else(|| SessionEnd::Refused(format!("resync of unopened disk {disk}")))?;
+                let unix_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let record = StreamRecord::ResyncBase { unix_ms }.encode();
+                let ticket = append_waiting(cache, stream, &record, out, stats).await?;
+                let seq = ticket.seq;
+                tracing::info!(%machine, disk, seq, "full resync begins");
+                acks.send(AckWork::Pending(Pending {
+                    tag,
+                    tickets: vec![ticket],
+                    point: None,
+                    resync: Some((stream, seq)),
+                }))
+                .await
+                .map_err(|_| SessionEnd::Stopping)?;
             }
             other => return Err(SessionEnd::Refused(format!("unexpected frame {other:?}"))),
         }
@@ -363,15 +393,23 @@ async fn append_waiting(
 }
 
 /// Waits for each pending frame's records to be durable, in order, and acknowledges;
-/// watches recovery points until the drain has uploaded all their disks.
-async fn acknowledge(mut rx: mpsc::Receiver<Pending>, out: mpsc::Sender<Frame>, cache: Arc<Cache>) {
+/// watches recovery points until the drain has uploaded all their disks (or reports them
+/// lost when records before them were dropped), and tells the agent when a disk needs a
+/// full resync.
+async fn acknowledge(mut rx: mpsc::Receiver<AckWork>, out: mpsc::Sender<Frame>, cache: Arc<Cache>) {
     let mut points: Vec<(u64, Vec<(StreamId, u64)>)> = Vec::new();
+    // Opened disks, and whether the agent has been told its disk needs a resync.
+    let mut disks: Vec<(u16, StreamId, bool)> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let mut open = true;
     while open || !points.is_empty() {
         tokio::select! {
-            p = rx.recv(), if open => match p {
-                Some(p) => {
+            w = rx.recv(), if open => match w {
+                Some(AckWork::Disk(disk, stream)) => {
+                    disks.retain(|d| d.0 != disk);
+                    disks.push((disk, stream, false));
+                }
+                Some(AckWork::Pending(p)) => {
                     let mut failed = None;
                     for t in p.tickets {
                         if let Err(e) = t.await {
@@ -382,18 +420,43 @@ async fn acknowledge(mut rx: mpsc::Receiver<Pending>, out: mpsc::Sender<Frame>, 
                         let _ = out.send(Frame::Error { code: E_SERVER, message: format!("not durable: {e}") }).await;
                         return;
                     }
+                    if let Some((stream, base)) = p.resync {
+                        // The base is durable: points after it no longer depend on what was dropped.
+                        if let Err(e) = cache.clear_resync(stream, base) {
+                            tracing::warn!(error = %e, ?stream, base, "resync base not recorded; the agent will be asked again");
+                        }
+                        if let Some(d) = disks.iter_mut().find(|d| d.1 == stream) {
+                            d.2 = false;
+                        }
+                    }
                     let _ = out.send(Frame::Durable { upto_tag: p.tag }).await;
                     points.extend(p.point);
                 }
                 None => open = false,
             },
             _ = tick.tick() => {
+                for (disk, stream, told) in disks.iter_mut() {
+                    let required = cache.stream_info(*stream).is_some_and(|i| i.resync_required);
+                    if required && !*told && open {
+                        tracing::warn!(disk = *disk, ?stream, "records were dropped before upload; asking the agent for a full resync");
+                        if out.send(Frame::ResyncRequired { disk: *disk }).await.is_err() {
+                            return;
+                        }
+                    }
+                    *told = required;
+                }
                 let mut i = 0;
                 while i < points.len() {
-                    let done = points[i].1.iter().all(|(s, seq)| cache.stream_info(*s).is_some_and(|info| info.uploaded_upto >= *seq));
-                    if done {
+                    let infos: Vec<_> = points[i].1.iter().map(|(s, seq)| (cache.stream_info(*s), *seq)).collect();
+                    let lost = infos.iter().any(|(info, seq)| info.as_ref().is_none_or(|i| !i.history_whole_upto(*seq)));
+                    let done = infos.iter().all(|(info, seq)| info.as_ref().is_some_and(|i| i.uploaded_upto >= *seq));
+                    if lost || done {
                         let (point_id, _) = points.swap_remove(i);
-                        if out.send(Frame::Uploaded { point_id }).await.is_err() {
+                        let frame = if lost { Frame::PointLost { point_id } } else { Frame::Uploaded { point_id } };
+                        if lost {
+                            tracing::warn!(point_id, "recovery point lost: records before it were dropped before upload");
+                        }
+                        if out.send(frame).await.is_err() {
                             return;
                         }
                     } else {

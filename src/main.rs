@@ -139,14 +139,51 @@ enum PsCommand {
         /// Proxy settings file ([ProxySettings] format).
         #[arg(long)]
         proxy_file: Option<PathBuf>,
-        /// Upload bandwidth cap in megabytes per second (average since start).
-        #[arg(long)]
-        bandwidth_mbps: Option<f64>,
+        #[command(flatten)]
+        bandwidth: BandwidthArgs,
         /// A DNS name or IP agents use to reach this server, put in a generated
         /// certificate (repeatable; localhost and 127.0.0.1 are always in it).
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
     },
+}
+
+/// Upload throttle: one limit, or one for work hours and one for the rest.
+#[derive(clap::Args)]
+struct BandwidthArgs {
+    /// Upload limit in megabytes (10^6 bytes) per second; outside work hours when
+    /// --work-hours is given.
+    #[arg(long)]
+    bandwidth_mbps: Option<f64>,
+    /// Work hours, local to --utc-offset-min: HH:MM-HH:MM (may cross midnight).
+    #[arg(long, requires = "work_mbps")]
+    work_hours: Option<String>,
+    /// Days the work hours apply: mon-fri, sat,sun, ...
+    #[arg(long, default_value = "mon-fri")]
+    work_days: String,
+    /// Upload limit during work hours, MB/s.
+    #[arg(long)]
+    work_mbps: Option<f64>,
+    /// The site's offset from UTC in minutes (e.g. 60 for UTC+01:00).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    utc_offset_min: i32,
+}
+
+impl BandwidthArgs {
+    fn schedule(&self) -> anyhow::Result<churnlog::drain::BandwidthSchedule> {
+        for v in [self.bandwidth_mbps, self.work_mbps].into_iter().flatten() {
+            anyhow::ensure!(v.is_finite() && v > 0.0, "bandwidth limits are positive MB/s, got {v}");
+        }
+        let work_hours = match &self.work_hours {
+            Some(h) => Some(churnlog::drain::WorkHours::parse(h, &self.work_days, self.utc_offset_min)?),
+            None => None,
+        };
+        Ok(churnlog::drain::BandwidthSchedule {
+            off_mb_per_s: self.bandwidth_mbps,
+            work_mb_per_s: self.work_mbps,
+            work_hours,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -271,7 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     passphrase_file,
                     tls_dir,
                     proxy_file,
-                    bandwidth_mbps,
+                    bandwidth,
                     tls_names,
                 },
         } => ps_run(
@@ -282,7 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             &passphrase_file,
             tls_dir,
             proxy_file,
-            bandwidth_mbps,
+            bandwidth.schedule()?,
             tls_names,
         ),
         Command::Agent {
@@ -497,7 +534,7 @@ fn ps_run(
     passphrase_file: &Path,
     tls_dir: PathBuf,
     proxy_file: Option<PathBuf>,
-    bandwidth_mbps: Option<f64>,
+    bandwidth: churnlog::drain::BandwidthSchedule,
     tls_names: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
     let passphrase = read_passphrase(passphrase_file)?;
@@ -521,7 +558,7 @@ fn ps_run(
             tls_dir.join("cert.pem").display()
         );
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let cfg = DrainConfig { bandwidth_mb_per_s: bandwidth_mbps, ..DrainConfig::default() };
+        let cfg = DrainConfig { bandwidth, ..DrainConfig::default() };
         let drainer = tokio::spawn(Drainer::new(cache.clone(), target, cfg).run(stopped));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -1,7 +1,9 @@
-//! Restore: rebuilds a disk image at a recovery point from the object store. Objects are
-//! applied in sequence order, each sequence number exactly once (a re-upload after a crash
-//! may overlap an earlier object), and a missing sequence number is an error, never a
-//! silent hole.
+//! Restore: rebuilds a disk image at a recovery point from the object store. It starts
+//! from zeros after the latest resync base before the point (a full copy follows every
+//! base), applies the records up to the point in position order, each exactly once (a
+//! re-upload after a crash may overlap an earlier object). A missing position is an error,
+//! never a silent hole; a point with a recorded gap (records dropped before upload)
+//! between its base and itself is reported unrestorable.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -9,7 +11,7 @@ use std::time::Instant;
 
 use object_store::path::Path as StorePath;
 
-use crate::drain::{object, DrainError, PointEntry, Target};
+use crate::drain::{object, DrainError, Manifest, PointEntry, Target};
 use crate::protocol::StreamRecord;
 
 /// Which recovery point to restore.
@@ -38,14 +40,43 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
+/// A recovery point and whether it can be restored.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PointStatus {
+    #[serde(flatten)]
+    pub point: PointEntry,
+    pub restorable: bool,
+    /// Position restore starts after (the resync base), when restorable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<u64>,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_because: Option<String>,
+}
+
+fn status(m: &Manifest, p: &PointEntry) -> PointStatus {
+    match m.base_for(p.seq) {
+        Ok(base) => PointStatus { point: p.clone(), restorable: true, base: Some(base), lost_because: None },
+        Err(g) => PointStatus {
+            point: p.clone(),
+            restorable: false,
+            base: None,
+            lost_because: Some(format!(
+                "positions {}..={} were dropped before upload and no full resync began between them and the point",
+                g.first_seq, g.last_seq
+            )),
+        },
+    }
+}
+
 /// The recovery points of one disk, oldest first.
-pub async fn list_points(target: &Target, machine: &str, disk: &str) -> Result<Vec<PointEntry>, DrainError> {
+pub async fn list_points(target: &Target, machine: &str, disk: &str) -> Result<Vec<PointStatus>, DrainError> {
     let m = target
         .load_manifest(machine, disk)
         .await?
         .ok_or_else(|| DrainError::Restore(format!("no manifest for {machine}/{disk} in {}", target.url)))?;
-    let mut points = m.points;
-    points.sort_by_key(|p| p.seq);
+    let mut points: Vec<_> = m.points.iter().map(|p| status(&m, p)).collect();
+    points.sort_by_key(|p| p.point.seq);
     Ok(points)
 }
 
@@ -63,16 +94,27 @@ pub async fn restore(
         .await?
         .ok_or_else(|| DrainError::Restore(format!("no manifest for {machine}/{disk}")))?;
     let chosen = match point {
-        PointSelector::Latest => manifest.points.iter().max_by_key(|p| p.seq),
+        // The latest point that can be restored.
+        PointSelector::Latest => {
+            manifest.points.iter().filter(|p| manifest.base_for(p.seq).is_ok()).max_by_key(|p| p.seq)
+        }
         PointSelector::Id(id) => manifest.points.iter().filter(|p| p.point_id == id).max_by_key(|p| p.seq),
     }
     .cloned()
-    .ok_or_else(|| DrainError::Restore(format!("no recovery point {point:?} for {machine}/{disk}")))?;
-    let mut objects: Vec<_> = manifest.objects.iter().filter(|o| o.first_seq <= chosen.seq).cloned().collect();
+    .ok_or_else(|| DrainError::Restore(format!("no restorable recovery point {point:?} for {machine}/{disk}")))?;
+    let base = manifest.base_for(chosen.seq).map_err(|_| {
+        DrainError::Restore(format!(
+            "{machine}/{disk} point {}: {}",
+            chosen.point_id,
+            status(&manifest, &chosen).lost_because.unwrap_or_default()
+        ))
+    })?;
+    let mut objects: Vec<_> =
+        manifest.objects.iter().filter(|o| o.first_seq <= chosen.seq && o.last_seq > base).cloned().collect();
     objects.sort_by_key(|o| (o.first_seq, o.last_seq));
     let file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(out)?;
     file.set_len(chosen.disk_size)?;
-    let (mut applied, mut records, mut bytes) = (0u64, 0u64, 0u64);
+    let (mut applied, mut records, mut bytes) = (base, 0u64, 0u64);
     let mut objects_read = 0;
     for entry in &objects {
         if entry.last_seq <= applied {
@@ -115,12 +157,12 @@ pub async fn restore(
                         at += n as u64;
                     }
                 }
-                StreamRecord::Point { .. } => {}
+                StreamRecord::Point { .. } | StreamRecord::ResyncBase { .. } => {}
             }
             applied = seq;
             records += 1;
         }
-        progress(applied, chosen.seq);
+        progress(applied - base, chosen.seq - base);
     }
     if applied != chosen.seq {
         return Err(DrainError::Restore(format!(

@@ -47,7 +47,8 @@ async fn two_disks_three_points_restore_byte_identical() {
     }
     let listed = churnlog::restore::list_points(&rig.target, "vm-1", "disk0").await.unwrap();
     assert_eq!(listed.len(), 3);
-    assert_eq!(listed[1].kind, PointKind::AppConsistent);
+    assert_eq!(listed[1].point.kind, PointKind::AppConsistent);
+    assert!(listed.iter().all(|p| p.restorable));
     // Uploaded records were acknowledged to the cache: nothing is left to drain.
     for s in rig.cache.streams() {
         assert_eq!(s.uploaded_upto, s.durable_upto, "{s:?}");

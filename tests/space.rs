@@ -4,7 +4,7 @@
 mod common;
 
 use churnlog::cache::io::fault::FaultStorage;
-use churnlog::cache::{AppendError, CacheEvent, EvictionPolicy, Options, ReadError, SpaceState};
+use churnlog::cache::{AppendError, CacheEvent, EvictionPolicy, Options, ReadError, SpaceState, StreamError};
 use common::{data, kill, open, tiny_options};
 
 #[test]
@@ -100,9 +100,21 @@ fn explicit_eviction_is_loud_and_durable() {
     assert_eq!(cache.append(s, b"resync block").unwrap().wait().unwrap(), 51);
     cache.close().unwrap();
     let cache = open(&st, &opts).unwrap();
-    assert!(cache.stream_info(s).unwrap().resync_required);
-    cache.clear_resync(s).unwrap();
-    assert!(!cache.stream_info(s).unwrap().resync_required);
+    let info = cache.stream_info(s).unwrap();
+    assert!(info.resync_required);
+    assert_eq!(info.evicted_upto, 50);
+    assert!(!info.history_whole_upto(51), "no resync yet: nothing after the drop is whole");
+    // A base must follow the drop and be durable.
+    assert!(matches!(cache.clear_resync(s, 50), Err(StreamError::ResyncBase { .. })));
+    assert!(matches!(cache.clear_resync(s, 52), Err(StreamError::ResyncBase { .. })));
+    cache.clear_resync(s, 51).unwrap();
+    let info = cache.stream_info(s).unwrap();
+    assert!(!info.resync_required);
+    assert!(!info.history_whole_upto(51) && info.history_whole_upto(52));
+    // The base survives a restart.
+    cache.close().unwrap();
+    let cache = open(&st, &opts).unwrap();
+    assert_eq!(cache.stream_info(s).unwrap().resync_base, 51);
     assert_eq!(cache.read(s, 51).unwrap(), b"resync block");
 }
 

@@ -2,7 +2,9 @@
 //! pass reads every block, hashes it (xxh3-128) and sends the blocks that changed since
 //! the previous pass (the first pass of a process sends all data blocks, and describes
 //! all-zero runs with a small `Zero` frame instead of their bytes), then tags a recovery
-//! point over all disks. Frames stay queued until the server acknowledges them durable;
+//! point over all disks. A full copy (the first pass of a process, or one the server asks
+//! for after it had to drop records before upload) begins with a `Resync` frame, so that
+//! restore can build later points from it alone. Frames stay queued until the server acknowledges them durable;
 //! after a lost connection the agent reconnects and resends exactly those, in order, so
 //! nothing acknowledged is lost and nothing unacknowledged is skipped.
 
@@ -58,6 +60,8 @@ pub enum AgentError {
     Refused(String),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("recovery point {0} was lost on the process server (records dropped before upload), {1} times in a row")]
+    PointLost(u64, usize),
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -69,14 +73,23 @@ pub struct PassReport {
     pub bytes_sent: u64,
     pub seconds: f64,
     pub reconnects: u64,
+    /// Disks copied in full (first pass, or a resync the server asked for).
+    pub full_copies: u64,
+    /// Passes repeated because the server lost their point before upload.
+    pub repeated_passes: u64,
 }
 
 /// What the server told the reader task.
 enum Event {
     Durable(u64),
     Uploaded(u64),
+    ResyncRequired(u16),
+    PointLost(u64),
     Closed(String),
 }
+
+/// How many times `pass` repeats when the server loses its point before upload.
+const LOST_POINT_RETRIES: usize = 3;
 
 struct Conn {
     tx: mpsc::Sender<Frame>,
@@ -93,7 +106,10 @@ struct Unacked {
 fn with_tag(frame: &Frame, tag: u64) -> Frame {
     let mut f = frame.clone();
     match &mut f {
-        Frame::Write { tag: t, .. } | Frame::Zero { tag: t, .. } | Frame::Point { tag: t, .. } => *t = tag,
+        Frame::Write { tag: t, .. }
+        | Frame::Zero { tag: t, .. }
+        | Frame::Point { tag: t, .. }
+        | Frame::Resync { tag: t, .. } => *t = tag,
         _ => unreachable!("only tagged frames are tracked"),
     }
     f
@@ -106,7 +122,12 @@ pub struct Agent {
     conn: Option<Conn>,
     unacked: VecDeque<Unacked>,
     uploaded: HashSet<u64>,
+    lost: HashSet<u64>,
     hashes: Vec<Option<Vec<u128>>>,
+    /// The server asked for a full copy of these disks.
+    resync_requested: Vec<bool>,
+    /// The latest pass's point frame (re-tagged on a new session while waiting for upload).
+    last_point: Option<Frame>,
     last_point_id: u64,
     reconnects: u64,
 }
@@ -129,6 +150,7 @@ impl Agent {
         }
         let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&cfg.ps_cert_pem)?);
         let hashes = vec![None; cfg.disks.len()];
+        let resync_requested = vec![false; cfg.disks.len()];
         Ok(Agent {
             key: AuthKey::from_passphrase(passphrase),
             cfg,
@@ -136,14 +158,29 @@ impl Agent {
             conn: None,
             unacked: VecDeque::new(),
             uploaded: HashSet::new(),
+            lost: HashSet::new(),
             hashes,
+            resync_requested,
+            last_point: None,
             last_point_id: 0,
             reconnects: 0,
         })
     }
 
+    /// Moves this agent to another process server (a scale-out hand-over): the current
+    /// session ends, and what is not yet acknowledged is resent to the new server.
+    pub fn set_process_server(&mut self, ps: String, ps_cert_pem: String) -> Result<(), AgentError> {
+        self.tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&ps_cert_pem)?);
+        self.cfg.ps = ps;
+        self.cfg.ps_cert_pem = ps_cert_pem;
+        self.conn = None;
+        Ok(())
+    }
+
     /// One pass over every disk, then a recovery point of `kind`. Returns once the point
-    /// is durable on the process server, or — with `wait_uploaded` — uploaded.
+    /// is durable on the process server, or — with `wait_uploaded` — uploaded; a point the
+    /// server loses before upload makes the pass run again (with the full copies the
+    /// server asks for), a few times at most.
     pub async fn pass(
         &mut self,
         kind: PointKind,
@@ -153,6 +190,57 @@ impl Agent {
         let started = Instant::now();
         let reconnects_before = self.reconnects;
         let mut report = PassReport::default();
+        for attempt in 0..=LOST_POINT_RETRIES {
+            let point_id = self.pass_once(kind, &mut report, &mut progress).await?;
+            report.point_id = point_id;
+            if !wait_uploaded {
+                break;
+            }
+            let lost = self.wait_uploaded(point_id).await?;
+            if !lost {
+                break;
+            }
+            if attempt == LOST_POINT_RETRIES {
+                return Err(AgentError::PointLost(point_id, attempt + 1));
+            }
+            tracing::warn!(point_id, "the process server lost this point before upload; passing again");
+            report.repeated_passes += 1;
+        }
+        report.seconds = started.elapsed().as_secs_f64();
+        report.reconnects = self.reconnects - reconnects_before;
+        Ok(report)
+    }
+
+    /// Waits until `point_id` is uploaded (false) or lost (true).
+    async fn wait_uploaded(&mut self, point_id: u64) -> Result<bool, AgentError> {
+        let mut reconnects = self.reconnects;
+        loop {
+            if self.uploaded.contains(&point_id) {
+                return Ok(false);
+            }
+            if self.lost.remove(&point_id) {
+                return Ok(true);
+            }
+            // Reconnect first if the session died: a new session does not know the
+            // point, so it is tagged again (same id) before waiting for anything.
+            self.connected().await?;
+            if self.reconnects != reconnects {
+                reconnects = self.reconnects;
+                let point = self.last_point.clone().expect("a pass tagged it");
+                self.send(point).await?;
+            }
+            self.next_event().await?;
+        }
+    }
+
+    /// Reads every disk once, sends what changed, tags a point; returns its id once the
+    /// point is durable.
+    async fn pass_once(
+        &mut self,
+        kind: PointKind,
+        report: &mut PassReport,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<u64, AgentError> {
         let bs = self.cfg.block_size;
         let total: u64 = self
             .cfg
@@ -175,7 +263,13 @@ impl Agent {
                 .map_err(|e| AgentError::Disk(id.clone(), e))?;
             sizes.push((d as u16, size));
             let blocks = size.div_ceil(bs as u64) as usize;
-            let previous = self.hashes[d].take();
+            let full = std::mem::take(&mut self.resync_requested[d]) || self.hashes[d].is_none();
+            let previous = if full { None } else { self.hashes[d].take() };
+            if full {
+                // Restore builds later points from here on: the full copy follows.
+                self.send(Frame::Resync { disk: d as u16, tag: 0 }).await?;
+                report.full_copies += 1;
+            }
             let mut current = Vec::with_capacity(blocks);
             let mut zero_run: Option<(u64, u64)> = None;
             for b in 0..blocks {
@@ -189,7 +283,7 @@ impl Agent {
                 done += len as u64;
                 let changed = previous.as_ref().and_then(|p| p.get(b)).is_none_or(|&old| old != h);
                 if !changed {
-                    self.flush_zero_run(d as u16, &mut zero_run, &mut report).await?;
+                    self.flush_zero_run(d as u16, &mut zero_run, report).await?;
                     continue;
                 }
                 if block.iter().all(|&x| x == 0) {
@@ -199,13 +293,13 @@ impl Agent {
                         }
                         other => {
                             let mut run = other;
-                            self.flush_zero_run(d as u16, &mut run, &mut report).await?;
+                            self.flush_zero_run(d as u16, &mut run, report).await?;
                             Some((offset, len as u64))
                         }
                     };
                     continue;
                 }
-                self.flush_zero_run(d as u16, &mut zero_run, &mut report).await?;
+                self.flush_zero_run(d as u16, &mut zero_run, report).await?;
                 self.send(Frame::Write { disk: d as u16, tag: 0, offset, data: block.to_vec() }).await?;
                 report.blocks_sent += 1;
                 report.bytes_sent += len as u64;
@@ -213,8 +307,9 @@ impl Agent {
                     progress(done, total);
                 }
             }
-            self.flush_zero_run(d as u16, &mut zero_run, &mut report).await?;
-            self.hashes[d] = Some(current);
+            self.flush_zero_run(d as u16, &mut zero_run, report).await?;
+            // A resync asked for while this disk was read: copy it all next pass.
+            self.hashes[d] = if self.resync_requested[d] { None } else { Some(current) };
         }
         progress(total, total);
         let now_ms =
@@ -222,27 +317,12 @@ impl Agent {
         let point_id = (self.last_point_id + 1).max(now_ms);
         self.last_point_id = point_id;
         let point = Frame::Point { tag: 0, point_id, kind, unix_ms: now_ms, disks: sizes };
-        self.send(point.clone()).await?;
+        self.last_point = Some(point.clone());
+        self.send(point).await?;
         while !self.unacked.is_empty() {
             self.next_event().await?;
         }
-        if wait_uploaded {
-            let mut reconnects = self.reconnects;
-            while !self.uploaded.contains(&point_id) {
-                // Reconnect first if the session died: a new session does not know the
-                // point, so it is tagged again (same id) before waiting for anything.
-                self.connected().await?;
-                if self.reconnects != reconnects {
-                    reconnects = self.reconnects;
-                    self.send(point.clone()).await?;
-                }
-                self.next_event().await?;
-            }
-        }
-        report.point_id = point_id;
-        report.seconds = started.elapsed().as_secs_f64();
-        report.reconnects = self.reconnects - reconnects_before;
-        Ok(report)
+        Ok(point_id)
     }
 
     async fn flush_zero_run(
@@ -285,6 +365,19 @@ impl Agent {
             }
             Some(Event::Uploaded(id)) => {
                 self.uploaded.insert(id);
+            }
+            Some(Event::PointLost(id)) => {
+                tracing::warn!(point_id = id, "the process server lost this recovery point before upload");
+                self.lost.insert(id);
+            }
+            Some(Event::ResyncRequired(disk)) => {
+                // A Resync still waiting for its acknowledgement already answers this.
+                let pending =
+                    self.unacked.iter().any(|u| matches!(u.frame, Frame::Resync { disk: d, .. } if d == disk));
+                if let (false, Some(flag)) = (pending, self.resync_requested.get_mut(disk as usize)) {
+                    tracing::warn!(disk, "the process server needs a full copy of this disk");
+                    *flag = true;
+                }
             }
             Some(Event::Closed(why)) => {
                 if why.starts_with("refused") {
@@ -388,6 +481,8 @@ impl Agent {
                 let event = match read_frame(&mut rd, &mut buf).await {
                     Ok(Frame::Durable { upto_tag }) => Event::Durable(upto_tag),
                     Ok(Frame::Uploaded { point_id }) => Event::Uploaded(point_id),
+                    Ok(Frame::PointLost { point_id }) => Event::PointLost(point_id),
+                    Ok(Frame::ResyncRequired { disk }) => Event::ResyncRequired(disk),
                     Ok(Frame::Backpressure { retry_after_ms }) => {
                         tracing::info!(retry_after_ms, "process server signals backpressure");
                         continue;

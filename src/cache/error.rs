@@ -82,6 +82,8 @@ pub enum StreamError {
     UnknownStream(StreamId),
     #[error("ack up to {upto} is beyond the last durable record {durable} of stream {stream:?}")]
     BeyondDurable { stream: StreamId, upto: u64, durable: u64 },
+    #[error("a resync base must be a durable record after the last dropped one ({evicted_upto}); got {base_seq}")]
+    ResyncBase { base_seq: u64, evicted_upto: u64 },
     #[error("cannot persist cache metadata: {0}")]
     Io(IoFailure),
     #[error("engine is poisoned: {0}")]

@@ -10,7 +10,7 @@
 /// Every batch starts at a multiple of this; writes are padded to it (O_DIRECT-ready).
 pub const BLOCK_SIZE: u64 = 4096;
 /// Version written in every batch header, trailer and meta file.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 
 pub const BATCH_MAGIC: [u8; 4] = *b"CLB1";
 pub const TRAILER_MAGIC: [u8; 4] = *b"CLT1";

@@ -23,7 +23,7 @@ pub(crate) fn ensure_reserve(storage: &dyn super::io::Storage, meta_len: usize) 
     }
 }
 pub const META_HEADER_LEN: usize = 16;
-const META_STREAM_FIXED_LEN: usize = 4 + 8 + 1 + 1 + 1 + 1;
+const META_STREAM_FIXED_LEN: usize = 4 + 8 + 1 + 1 + 1 + 1 + 8 + 8;
 pub const FLAG_RESYNC_REQUIRED: u8 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +34,10 @@ pub struct MetaStream {
     /// Every record with `seq <= uploaded_upto` is uploaded (or evicted) and dead.
     pub uploaded_upto: u64,
     pub resync_required: bool,
+    /// Highest sequence number ever dropped without upload (eviction, salvage); 0: none.
+    pub evicted_upto: u64,
+    /// Sequence number of the record that began the latest resync (a full copy); 0: none.
+    pub resync_base: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +80,8 @@ impl Meta {
             body.push(s.machine.len() as u8);
             body.push(s.disk.len() as u8);
             body.push(0);
+            body.extend_from_slice(&s.evicted_upto.to_le_bytes());
+            body.extend_from_slice(&s.resync_base.to_le_bytes());
             body.extend_from_slice(s.machine.as_bytes());
             body.extend_from_slice(s.disk.as_bytes());
         }
@@ -126,6 +132,8 @@ impl Meta {
             let uploaded_upto = u64::from_le_bytes(fixed[4..12].try_into().expect("8"));
             let flags = fixed[12];
             let (ml, dl) = (fixed[13] as usize, fixed[14] as usize);
+            let evicted_upto = u64::from_le_bytes(fixed[16..24].try_into().expect("8"));
+            let resync_base = u64::from_le_bytes(fixed[24..32].try_into().expect("8"));
             if ml == 0 || dl == 0 || fixed[15] != 0 || flags & !FLAG_RESYNC_REQUIRED != 0 || id >= STREAMS_MAX {
                 return Err(MetaError::Field("stream entry"));
             }
@@ -137,6 +145,8 @@ impl Meta {
                 disk,
                 uploaded_upto,
                 resync_required: flags & FLAG_RESYNC_REQUIRED != 0,
+                evicted_upto,
+                resync_base,
             });
         }
         if r.at != body.len() {
@@ -177,9 +187,9 @@ mod tests {
     proptest! {
         #[test]
         fn meta_round_trips(salt in any::<u64>(), gen in any::<u64>(),
-                            streams in proptest::collection::vec((key(), key(), any::<u64>(), any::<bool>()), 0..20)) {
+                            streams in proptest::collection::vec((key(), key(), any::<u64>(), any::<bool>(), any::<(u64, u64)>()), 0..20)) {
             let meta = Meta { salt, segment_size: 1 << 27, generation: gen, streams: streams.into_iter().enumerate()
-                .map(|(i, (m, d, up, r))| MetaStream { id: i as u32, machine: m, disk: d, uploaded_upto: up, resync_required: r })
+                .map(|(i, (m, d, up, r, (ev, base)))| MetaStream { id: i as u32, machine: m, disk: d, uploaded_upto: up, resync_required: r, evicted_upto: ev, resync_base: base })
                 .collect() };
             let bytes = meta.encode();
             prop_assert_eq!(Meta::decode(&bytes).unwrap(), meta);
@@ -188,7 +198,7 @@ mod tests {
         #[test]
         fn any_single_bit_flip_is_detected(flip in 0usize..2000, bit in 0u8..8) {
             let meta = Meta { salt: 1, segment_size: 1 << 27, generation: 2, streams: vec![
-                MetaStream { id: 0, machine: "m1".into(), disk: "d0".into(), uploaded_upto: 9, resync_required: false }] };
+                MetaStream { id: 0, machine: "m1".into(), disk: "d0".into(), uploaded_upto: 9, resync_required: false, evicted_upto: 4, resync_base: 7 }] };
             let mut bytes = meta.encode();
             let at = flip % bytes.len();
             bytes[at] ^= 1 << bit;

@@ -104,6 +104,8 @@ pub(crate) struct StreamState {
     pub machine: String,
     pub disk: String,
     pub resync_required: bool,
+    pub evicted_upto: u64,
+    pub resync_base: u64,
     pub index: StreamIndex,
 }
 
@@ -131,6 +133,8 @@ impl LogState {
                     disk: s.disk.clone(),
                     uploaded_upto: s.index.uploaded_upto(),
                     resync_required: s.resync_required,
+                    evicted_upto: s.evicted_upto,
+                    resync_base: s.resync_base,
                 })
                 .collect(),
         }
@@ -397,6 +401,20 @@ pub struct StreamInfo {
     pub logical_bytes: u64,
     pub stored_bytes: u64,
     pub resync_required: bool,
+    /// Highest sequence number dropped without upload (eviction or salvage); 0: never.
+    pub evicted_upto: u64,
+    /// Sequence number of the record that began the latest resync; 0: none.
+    pub resync_base: u64,
+}
+
+impl StreamInfo {
+    /// Whether the records `..=seq` of this stream form an unbroken history in the
+    /// cache's own terms: nothing was ever dropped, or a resync began after the last drop
+    /// and before `seq`. Conservative: a later eviction makes it false even for a `seq`
+    /// that was uploaded whole before the drop.
+    pub fn history_whole_upto(&self, seq: u64) -> bool {
+        self.evicted_upto == 0 || (self.resync_base > self.evicted_upto && self.resync_base < seq)
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -516,6 +534,12 @@ impl Cache {
         &self.inner.recovery
     }
 
+    /// This cache's identity: the random salt made when its directory was created. A new
+    /// cache directory (a replaced disk, another process server) has a different one.
+    pub fn cache_id(&self) -> u64 {
+        self.inner.salt
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.inner.storage.backend_name()
     }
@@ -550,6 +574,8 @@ impl Cache {
                     disk: key.1.clone(),
                     uploaded_upto: 0,
                     resync_required: false,
+                    evicted_upto: 0,
+                    resync_base: 0,
                 })
             })
             .map_err(StreamError::Io)?;
@@ -560,6 +586,8 @@ impl Cache {
             machine: key.0.clone(),
             disk: key.1.clone(),
             resync_required: false,
+            evicted_upto: 0,
+            resync_base: 0,
             index: StreamIndex::new(0),
         });
         log.by_key.insert(key, id);
@@ -682,20 +710,32 @@ impl Cache {
         reclaimer::evict(&self.inner, stream, reason)
     }
 
-    /// Clears the resync-required mark once the stream has been resynchronised.
-    pub fn clear_resync(&self, stream: StreamId) -> Result<(), StreamError> {
+    /// Records that a resync of `stream` began with its record `base_seq` (which must be
+    /// durable and later than every dropped record) and clears the resync-required mark.
+    pub fn clear_resync(&self, stream: StreamId, base_seq: u64) -> Result<(), StreamError> {
         let inner = &self.inner;
         if inner.opts.read_only {
             return Err(StreamError::ReadOnly);
         }
         let mut generation = inner.meta_lock.lock();
-        if inner.log.read().streams.get(stream.0 as usize).is_none() {
-            return Err(StreamError::UnknownStream(stream));
+        {
+            let log = inner.log.read();
+            let st = log.streams.get(stream.0 as usize).ok_or(StreamError::UnknownStream(stream))?;
+            if base_seq <= st.evicted_upto || base_seq > st.index.durable_upto() {
+                return Err(StreamError::ResyncBase { base_seq, evicted_upto: st.evicted_upto });
+            }
         }
         inner
-            .write_meta(&mut generation, |m| m.streams[stream.0 as usize].resync_required = false)
+            .write_meta(&mut generation, |m| {
+                let s = &mut m.streams[stream.0 as usize];
+                s.resync_required = false;
+                s.resync_base = base_seq;
+            })
             .map_err(StreamError::Io)?;
-        inner.log.write().streams[stream.0 as usize].resync_required = false;
+        let mut log = inner.log.write();
+        let st = &mut log.streams[stream.0 as usize];
+        st.resync_required = false;
+        st.resync_base = base_seq;
         Ok(())
     }
 
@@ -822,6 +862,8 @@ fn stream_info(id: StreamId, st: &StreamState) -> StreamInfo {
         logical_bytes: st.index.logical_bytes(),
         stored_bytes: st.index.stored_bytes(),
         resync_required: st.resync_required,
+        evicted_upto: st.evicted_upto,
+        resync_base: st.resync_base,
     }
 }
 

@@ -201,12 +201,15 @@ pub(crate) fn evict(inner: &Arc<Inner>, stream: StreamId, reason: &str) -> Resul
             let s = &mut m.streams[stream.0 as usize];
             s.uploaded_upto = report.last_seq;
             s.resync_required = true;
+            s.evicted_upto = s.evicted_upto.max(report.last_seq);
         })
         .map_err(StreamError::Io)?;
     {
         let mut log = inner.log.write();
         log.release_upto(stream.0, report.last_seq);
-        log.streams[stream.0 as usize].resync_required = true;
+        let st = &mut log.streams[stream.0 as usize];
+        st.resync_required = true;
+        st.evicted_upto = st.evicted_upto.max(report.last_seq);
     }
     drop(generation);
     inner.counters.evictions.fetch_add(1, Ordering::Relaxed);

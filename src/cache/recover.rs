@@ -614,6 +614,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
                 index = StreamIndex::new(max_seen);
                 m.uploaded_upto = max_seen;
                 m.resync_required = true;
+                m.evicted_upto = m.evicted_upto.max(max_seen);
                 salvaged = true;
                 events.push(CacheEvent::StreamSalvaged {
                     stream: StreamId(m.id),
@@ -631,6 +632,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             machine: m.machine.clone(),
             disk: m.disk.clone(),
             resync_required: m.resync_required,
+            evicted_upto: m.evicted_upto,
+            resync_base: m.resync_base,
             index,
         });
     }

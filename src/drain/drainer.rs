@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use object_store::PutPayload;
 
-use super::{object, DrainError, Manifest, ObjectEntry, PointEntry, Target};
+use super::throttle::{BandwidthSchedule, Throttle};
+use super::{object, DrainError, GapEntry, Manifest, ObjectEntry, PointEntry, Target};
 use crate::cache::{Cache, ReadError, StreamId, StreamInfo};
 use crate::protocol::StreamRecord;
 
@@ -16,8 +17,8 @@ use crate::protocol::StreamRecord;
 pub struct DrainConfig {
     /// An object closes at this many bytes (or at a recovery point).
     pub object_bytes_max: usize,
-    /// Upload bandwidth cap, MB/s (None: unlimited).
-    pub bandwidth_mb_per_s: Option<f64>,
+    /// Upload bandwidth limits (default: unlimited).
+    pub bandwidth: BandwidthSchedule,
     pub poll_interval: Duration,
     pub retry_delay_max: Duration,
 }
@@ -26,7 +27,7 @@ impl Default for DrainConfig {
     fn default() -> Self {
         DrainConfig {
             object_bytes_max: 8 << 20,
-            bandwidth_mb_per_s: None,
+            bandwidth: BandwidthSchedule::unlimited(),
             poll_interval: Duration::from_millis(50),
             retry_delay_max: Duration::from_secs(5),
         }
@@ -38,13 +39,13 @@ pub struct Drainer {
     target: Target,
     cfg: DrainConfig,
     manifests: HashMap<StreamId, Manifest>,
-    uploaded_bytes: u64,
-    started: Instant,
+    throttle: Throttle,
 }
 
 impl Drainer {
     pub fn new(cache: Arc<Cache>, target: Target, cfg: DrainConfig) -> Drainer {
-        Drainer { cache, target, cfg, manifests: HashMap::new(), uploaded_bytes: 0, started: Instant::now() }
+        let throttle = Throttle::new(cfg.bandwidth.clone());
+        Drainer { cache, target, cfg, manifests: HashMap::new(), throttle }
     }
 
     /// Drains until `stop` turns true; errors are logged and retried.
@@ -73,28 +74,106 @@ impl Drainer {
         }
     }
 
-    /// One pass over every stream; returns the records uploaded.
+    /// One pass over every stream; returns the records uploaded. A stream that fails does
+    /// not hold the others back: the pass goes on and returns the first error at its end.
     pub async fn drain_once(&mut self) -> Result<usize, DrainError> {
         let mut uploaded = 0;
+        let mut first_error = None;
         for info in self.cache.streams() {
             if info.durable_upto > info.uploaded_upto {
-                uploaded += self.drain_stream(&info).await?;
+                match self.drain_stream(&info).await {
+                    Ok(n) => uploaded += n,
+                    Err(e) => {
+                        tracing::warn!(machine = %info.machine, disk = %info.disk, error = %e, "stream not drained");
+                        // Reload the manifest next time: the failed write may or may not have landed.
+                        self.manifests.remove(&info.id);
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(uploaded)
+        match first_error {
+            Some(e) if uploaded == 0 => Err(e),
+            _ => Ok(uploaded),
+        }
+    }
+
+    /// The stream's manifest, loaded once; when another cache drained this disk before,
+    /// a new history begins after everything it recorded, with a gap in between.
+    async fn manifest(&mut self, info: &StreamInfo) -> Result<(), DrainError> {
+        if self.manifests.contains_key(&info.id) {
+            return Ok(());
+        }
+        let cache_id = self.cache.cache_id();
+        let mut m = self.target.load_manifest(&info.machine, &info.disk).await?.unwrap_or_else(|| Manifest {
+            machine: info.machine.clone(),
+            disk: info.disk.clone(),
+            cache_id,
+            ..Manifest::default()
+        });
+        if m.cache_id != cache_id {
+            let high = m
+                .objects
+                .iter()
+                .map(|o| o.last_seq)
+                .chain(m.points.iter().map(|p| p.seq))
+                .chain(m.bases.iter().copied())
+                .chain(m.gaps.iter().map(|g| g.last_seq))
+                .chain([m.recorded_upto])
+                .max()
+                .unwrap_or(0);
+            // A gap stands for whatever the other cache never uploaded; this cache's
+            // records continue after it, from its own upload cursor.
+            let gap = GapEntry { first_seq: high + 1, last_seq: (high + 1).max(info.uploaded_upto) };
+            tracing::warn!(machine = %info.machine, disk = %info.disk, previous_cache = format!("{:016x}", m.cache_id),
+                gap_at = gap.first_seq, "the target holds this disk's history from another cache: continuing after it; points need a resync");
+            m.seq_offset = gap.last_seq - info.uploaded_upto;
+            m.recorded_upto = gap.last_seq;
+            m.cache_id = cache_id;
+            m.gaps.push(gap);
+            let first_is_base = matches!(
+                self.cache.read(info.id, info.uploaded_upto + 1).ok().map(|d| StreamRecord::decode(&d)),
+                Some(Ok(StreamRecord::ResyncBase { .. }))
+            );
+            if !first_is_base {
+                // Nothing here can be restored without a full copy after the junction.
+                self.cache
+                    .evict_stream(info.id, "the target holds this disk's history from another cache")
+                    .map_err(|e| DrainError::Cache(e.to_string()))?;
+            }
+            self.put_manifest(&m).await?;
+        }
+        self.manifests.insert(info.id, m);
+        Ok(())
+    }
+
+    async fn put_manifest(&self, m: &Manifest) -> Result<(), DrainError> {
+        let json = serde_json::to_vec_pretty(m).expect("manifest serializes");
+        self.target.store.put(&self.target.manifest_path(&m.machine, &m.disk), PutPayload::from(json)).await?;
+        Ok(())
     }
 
     async fn drain_stream(&mut self, info: &StreamInfo) -> Result<usize, DrainError> {
-        if !self.manifests.contains_key(&info.id) {
-            let m = self.target.load_manifest(&info.machine, &info.disk).await?.unwrap_or_else(|| Manifest {
-                machine: info.machine.clone(),
-                disk: info.disk.clone(),
-                ..Manifest::default()
-            });
-            self.manifests.insert(info.id, m);
+        self.manifest(info).await?;
+        let info = &self.cache.stream_info(info.id).ok_or_else(|| DrainError::Cache("stream vanished".into()))?;
+        let offset = self.manifests[&info.id].seq_offset;
+        {
+            // Records dropped before upload become a gap, before anything after them.
+            let m = self.manifests.get_mut(&info.id).expect("loaded above");
+            let evicted = info.evicted_upto + offset;
+            if info.evicted_upto > 0 && evicted > m.recorded_upto {
+                m.gaps.push(GapEntry { first_seq: m.recorded_upto + 1, last_seq: evicted });
+                m.recorded_upto = evicted;
+                let m = m.clone();
+                self.put_manifest(&m).await?;
+            }
+        }
+        if info.durable_upto <= info.uploaded_upto {
+            return Ok(0);
         }
         let mut records = Vec::new();
         let mut points = Vec::new();
+        let mut bases = Vec::new();
         let mut bytes = 0usize;
         for seq in info.uploaded_upto + 1..=info.durable_upto {
             let data = match self.cache.read(info.id, seq) {
@@ -110,12 +189,16 @@ impl Drainer {
                 }
                 Err(e) => return Err(DrainError::Cache(e.to_string())),
             };
-            if let Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size }) = StreamRecord::decode(&data) {
-                points.push(PointEntry { point_id, kind, unix_ms, seq, disk_size });
+            match StreamRecord::decode(&data) {
+                Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size }) => {
+                    points.push(PointEntry { point_id, kind, unix_ms, seq: seq + offset, disk_size })
+                }
+                Ok(StreamRecord::ResyncBase { .. }) => bases.push(seq + offset),
+                _ => {}
             }
             bytes += data.len();
-            records.push((seq, data));
-            if !points.is_empty() || bytes >= self.cfg.object_bytes_max {
+            records.push((seq + offset, data));
+            if !points.is_empty() || !bases.is_empty() || bytes >= self.cfg.object_bytes_max {
                 break;
             }
         }
@@ -129,21 +212,20 @@ impl Drainer {
         manifest.objects.push(ObjectEntry { name: path.to_string(), first_seq: first, last_seq: last });
         manifest.points.retain(|p| !points.iter().any(|n| n.point_id == p.point_id));
         manifest.points.extend(points);
-        let json = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
-        self.target.store.put(&self.target.manifest_path(&info.machine, &info.disk), PutPayload::from(json)).await?;
-        // Only now is the run safe in the cloud: let the cache reclaim it.
-        self.cache.ack(info.id, last).map_err(|e| DrainError::Cache(e.to_string()))?;
-        self.throttle(len).await;
-        Ok(records.len())
-    }
-
-    async fn throttle(&mut self, bytes: usize) {
-        self.uploaded_bytes += bytes as u64;
-        if let Some(limit) = self.cfg.bandwidth_mb_per_s {
-            let due = Duration::from_secs_f64(self.uploaded_bytes as f64 / (limit * 1e6));
-            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                tokio::time::sleep(wait).await;
+        for b in bases {
+            if !manifest.bases.contains(&b) {
+                manifest.bases.push(b);
             }
         }
+        manifest.recorded_upto = manifest.recorded_upto.max(last);
+        let manifest = manifest.clone();
+        self.put_manifest(&manifest).await?;
+        // Only now is the run safe in the cloud: let the cache reclaim it.
+        self.cache.ack(info.id, last - offset).map_err(|e| DrainError::Cache(e.to_string()))?;
+        let pause = self.throttle.account(len, Instant::now(), std::time::SystemTime::now());
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        Ok(records.len())
     }
 }

@@ -3,14 +3,20 @@
 //! manifest that tells restore which objects and recovery points exist.
 //!
 //! Layout under the target's prefix:
-//! `{machine}/{disk}/data/{first_seq:020}-{last_seq:020}.clo` (see [`object`]) and
-//! `{machine}/{disk}/manifest.json`. Object names are deterministic, so a re-upload
-//! after a crash overwrites instead of duplicating; a run re-packed differently after a
-//! crash is harmless because restore applies each sequence number once.
+//! `{machine}/{disk}/data/{first:020}-{last:020}.clo` (see [`object`]) and
+//! `{machine}/{disk}/manifest.json`. Numbers in the manifest and in object names are
+//! *positions* in the disk's history: the cache's sequence number plus the manifest's
+//! `seq_offset`, which moves on when another cache (a rebuilt or different process
+//! server) takes the disk over, so histories never collide. Object names are
+//! deterministic, so a re-upload after a crash overwrites instead of duplicating; a run
+//! re-packed differently after a crash is harmless because restore applies each position
+//! once. Positions dropped before upload are recorded as gaps; a point is restorable when
+//! no gap lies between the latest resync base before it and the point.
 
 pub mod drainer;
 pub mod object;
 pub mod proxy;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -19,6 +25,7 @@ use object_store::ObjectStore;
 
 pub use drainer::{DrainConfig, Drainer};
 pub use proxy::ProxySettings;
+pub use throttle::{BandwidthSchedule, WorkHours};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
@@ -128,6 +135,15 @@ pub struct ObjectEntry {
     pub last_seq: u64,
 }
 
+/// Positions `first_seq..=last_seq` were dropped before upload (eviction, salvaged
+/// damage, or the hand-over to another cache): no point after them is restorable until
+/// a resync base.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GapEntry {
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PointEntry {
     pub point_id: u64,
@@ -144,6 +160,32 @@ pub struct PointEntry {
 pub struct Manifest {
     pub machine: String,
     pub disk: String,
+    /// The cache now draining this disk ([`crate::cache::Cache::cache_id`]).
+    #[serde(default)]
+    pub cache_id: u64,
+    /// Position = that cache's sequence number + `seq_offset`.
+    #[serde(default)]
+    pub seq_offset: u64,
+    /// Every position up to this one is in an object or a gap.
+    #[serde(default)]
+    pub recorded_upto: u64,
     pub objects: Vec<ObjectEntry>,
     pub points: Vec<PointEntry>,
+    /// Positions of resync bases: a full copy of the disk follows each.
+    #[serde(default)]
+    pub bases: Vec<u64>,
+    #[serde(default)]
+    pub gaps: Vec<GapEntry>,
+}
+
+impl Manifest {
+    /// The position restore starts after to build `point`: the latest resync base before
+    /// it (0: the start of the history). Err names the gap that makes it unrestorable.
+    pub fn base_for(&self, point: u64) -> Result<u64, GapEntry> {
+        let base = self.bases.iter().copied().filter(|&b| b < point).max().unwrap_or(0);
+        match self.gaps.iter().find(|g| g.last_seq > base && g.first_seq <= point) {
+            Some(g) => Err(g.clone()),
+            None => Ok(base),
+        }
+    }
 }

@@ -49,10 +49,25 @@ pub enum Frame {
         unix_ms: u64,
         disks: Vec<(u16, u64)>,
     },
+    /// A full copy of `disk` begins here: restore builds later points from this on,
+    /// never from what came before (sent after `ResyncRequired`).
+    Resync {
+        disk: u16,
+        tag: u64,
+    },
     Durable {
         upto_tag: u64,
     },
     Uploaded {
+        point_id: u64,
+    },
+    /// Records of `disk` were dropped before upload (eviction, salvaged damage): the agent
+    /// must send `Resync` and a full copy.
+    ResyncRequired {
+        disk: u16,
+    },
+    /// This point can never be restored (records before it were dropped before upload).
+    PointLost {
         point_id: u64,
     },
     /// The cache is above its watermark: the server holds writes back for about this long.
@@ -73,9 +88,12 @@ pub const T_OPEN_DISK: u8 = 0x05;
 pub const T_WRITE: u8 = 0x10;
 pub const T_POINT: u8 = 0x11;
 pub const T_ZERO: u8 = 0x12;
+pub const T_RESYNC: u8 = 0x13;
 pub const T_DURABLE: u8 = 0x20;
 pub const T_UPLOADED: u8 = 0x21;
 pub const T_BACKPRESSURE: u8 = 0x22;
+pub const T_RESYNC_REQUIRED: u8 = 0x23;
+pub const T_POINT_LOST: u8 = 0x24;
 pub const T_ERROR: u8 = 0x7F;
 
 /// Error codes carried by `Frame::Error`.
@@ -162,6 +180,19 @@ impl Frame {
                     out.extend_from_slice(&size.to_le_bytes());
                 }
             }
+            Frame::Resync { disk, tag } => {
+                out.push(T_RESYNC);
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&tag.to_le_bytes());
+            }
+            Frame::ResyncRequired { disk } => {
+                out.push(T_RESYNC_REQUIRED);
+                out.extend_from_slice(&disk.to_le_bytes());
+            }
+            Frame::PointLost { point_id } => {
+                out.push(T_POINT_LOST);
+                out.extend_from_slice(&point_id.to_le_bytes());
+            }
             Frame::Durable { upto_tag } => {
                 out.push(T_DURABLE);
                 out.extend_from_slice(&upto_tag.to_le_bytes());
@@ -225,6 +256,9 @@ impl Frame {
                 }
                 Frame::Point { tag, point_id, kind, unix_ms, disks }
             }
+            T_RESYNC => Frame::Resync { disk: r.u16()?, tag: r.u64()? },
+            T_RESYNC_REQUIRED => Frame::ResyncRequired { disk: r.u16()? },
+            T_POINT_LOST => Frame::PointLost { point_id: r.u64()? },
             T_DURABLE => Frame::Durable { upto_tag: r.u64()? },
             T_UPLOADED => Frame::Uploaded { point_id: r.u64()? },
             T_BACKPRESSURE => Frame::Backpressure { retry_after_ms: r.u32()? },
@@ -352,6 +386,9 @@ mod tests {
             (any::<u16>(), any::<u64>(), any::<u64>(), 1u64..1 << 40)
                 .prop_map(|(disk, tag, offset, len)| Frame::Zero { disk, tag, offset, len }),
             any::<u64>().prop_map(|upto_tag| Frame::Durable { upto_tag }),
+            (any::<u16>(), any::<u64>()).prop_map(|(disk, tag)| Frame::Resync { disk, tag }),
+            any::<u16>().prop_map(|disk| Frame::ResyncRequired { disk }),
+            any::<u64>().prop_map(|point_id| Frame::PointLost { point_id }),
             any::<u64>().prop_map(|point_id| Frame::Uploaded { point_id }),
             any::<u32>().prop_map(|retry_after_ms| Frame::Backpressure { retry_after_ms }),
             (any::<u16>(), "[ -~]{0,100}").prop_map(|(code, message)| Frame::Error { code, message }),

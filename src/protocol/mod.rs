@@ -54,11 +54,15 @@ pub enum StreamRecord {
     Point { point_id: u64, kind: PointKind, unix_ms: u64, disk_size: u64 },
     /// `len` bytes from `offset` are zeros.
     Zero { offset: u64, len: u64 },
+    /// A full copy of the disk begins after this record: an image at a later point is
+    /// built from zeros and the records after it alone.
+    ResyncBase { unix_ms: u64 },
 }
 
 const REC_WRITE: u8 = 1;
 const REC_POINT: u8 = 2;
 const REC_ZERO: u8 = 3;
+const REC_RESYNC_BASE: u8 = 4;
 /// Longest zero run one record or frame may describe.
 pub const ZERO_LEN_MAX: u64 = 1 << 40;
 
@@ -86,6 +90,12 @@ impl StreamRecord {
                 out.push(REC_ZERO);
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(&len.to_le_bytes());
+                out
+            }
+            StreamRecord::ResyncBase { unix_ms } => {
+                let mut out = Vec::with_capacity(9);
+                out.push(REC_RESYNC_BASE);
+                out.extend_from_slice(&unix_ms.to_le_bytes());
                 out
             }
         }
@@ -117,6 +127,7 @@ impl StreamRecord {
                 }
                 Ok(StreamRecord::Zero { offset, len })
             }
+            Some(&REC_RESYNC_BASE) if b.len() == 9 => Ok(StreamRecord::ResyncBase { unix_ms: u64_at(1)? }),
             _ => Err(FrameError::Field("stream record kind")),
         }
     }
@@ -136,6 +147,8 @@ mod tests {
             let kind = if app { PointKind::AppConsistent } else { PointKind::CrashConsistent };
             let p = StreamRecord::Point { point_id: id, kind, unix_ms: ms, disk_size: size };
             prop_assert_eq!(StreamRecord::decode(&p.encode()).unwrap(), p);
+            let r = StreamRecord::ResyncBase { unix_ms: ms };
+            prop_assert_eq!(StreamRecord::decode(&r.encode()).unwrap(), r);
         }
 
         #[test]

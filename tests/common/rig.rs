@@ -54,6 +54,19 @@ impl Rig {
         Agent::new(cfg, PASSPHRASE).unwrap()
     }
 
+    /// Stops the drain (records stay in the cache until `start_drain`).
+    pub async fn stop_drain(&mut self) {
+        let _ = self.stop.send(true);
+        (&mut self.drainer).await.unwrap();
+    }
+
+    pub fn start_drain(&mut self) {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        self.stop = stop;
+        self.drainer =
+            tokio::spawn(Drainer::new(self.cache.clone(), self.target.clone(), DrainConfig::default()).run(stopped));
+    }
+
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.drainer.await;
