@@ -30,46 +30,7 @@ pub struct DemoReport {
     pub points: Vec<DemoPoint>,
 }
 
-pub use churnlog::bench::fill_random as fill;
-
-/// A disk image of `size` bytes: random blocks with every fourth 1 MiB region left zero;
-/// with `compressible`, half of every 256 bytes is zeros (about 2:1 for LZ4).
-pub fn make_image(path: &Path, size: u64, seed: u64, compressible: bool) -> std::io::Result<()> {
-    let mut data = vec![0u8; size as usize];
-    for (i, region) in data.chunks_mut(1 << 20).enumerate() {
-        if i % 4 != 3 {
-            fill(region, seed + i as u64);
-            if compressible {
-                for run in region.chunks_mut(256) {
-                    let half = run.len() / 2;
-                    run[half..].fill(0);
-                }
-            }
-        }
-    }
-    std::fs::write(path, data)
-}
-
-/// Rewrites `blocks` pseudo-random 64 KiB blocks (some with zeros).
-pub fn churn(path: &Path, blocks: usize, seed: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let count = f.metadata()?.len() / (64 << 10);
-    let mut block = vec![0u8; 64 << 10];
-    let mut x = seed | 1;
-    for i in 0..blocks {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if i % 5 == 0 {
-            block.fill(0);
-        } else {
-            fill(&mut block, x);
-        }
-        f.write_all_at(&block, (x % count) * (64 << 10))?;
-    }
-    f.sync_all()
-}
+use churnlog::bench::image::{churn, make_image};
 
 pub async fn run(
     dir: &Path,
@@ -113,7 +74,7 @@ pub async fn run(
     let mut snapshots = Vec::new();
     for round in 0..rounds {
         if round > 0 {
-            churn(&image, (image_mib as usize * 16) / 10, 1000 + round as u64)?;
+            churn(&image, (image_mib as usize * 16) / 10, 1000 + round as u64, compressible)?;
         }
         let r = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await?;
         let snap = work.join(format!("point-{}.img", r.point_id));
@@ -134,7 +95,7 @@ pub async fn run(
         let started = Instant::now();
         restore(&target, "demo-vm", "disk0", PointSelector::Id(r.point_id), &out, |_, _| {}).await?;
         let restore_seconds = started.elapsed().as_secs_f64();
-        let identical = std::fs::read(&out)? == std::fs::read(snap)?;
+        let identical = churnlog::bench::image::same_contents(&out, snap)?;
         say(&format!(
             "restore of point {}: {} in {:.2} s ({:.0} MiB/s of image)",
             r.point_id,

@@ -19,8 +19,11 @@ use tokio::task::JoinHandle;
 
 use crate::cache::{AppendError, AppendTicket, Cache, StreamId};
 use crate::protocol::auth::{nonce, AuthKey};
-use crate::protocol::codec::{E_AUTH, E_PROTOCOL, E_SERVER, E_VERSION};
-use crate::protocol::{read_frame, write_frame, Frame, FrameError, StreamRecord, PROTOCOL_VERSION, RECORD_BYTES_MAX};
+use crate::protocol::codec::{E_AUTH, E_PROTOCOL, E_SERVER, E_VERSION, T_WRITE};
+use crate::protocol::{
+    read_frame, read_frame_bytes, write_frame, write_frame_as_record, Frame, FrameError, StreamRecord,
+    PROTOCOL_VERSION, RECORD_BYTES_MAX,
+};
 
 #[derive(Clone, Debug)]
 pub struct IngestConfig {
@@ -273,17 +276,36 @@ async fn session<R: AsyncRead + Unpin>(
     let mut disks: HashMap<u16, StreamId> = HashMap::new();
     let mut last_tag = 0u64;
     loop {
-        let frame = tokio::select! {
-            r = tokio::time::timeout(cfg.idle_timeout, read_frame(rd, buf)) => match r {
+        let read = tokio::select! {
+            r = tokio::time::timeout(cfg.idle_timeout, read_frame_bytes(rd, buf)) => match r {
                 Err(_) => {
                     stats.timeouts.fetch_add(1, Ordering::Relaxed);
                     return Err(SessionEnd::Timeout("idle"));
                 }
                 Ok(Err(FrameError::Closed)) => return Ok(()),
-                Ok(f) => f?,
+                Ok(r) => r,
             },
             _ = stop.changed() => return Err(SessionEnd::Stopping),
         };
+        read?;
+        if buf[0] == T_WRITE {
+            // The bulk of the traffic: the frame becomes its cache record in place.
+            let (disk, tag, record) = write_frame_as_record(buf)?;
+            if tag <= last_tag {
+                return Err(SessionEnd::Refused(format!("tag {tag} after {last_tag}: tags must increase")));
+            }
+            last_tag = tag;
+            let stream =
+                *disks.get(&disk).ok_or_else(|| SessionEnd::Refused(format!("write to unopened disk {disk}")))?;
+            let ticket = append_waiting(cache, stream, record, out, stats).await?;
+            stats.writes.fetch_add(1, Ordering::Relaxed);
+            stats.write_bytes.fetch_add(record.len() as u64 - 9, Ordering::Relaxed);
+            acks.send(AckWork::Pending(Pending { tag, tickets: vec![ticket], point: None, resync: None }))
+                .await
+                .map_err(|_| SessionEnd::Stopping)?;
+            continue;
+        }
+        let frame = Frame::decode(buf[0], &buf[1..])?;
         let mut check_tag = |tag: u64| {
             if tag <= last_tag {
                 return Err(SessionEnd::Refused(format!("tag {tag} after {last_tag}: tags must increase")));
@@ -299,18 +321,6 @@ async fn session<R: AsyncRead + Unpin>(
                 let stream = cache.stream(machine, &name).map_err(|e| SessionEnd::Cache(e.to_string()))?;
                 disks.insert(disk, stream);
                 acks.send(AckWork::Disk(disk, stream)).await.map_err(|_| SessionEnd::Stopping)?;
-            }
-            Frame::Write { disk, tag, offset, data } => {
-                check_tag(tag)?;
-                let stream =
-                    *disks.get(&disk).ok_or_else(|| SessionEnd::Refused(format!("write to unopened disk {disk}")))?;
-                let record = StreamRecord::Write { offset, data }.encode();
-                let ticket = append_waiting(cache, stream, &record, out, stats).await?;
-                stats.writes.fetch_add(1, Ordering::Relaxed);
-                stats.write_bytes.fetch_add(record.len() as u64 - 9, Ordering::Relaxed);
-                acks.send(AckWork::Pending(Pending { tag, tickets: vec![ticket], point: None, resync: None }))
-                    .await
-                    .map_err(|_| SessionEnd::Stopping)?;
             }
             Frame::Zero { disk, tag, offset, len } => {
                 check_tag(tag)?;

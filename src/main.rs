@@ -247,6 +247,30 @@ enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The whole data path in one process on loopback (agent, TLS ingest, cache, drain
+    /// to a local directory, restore), timed to "uploaded".
+    E2e {
+        /// Work directory (image, cache, target, restored image); must be empty or new.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size, default_value = "2GiB")]
+        image: u64,
+        /// About 2:1 compressible image and churn.
+        #[arg(long)]
+        compressible: bool,
+        #[arg(long, default_value_t = 3)]
+        churn_passes: usize,
+        /// Fraction of the image's blocks rewritten before each churn pass.
+        #[arg(long, default_value_t = 0.25)]
+        churn_fraction: f64,
+        #[arg(long, default_value_t = 4)]
+        uploads_in_flight: usize,
+        /// I/O backend of the cache: auto, std, direct or uring.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Time opening (recovering) an existing cache.
     Recover {
         #[arg(long)]
@@ -402,6 +426,62 @@ fn verify(dir: &Path, json: bool) -> anyhow::Result<ExitCode> {
 
 fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::E2e {
+            dir,
+            image,
+            compressible,
+            churn_passes,
+            churn_fraction,
+            uploads_in_flight,
+            backend,
+            json,
+        } => {
+            anyhow::ensure!(
+                !dir.exists() || std::fs::read_dir(&dir)?.next().is_none(),
+                "{} is not empty",
+                dir.display()
+            );
+            anyhow::ensure!((0.0..=1.0).contains(&churn_fraction), "--churn-fraction is in 0..=1");
+            let params = churnlog::bench::e2e::E2eParams {
+                dir,
+                image_bytes: image,
+                compressible,
+                churn_passes,
+                churn_fraction,
+                uploads_in_flight,
+                io_backend: parse_backend(&backend)?,
+            };
+            let r = runtime()?.block_on(churnlog::bench::e2e::run(&params))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "e2e {:.0} MiB image{} ({}): initial copy {:.0} MiB in {:.2} s = {:.0} MiB/s ({:.2} cores; durable after {:.2} s)",
+                    r.image_mib,
+                    if r.compressible { ", 2:1 compressible" } else { "" },
+                    r.backend,
+                    r.initial.mib,
+                    r.initial.seconds,
+                    r.initial.mib_per_s,
+                    r.initial.cpu_cores,
+                    r.initial.durable_seconds
+                );
+                for c in &r.churn {
+                    println!(
+                        "  churn pass: {:.0} MiB in {:.2} s = {:.0} MiB/s ({:.2} cores; durable after {:.2} s)",
+                        c.mib, c.seconds, c.mib_per_s, c.cpu_cores, c.durable_seconds
+                    );
+                }
+                println!(
+                    "  restore: {:.0} MiB/s of image, {}",
+                    r.restore_mib_per_s,
+                    if r.restore_identical { "byte-identical" } else { "DIFFERS" }
+                );
+            }
+            if !r.restore_identical {
+                return Ok(ExitCode::from(1));
+            }
+        }
         BenchCommand::Ingest {
             dir,
             bytes,

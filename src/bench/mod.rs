@@ -2,6 +2,8 @@
 //! and the deterministic record contents shared by them and the crash tests.
 
 pub mod device;
+pub mod e2e;
+pub mod image;
 pub mod ingest;
 pub mod recover;
 

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
 use object_store::PutPayload;
 
 use super::throttle::{BandwidthSchedule, Throttle};
@@ -17,6 +19,8 @@ use crate::protocol::StreamRecord;
 pub struct DrainConfig {
     /// An object closes at this many bytes (or at a recovery point).
     pub object_bytes_max: usize,
+    /// Object uploads in flight per stream (they complete, and are acknowledged, in order).
+    pub uploads_in_flight: usize,
     /// Upload bandwidth limits (default: unlimited).
     pub bandwidth: BandwidthSchedule,
     pub poll_interval: Duration,
@@ -27,6 +31,7 @@ impl Default for DrainConfig {
     fn default() -> Self {
         DrainConfig {
             object_bytes_max: 8 << 20,
+            uploads_in_flight: 4,
             bandwidth: BandwidthSchedule::unlimited(),
             poll_interval: Duration::from_millis(50),
             retry_delay_max: Duration::from_secs(5),
@@ -171,24 +176,85 @@ impl Drainer {
         if info.durable_upto <= info.uploaded_upto {
             return Ok(0);
         }
-        let mut records = Vec::new();
-        let mut points = Vec::new();
-        let mut bases = Vec::new();
-        let mut bytes = 0usize;
-        for seq in info.uploaded_upto + 1..=info.durable_upto {
-            let data = match self.cache.read(info.id, seq) {
-                Ok(d) => d,
+        // Objects are built in order and uploaded several at a time; they complete in
+        // order, and each completion updates the manifest and acknowledges the cache.
+        let mut next = info.uploaded_upto + 1;
+        let mut inflight = FuturesOrdered::new();
+        let mut uploaded = 0;
+        loop {
+            while inflight.len() < self.cfg.uploads_in_flight.max(1) && next <= info.durable_upto {
+                let Some(built) = tokio::task::block_in_place(|| self.build_object(info, next, offset))? else {
+                    return Ok(uploaded); // the stream was evicted
+                };
+                next = built.last - offset + 1;
+                let path = self.target.object_path(&info.machine, &info.disk, built.first, built.last);
+                let store = self.target.store.clone();
+                let payload = PutPayload::from(built.body.clone());
+                inflight.push_back(async move {
+                    store.put(&path, payload).await?;
+                    Ok::<_, DrainError>((path, built))
+                });
+            }
+            let Some(done) = inflight.next().await else { break };
+            let mut completed = vec![done?];
+            // Whatever else has finished too goes into the same manifest write and ack.
+            while let Some(Some(more)) = inflight.next().now_or_never() {
+                completed.push(more?);
+            }
+            let manifest = self.manifests.get_mut(&info.id).expect("loaded above");
+            let mut bytes = 0;
+            let mut last = 0;
+            for (path, built) in completed {
+                manifest.objects.retain(|o| o.name != path.to_string());
+                manifest.objects.push(ObjectEntry {
+                    name: path.to_string(),
+                    first_seq: built.first,
+                    last_seq: built.last,
+                });
+                manifest.points.retain(|p| !built.points.iter().any(|n| n.point_id == p.point_id));
+                manifest.points.extend(built.points);
+                for b in built.bases {
+                    if !manifest.bases.contains(&b) {
+                        manifest.bases.push(b);
+                    }
+                }
+                manifest.recorded_upto = manifest.recorded_upto.max(built.last);
+                bytes += built.body.len();
+                uploaded += built.records;
+                last = built.last;
+            }
+            let manifest = manifest.clone();
+            self.put_manifest(&manifest).await?;
+            // Only now is the run safe in the cloud: let the cache reclaim it.
+            self.cache.ack(info.id, last - offset).map_err(|e| DrainError::Cache(e.to_string()))?;
+            let pause = self.throttle.account(bytes, Instant::now(), std::time::SystemTime::now());
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+        Ok(uploaded)
+    }
+
+    /// Reads the stream's records from `from` into one object: up to `object_bytes_max`
+    /// bytes, closed early after a point or a resync base. None: a record could not be
+    /// read and the stream was evicted instead (loudly) rather than upload a hole.
+    fn build_object(&self, info: &StreamInfo, from: u64, offset: u64) -> Result<Option<Built>, DrainError> {
+        let mut object = object::ObjectBuilder::with_capacity(self.cfg.object_bytes_max + (1 << 20));
+        let (mut points, mut bases) = (Vec::new(), Vec::new());
+        let mut data = Vec::new();
+        let mut records = 0;
+        for seq in from..=info.durable_upto {
+            match self.cache.read_into(info.id, seq, &mut data) {
+                Ok(()) => {}
                 Err(e @ ReadError::Corruption { .. }) => {
-                    // A record that cannot be read cannot be uploaded: the stream needs a
-                    // resync. Evict it (loudly) rather than upload a hole.
                     tracing::error!(error = %e, machine = %info.machine, disk = %info.disk, "corrupt cached record: evicting the stream");
                     self.cache
                         .evict_stream(info.id, &format!("drain: {e}"))
                         .map_err(|e| DrainError::Cache(e.to_string()))?;
-                    return Ok(0);
+                    return Ok(None);
                 }
                 Err(e) => return Err(DrainError::Cache(e.to_string())),
-            };
+            }
             match StreamRecord::decode(&data) {
                 Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size }) => {
                     points.push(PointEntry { point_id, kind, unix_ms, seq: seq + offset, disk_size })
@@ -196,36 +262,23 @@ impl Drainer {
                 Ok(StreamRecord::ResyncBase { .. }) => bases.push(seq + offset),
                 _ => {}
             }
-            bytes += data.len();
-            records.push((seq + offset, data));
-            if !points.is_empty() || !bases.is_empty() || bytes >= self.cfg.object_bytes_max {
+            object.push(seq + offset, &data);
+            records += 1;
+            if !points.is_empty() || !bases.is_empty() || object.len() >= self.cfg.object_bytes_max {
                 break;
             }
         }
-        let (first, last) = (records[0].0, records.last().expect("at least one").0);
-        let body = object::encode(&records);
-        let path = self.target.object_path(&info.machine, &info.disk, first, last);
-        let len = body.len();
-        self.target.store.put(&path, PutPayload::from(body)).await?;
-        let manifest = self.manifests.get_mut(&info.id).expect("loaded above");
-        manifest.objects.retain(|o| o.name != path.to_string());
-        manifest.objects.push(ObjectEntry { name: path.to_string(), first_seq: first, last_seq: last });
-        manifest.points.retain(|p| !points.iter().any(|n| n.point_id == p.point_id));
-        manifest.points.extend(points);
-        for b in bases {
-            if !manifest.bases.contains(&b) {
-                manifest.bases.push(b);
-            }
-        }
-        manifest.recorded_upto = manifest.recorded_upto.max(last);
-        let manifest = manifest.clone();
-        self.put_manifest(&manifest).await?;
-        // Only now is the run safe in the cloud: let the cache reclaim it.
-        self.cache.ack(info.id, last - offset).map_err(|e| DrainError::Cache(e.to_string()))?;
-        let pause = self.throttle.account(len, Instant::now(), std::time::SystemTime::now());
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
-        Ok(records.len())
+        let (first, last) = object.range();
+        Ok(Some(Built { first, last, records, points, bases, body: bytes::Bytes::from(object.finish()) }))
     }
+}
+
+/// One object, built and waiting for (or done with) its upload.
+struct Built {
+    first: u64,
+    last: u64,
+    records: usize,
+    points: Vec<PointEntry>,
+    bases: Vec<u64>,
+    body: bytes::Bytes,
 }

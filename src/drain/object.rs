@@ -27,24 +27,68 @@ pub enum ObjectError {
     Records(&'static str),
 }
 
-pub fn encode(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
-    let first = records.first().map_or(0, |r| r.0);
-    let last = records.last().map_or(0, |r| r.0);
-    let mut out = Vec::with_capacity(HEADER_LEN + 4 + records.iter().map(|r| 12 + r.1.len()).sum::<usize>());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    out.extend_from_slice(&first.to_le_bytes());
-    out.extend_from_slice(&last.to_le_bytes());
-    for (seq, bytes) in records {
-        out.extend_from_slice(&seq.to_le_bytes());
-        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        out.extend_from_slice(bytes);
+/// Builds an object record by record, straight into its final buffer.
+pub struct ObjectBuilder {
+    out: Vec<u8>,
+    count: u32,
+    first: u64,
+    last: u64,
+}
+
+impl ObjectBuilder {
+    pub fn with_capacity(bytes: usize) -> ObjectBuilder {
+        let mut out = Vec::with_capacity(HEADER_LEN + 4 + bytes);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.resize(HEADER_LEN, 0); // count, first, last: set by finish
+        ObjectBuilder { out, count: 0, first: 0, last: 0 }
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
-    out
+
+    /// Appends the record `seq` (one more than the previous).
+    pub fn push(&mut self, seq: u64, bytes: &[u8]) {
+        debug_assert!(self.count == 0 || seq == self.last + 1, "records must be consecutive");
+        debug_assert!(bytes.len() <= RECORD_LEN_MAX);
+        if self.count == 0 {
+            self.first = seq;
+        }
+        self.last = seq;
+        self.count += 1;
+        self.out.extend_from_slice(&seq.to_le_bytes());
+        self.out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        self.out.extend_from_slice(bytes);
+    }
+
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// (first_seq, last_seq) so far.
+    pub fn range(&self) -> (u64, u64) {
+        (self.first, self.last)
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.out[8..12].copy_from_slice(&self.count.to_le_bytes());
+        self.out[12..20].copy_from_slice(&self.first.to_le_bytes());
+        self.out[20..28].copy_from_slice(&self.last.to_le_bytes());
+        let crc = crc32fast::hash(&self.out);
+        self.out.extend_from_slice(&crc.to_le_bytes());
+        debug_assert!(self.out.len() <= OBJECT_LEN_MAX);
+        self.out
+    }
+}
+
+pub fn encode(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut b = ObjectBuilder::with_capacity(records.iter().map(|r| 12 + r.1.len()).sum());
+    for (seq, bytes) in records {
+        b.push(*seq, bytes);
+    }
+    b.finish()
 }
 
 pub fn decode(b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ObjectError> {

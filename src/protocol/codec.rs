@@ -80,6 +80,9 @@ pub enum Frame {
     },
 }
 
+/// Type byte and fixed fields of a Write frame: type, disk, tag, offset.
+pub const WRITE_HEADER_LEN: usize = 1 + 2 + 8 + 8;
+
 pub const T_HELLO: u8 = 0x01;
 pub const T_CHALLENGE: u8 = 0x02;
 pub const T_AUTH: u8 = 0x03;
@@ -326,6 +329,13 @@ impl<'a> Reader<'a> {
 
 /// Reads one frame; `Closed` on a clean end of stream at a frame boundary.
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<Frame, FrameError> {
+    read_frame_bytes(r, buf).await?;
+    Frame::decode(buf[0], &buf[1..])
+}
+
+/// Reads one frame's type and body into `buf` (length checked, nothing decoded), for a
+/// caller that handles some frame types in place (see `super::write_frame_as_record`).
+pub async fn read_frame_bytes<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -344,10 +354,22 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> R
             e.into()
         }
     })?;
-    Frame::decode(buf[0], &buf[1..])
+    Ok(())
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    if let Frame::Write { disk, tag, offset, data } = frame {
+        // The bulk of the traffic: header from the stack, data without another copy.
+        debug_assert!(!data.is_empty() && data.len() <= WRITE_DATA_MAX);
+        let mut head = [0u8; 4 + WRITE_HEADER_LEN];
+        head[0..4].copy_from_slice(&((WRITE_HEADER_LEN + data.len()) as u32).to_le_bytes());
+        head[4] = T_WRITE;
+        head[5..7].copy_from_slice(&disk.to_le_bytes());
+        head[7..15].copy_from_slice(&tag.to_le_bytes());
+        head[15..23].copy_from_slice(&offset.to_le_bytes());
+        w.write_all(&head).await?;
+        return w.write_all(data).await;
+    }
     let mut out = Vec::new();
     frame.encode(&mut out);
     w.write_all(&out).await

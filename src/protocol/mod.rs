@@ -6,7 +6,7 @@
 pub mod auth;
 pub mod codec;
 
-pub use codec::{read_frame, write_frame, Frame, FrameError};
+pub use codec::{read_frame, read_frame_bytes, write_frame, Frame, FrameError};
 
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -65,6 +65,26 @@ const REC_ZERO: u8 = 3;
 const REC_RESYNC_BASE: u8 = 4;
 /// Longest zero run one record or frame may describe.
 pub const ZERO_LEN_MAX: u64 = 1 << 40;
+
+/// Turns a Write frame held in `buf` (type byte first, as `read_frame_bytes` leaves it)
+/// into the cache record it stands for, in place, without copying the data: the record
+/// `[1][offset][data]` is the frame's last `9 + d` bytes once the byte before the offset
+/// (the tag's last) is overwritten. Checks what `Frame::decode` checks. Returns (disk,
+/// tag, record).
+pub fn write_frame_as_record(buf: &mut [u8]) -> Result<(u16, u64, &[u8]), FrameError> {
+    use codec::{T_WRITE, WRITE_HEADER_LEN};
+    if buf.first() != Some(&T_WRITE) || buf.len() < WRITE_HEADER_LEN {
+        return Err(FrameError::Field("write frame"));
+    }
+    let data_len = buf.len() - WRITE_HEADER_LEN;
+    if data_len == 0 || data_len > WRITE_DATA_MAX {
+        return Err(FrameError::Field("write data length"));
+    }
+    let disk = u16::from_le_bytes([buf[1], buf[2]]);
+    let tag = u64::from_le_bytes(buf[3..11].try_into().expect("8"));
+    buf[10] = REC_WRITE;
+    Ok((disk, tag, &buf[10..]))
+}
 
 impl StreamRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -149,6 +169,21 @@ mod tests {
             prop_assert_eq!(StreamRecord::decode(&p.encode()).unwrap(), p);
             let r = StreamRecord::ResyncBase { unix_ms: ms };
             prop_assert_eq!(StreamRecord::decode(&r.encode()).unwrap(), r);
+        }
+
+        #[test]
+        fn a_write_frame_becomes_its_record_in_place(disk in any::<u16>(), tag in any::<u64>(), offset in any::<u64>(),
+                                                     data in proptest::collection::vec(any::<u8>(), 1..3000)) {
+            let mut bytes = Vec::new();
+            Frame::Write { disk, tag, offset, data: data.clone() }.encode(&mut bytes);
+            let mut buf = bytes[4..].to_vec();
+            let (d, t, record) = write_frame_as_record(&mut buf).unwrap();
+            prop_assert_eq!((d, t), (disk, tag));
+            prop_assert_eq!(record.to_vec(), StreamRecord::Write { offset, data: data.clone() }.encode());
+            // The async writer's fast path sends the same bytes as encode.
+            let mut sent = Vec::new();
+            futures::executor::block_on(write_frame(&mut sent, &Frame::Write { disk, tag, offset, data })).unwrap();
+            prop_assert_eq!(sent, bytes);
         }
 
         #[test]
