@@ -291,10 +291,7 @@ async fn session<R: AsyncRead + Unpin>(
         if buf[0] == T_WRITE {
             // The bulk of the traffic: the frame becomes its cache record in place.
             let (disk, tag, record) = write_frame_as_record(buf)?;
-            if tag <= last_tag {
-                return Err(SessionEnd::Refused(format!("tag {tag} after {last_tag}: tags must increase")));
-            }
-            last_tag = tag;
+            advance_tag(&mut last_tag, tag)?;
             let stream =
                 *disks.get(&disk).ok_or_else(|| SessionEnd::Refused(format!("write to unopened disk {disk}")))?;
             let ticket = append_waiting(cache, stream, record, out, stats).await?;
@@ -306,13 +303,7 @@ async fn session<R: AsyncRead + Unpin>(
             continue;
         }
         let frame = Frame::decode(buf[0], &buf[1..])?;
-        let mut check_tag = |tag: u64| {
-            if tag <= last_tag {
-                return Err(SessionEnd::Refused(format!("tag {tag} after {last_tag}: tags must increase")));
-            }
-            last_tag = tag;
-            Ok(())
-        };
+        let mut check_tag = |tag: u64| advance_tag(&mut last_tag, tag);
         match frame {
             Frame::OpenDisk { disk, name } => {
                 if disks.len() >= cfg.disks_max && !disks.contains_key(&disk) {
@@ -373,6 +364,15 @@ async fn session<R: AsyncRead + Unpin>(
             other => return Err(SessionEnd::Refused(format!("unexpected frame {other:?}"))),
         }
     }
+}
+
+/// Tags of a connection must strictly increase.
+fn advance_tag(last_tag: &mut u64, tag: u64) -> Result<(), SessionEnd> {
+    if tag <= *last_tag {
+        return Err(SessionEnd::Refused(format!("tag {tag} after {last_tag}: tags must increase")));
+    }
+    *last_tag = tag;
+    Ok(())
 }
 
 /// Appends, holding the connection back while the cache is above its hard watermark
