@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod bench;
 pub mod cache;
+pub mod config;
 pub mod drain;
 pub mod ingest;
 pub mod protocol;

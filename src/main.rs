@@ -13,6 +13,7 @@ mod demo;
 use churnlog::agent::{Agent, AgentConfig};
 use churnlog::bench::{self, ingest::IngestParams};
 use churnlog::cache::{Cache, Options, RecoveryMode};
+use churnlog::config::{PsRunConfig, PsRunSettings, SizeValue};
 use churnlog::drain::{DrainConfig, Drainer, ProxySettings, Target};
 use churnlog::ingest::{IngestConfig, IngestServer};
 use churnlog::protocol::PointKind;
@@ -120,22 +121,27 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PsCommand {
-    /// Run a process server: TLS ingest into the cache, drain to the target.
+    /// Run a process server: TLS ingest into the cache, drain to the target. Every
+    /// setting may also come from a TOML file (--config); a flag wins over the file.
     Run {
+        /// TOML file with the same settings (keys are the flags with `_` for `-`).
         #[arg(long)]
-        cache_dir: PathBuf,
+        config: Option<PathBuf>,
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
         #[arg(long, value_parser = parse_size)]
-        cache_size: u64,
-        #[arg(long, default_value = "0.0.0.0:9443")]
-        listen: std::net::SocketAddr,
+        cache_size: Option<u64>,
+        /// Default 0.0.0.0:9443.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
         /// file:///abs/dir, az://container/prefix or s3://bucket/prefix
         #[arg(long)]
-        target: String,
+        target: Option<String>,
         #[arg(long)]
-        passphrase_file: PathBuf,
+        passphrase_file: Option<PathBuf>,
         /// Holds cert.pem and key.pem; a self-signed pair is created when empty.
         #[arg(long)]
-        tls_dir: PathBuf,
+        tls_dir: Option<PathBuf>,
         /// Proxy settings file ([ProxySettings] format).
         #[arg(long)]
         proxy_file: Option<PathBuf>,
@@ -156,34 +162,17 @@ struct BandwidthArgs {
     #[arg(long)]
     bandwidth_mbps: Option<f64>,
     /// Work hours, local to --utc-offset-min: HH:MM-HH:MM (may cross midnight).
-    #[arg(long, requires = "work_mbps")]
+    #[arg(long)]
     work_hours: Option<String>,
-    /// Days the work hours apply: mon-fri, sat,sun, ...
-    #[arg(long, default_value = "mon-fri")]
-    work_days: String,
+    /// Days the work hours apply: mon-fri (the default), sat,sun, ...
+    #[arg(long)]
+    work_days: Option<String>,
     /// Upload limit during work hours, MB/s.
     #[arg(long)]
     work_mbps: Option<f64>,
-    /// The site's offset from UTC in minutes (e.g. 60 for UTC+01:00).
-    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
-    utc_offset_min: i32,
-}
-
-impl BandwidthArgs {
-    fn schedule(&self) -> anyhow::Result<churnlog::drain::BandwidthSchedule> {
-        for v in [self.bandwidth_mbps, self.work_mbps].into_iter().flatten() {
-            anyhow::ensure!(v.is_finite() && v > 0.0, "bandwidth limits are positive MB/s, got {v}");
-        }
-        let work_hours = match &self.work_hours {
-            Some(h) => Some(churnlog::drain::WorkHours::parse(h, &self.work_days, self.utc_offset_min)?),
-            None => None,
-        };
-        Ok(churnlog::drain::BandwidthSchedule {
-            off_mb_per_s: self.bandwidth_mbps,
-            work_mb_per_s: self.work_mbps,
-            work_hours,
-        })
-    }
+    /// The site's offset from UTC in minutes (e.g. 60 for UTC+01:00); default 0.
+    #[arg(long, allow_hyphen_values = true)]
+    utc_offset_min: Option<i32>,
 }
 
 #[derive(Subcommand)]
@@ -325,6 +314,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ps {
             command:
                 PsCommand::Run {
+                    config,
                     cache_dir,
                     cache_size,
                     listen,
@@ -335,17 +325,28 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     bandwidth,
                     tls_names,
                 },
-        } => ps_run(
-            cache_dir,
-            cache_size,
-            listen,
-            &target,
-            &passphrase_file,
-            tls_dir,
-            proxy_file,
-            bandwidth.schedule()?,
-            tls_names,
-        ),
+        } => {
+            let file = match &config {
+                Some(path) => PsRunConfig::load(path)?,
+                None => PsRunConfig::default(),
+            };
+            let flags = PsRunConfig {
+                cache_dir,
+                cache_size: cache_size.map(SizeValue::Bytes),
+                listen,
+                target,
+                passphrase_file,
+                tls_dir,
+                proxy_file,
+                tls_names: (!tls_names.is_empty()).then_some(tls_names),
+                bandwidth_mbps: bandwidth.bandwidth_mbps,
+                work_hours: bandwidth.work_hours,
+                work_days: bandwidth.work_days,
+                work_mbps: bandwidth.work_mbps,
+                utc_offset_min: bandwidth.utc_offset_min,
+            };
+            ps_run(file.overlay(flags).settle()?)
+        }
         Command::Agent {
             ps,
             ps_cert,
@@ -606,20 +607,21 @@ fn demo(image: u64, rounds: usize, compressible: bool, dir: Option<PathBuf>) -> 
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ps_run(
-    cache_dir: PathBuf,
-    cache_size: u64,
-    listen: std::net::SocketAddr,
-    target: &str,
-    passphrase_file: &Path,
-    tls_dir: PathBuf,
-    proxy_file: Option<PathBuf>,
-    bandwidth: churnlog::drain::BandwidthSchedule,
-    tls_names: Vec<String>,
-) -> anyhow::Result<ExitCode> {
-    let passphrase = read_passphrase(passphrase_file)?;
+fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
+    let PsRunSettings {
+        cache_dir,
+        cache_size_bytes: cache_size,
+        listen,
+        target,
+        passphrase_file,
+        tls_dir,
+        proxy_file,
+        tls_names,
+        bandwidth,
+    } = settings;
+    let passphrase = read_passphrase(&passphrase_file)?;
     let proxy = read_proxy(proxy_file)?;
-    let target = Target::from_url(target, proxy.as_ref())?;
+    let target = Target::from_url(&target, proxy.as_ref())?;
     let options = Options {
         capacity_bytes: cache_size,
         record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,

@@ -26,17 +26,18 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Starts `churnlog ps run` from a TOML file (relative paths, beside the file) with the
+/// listen address given as a flag, so the file-plus-flags path is what runs here.
 fn start_ps(dir: &Path, port: u16) -> Ps {
+    let config = format!(
+        "cache_dir = \"cache\"\ncache_size = \"1GiB\"\nlisten = \"127.0.0.1:1\"\n\
+         target = \"file://{}\"\npassphrase_file = \"passphrase\"\ntls_dir = \"tls\"\n",
+        dir.join("store").display()
+    );
+    std::fs::write(dir.join("ps.toml"), config).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_churnlog"))
-        .args(["ps", "run", "--cache-size", "1GiB", "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--cache-dir")
-        .arg(dir.join("cache"))
-        .arg("--target")
-        .arg(format!("file://{}", dir.join("store").display()))
-        .arg("--passphrase-file")
-        .arg(dir.join("passphrase"))
-        .arg("--tls-dir")
-        .arg(dir.join("tls"))
+        .args(["ps", "run", "--listen", &format!("127.0.0.1:{port}"), "--config"])
+        .arg(dir.join("ps.toml"))
         .stdout(Stdio::null())
         .stderr(if std::env::var_os("CHURNLOG_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()

@@ -1,0 +1,285 @@
+//! The process server's settings: a TOML file (`ps run --config FILE`) and the command
+//! line set the same keys; a flag given on the command line wins over the file. Keys are
+//! the long flags with `_` for `-` (`cache_dir`, `cache_size`, `work_hours`, ...), so the
+//! operator's guide documents one list. Unknown keys are an error, not a silent typo.
+//!
+//! Relative paths in a file are taken relative to the file's directory, so a file and the
+//! passphrase beside it keep working whatever directory the service starts in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::drain::{BandwidthSchedule, WorkHours};
+use crate::size::parse_size;
+
+/// A config file larger than this is refused before parsing (it is a few hundred bytes).
+pub const CONFIG_BYTES_MAX: u64 = 64 << 10;
+
+/// The data-transfer port of the process server, as in the seed.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("read config {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is {len} bytes; the limit is {CONFIG_BYTES_MAX}")]
+    TooLarge { path: PathBuf, len: u64 },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} is required: give --{flag} or set {key} in the config file")]
+    Missing { key: &'static str, flag: &'static str },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// A size as a number of bytes or a string with a unit (`"300GiB"`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self, key: &'static str) -> Result<u64, ConfigError> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(s) => parse_size(s).map_err(|message| ConfigError::Invalid { key, message }),
+        }
+    }
+}
+
+/// `ps run` settings as given, every one optional: from a file, or from flags.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsRunConfig {
+    pub cache_dir: Option<PathBuf>,
+    pub cache_size: Option<SizeValue>,
+    pub listen: Option<SocketAddr>,
+    /// `file:///abs/dir`, `az://container/prefix` or `s3://bucket/prefix`.
+    pub target: Option<String>,
+    pub passphrase_file: Option<PathBuf>,
+    pub tls_dir: Option<PathBuf>,
+    pub proxy_file: Option<PathBuf>,
+    pub tls_names: Option<Vec<String>>,
+    pub bandwidth_mbps: Option<f64>,
+    pub work_hours: Option<String>,
+    pub work_days: Option<String>,
+    pub work_mbps: Option<f64>,
+    pub utc_offset_min: Option<i32>,
+}
+
+/// `ps run` settings after merging and checking: everything the server needs.
+#[derive(Debug, Clone)]
+pub struct PsRunSettings {
+    pub cache_dir: PathBuf,
+    pub cache_size_bytes: u64,
+    pub listen: SocketAddr,
+    pub target: String,
+    pub passphrase_file: PathBuf,
+    pub tls_dir: PathBuf,
+    pub proxy_file: Option<PathBuf>,
+    pub tls_names: Vec<String>,
+    pub bandwidth: BandwidthSchedule,
+}
+
+impl PsRunConfig {
+    /// Reads and parses a TOML file; relative paths in it become relative to its directory.
+    pub fn load(path: &Path) -> Result<PsRunConfig, ConfigError> {
+        use std::io::Read;
+        let io = |source| ConfigError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len > CONFIG_BYTES_MAX {
+            return Err(ConfigError::TooLarge { path: path.to_path_buf(), len });
+        }
+        let mut text = String::new();
+        // The cap holds even if the file grows between the check and the read.
+        file.take(CONFIG_BYTES_MAX + 1).read_to_string(&mut text).map_err(io)?;
+        if text.len() as u64 > CONFIG_BYTES_MAX {
+            return Err(ConfigError::TooLarge { path: path.to_path_buf(), len: text.len() as u64 });
+        }
+        let mut cfg =
+            PsRunConfig::parse(&text).map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
+        cfg.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(cfg)
+    }
+
+    /// Parses TOML text; the error names the line and the key.
+    pub fn parse(text: &str) -> Result<PsRunConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.cache_dir, &mut self.passphrase_file, &mut self.tls_dir, &mut self.proxy_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// `self` with every setting `over` gives replaced by it (flags over the file).
+    pub fn overlay(self, over: PsRunConfig) -> PsRunConfig {
+        PsRunConfig {
+            cache_dir: over.cache_dir.or(self.cache_dir),
+            cache_size: over.cache_size.or(self.cache_size),
+            listen: over.listen.or(self.listen),
+            target: over.target.or(self.target),
+            passphrase_file: over.passphrase_file.or(self.passphrase_file),
+            tls_dir: over.tls_dir.or(self.tls_dir),
+            proxy_file: over.proxy_file.or(self.proxy_file),
+            tls_names: over.tls_names.or(self.tls_names),
+            bandwidth_mbps: over.bandwidth_mbps.or(self.bandwidth_mbps),
+            work_hours: over.work_hours.or(self.work_hours),
+            work_days: over.work_days.or(self.work_days),
+            work_mbps: over.work_mbps.or(self.work_mbps),
+            utc_offset_min: over.utc_offset_min.or(self.utc_offset_min),
+        }
+    }
+
+    /// Checks the merged settings: required ones present, sizes and schedules valid.
+    pub fn settle(self) -> Result<PsRunSettings, ConfigError> {
+        fn need<T>(v: Option<T>, key: &'static str, flag: &'static str) -> Result<T, ConfigError> {
+            v.ok_or(ConfigError::Missing { key, flag })
+        }
+        let cache_size_bytes = need(self.cache_size, "cache_size", "cache-size")?.bytes("cache_size")?;
+        if cache_size_bytes == 0 {
+            return Err(ConfigError::Invalid { key: "cache_size", message: "must be more than 0 bytes".into() });
+        }
+        for (key, v) in [("bandwidth_mbps", self.bandwidth_mbps), ("work_mbps", self.work_mbps)] {
+            if let Some(v) = v {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(ConfigError::Invalid { key, message: format!("a positive number of MB/s, got {v}") });
+                }
+            }
+        }
+        let work_hours = match (&self.work_hours, self.work_mbps) {
+            (Some(h), Some(_)) => {
+                let days = self.work_days.as_deref().unwrap_or("mon-fri");
+                let wh = WorkHours::parse(h, days, self.utc_offset_min.unwrap_or(0))
+                    .map_err(|e| ConfigError::Invalid { key: "work_hours", message: e.to_string() })?;
+                Some(wh)
+            }
+            (Some(_), None) => return Err(ConfigError::Missing { key: "work_mbps", flag: "work-mbps" }),
+            (None, _) => None,
+        };
+        let listen = match self.listen {
+            Some(a) => a,
+            None => DEFAULT_LISTEN.parse().expect("the default listen address parses"),
+        };
+        Ok(PsRunSettings {
+            cache_dir: need(self.cache_dir, "cache_dir", "cache-dir")?,
+            cache_size_bytes,
+            listen,
+            target: need(self.target, "target", "target")?,
+            passphrase_file: need(self.passphrase_file, "passphrase_file", "passphrase-file")?,
+            tls_dir: need(self.tls_dir, "tls_dir", "tls-dir")?,
+            proxy_file: self.proxy_file,
+            tls_names: self.tls_names.unwrap_or_default(),
+            bandwidth: BandwidthSchedule {
+                off_mb_per_s: self.bandwidth_mbps,
+                work_mb_per_s: self.work_mbps,
+                work_hours,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+        cache_dir = "cache"
+        cache_size = "300GiB"
+        listen = "127.0.0.1:9443"
+        target = "s3://dr-bucket/site-a"
+        passphrase_file = "/etc/churnlog/passphrase"
+        tls_dir = "tls"
+        tls_names = ["ps1.example.net"]
+        bandwidth_mbps = 100.0
+        work_hours = "08:00-18:00"
+        work_mbps = 20.5
+        utc_offset_min = -300
+    "#;
+
+    #[test]
+    fn a_full_file_settles() {
+        let mut cfg = PsRunConfig::parse(FULL).unwrap();
+        cfg.resolve_paths(Path::new("/srv/churnlog"));
+        let s = cfg.settle().unwrap();
+        assert_eq!(s.cache_dir, PathBuf::from("/srv/churnlog/cache"));
+        assert_eq!(s.passphrase_file, PathBuf::from("/etc/churnlog/passphrase"));
+        assert_eq!(s.cache_size_bytes, 300 << 30);
+        assert_eq!(s.listen, "127.0.0.1:9443".parse().unwrap());
+        assert_eq!(s.tls_names, vec!["ps1.example.net".to_string()]);
+        assert_eq!(s.bandwidth.off_mb_per_s, Some(100.0));
+        assert_eq!(s.bandwidth.work_mb_per_s, Some(20.5));
+        assert!(s.bandwidth.work_hours.is_some());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_defaults_fill_the_rest() {
+        let file = PsRunConfig::parse(FULL).unwrap();
+        let flags = PsRunConfig {
+            cache_size: Some(SizeValue::Bytes(1 << 30)),
+            target: Some("file:///tmp/t".into()),
+            ..PsRunConfig::default()
+        };
+        let s = file.overlay(flags).settle().unwrap();
+        assert_eq!(s.cache_size_bytes, 1 << 30);
+        assert_eq!(s.target, "file:///tmp/t");
+        assert_eq!(s.tls_dir, PathBuf::from("tls"));
+
+        let minimal = PsRunConfig::parse(
+            "cache_dir='/c'\ncache_size=1073741824\ntarget='file:///t'\npassphrase_file='/p'\ntls_dir='/t'",
+        )
+        .unwrap()
+        .settle()
+        .unwrap();
+        assert_eq!(minimal.listen.port(), 9443);
+        assert_eq!(minimal.cache_size_bytes, 1 << 30);
+        assert!(minimal.bandwidth.off_mb_per_s.is_none() && minimal.bandwidth.work_hours.is_none());
+    }
+
+    #[test]
+    fn bad_files_get_named_errors() {
+        let typo = PsRunConfig::parse("cache_dri = '/c'").unwrap_err();
+        assert!(typo.contains("cache_dri"), "{typo}");
+        let wrong_type = PsRunConfig::parse("listen = 9443").unwrap_err();
+        assert!(wrong_type.contains("listen"), "{wrong_type}");
+
+        let missing = PsRunConfig::parse("cache_size='1GiB'").unwrap().settle().unwrap_err();
+        assert!(matches!(missing, ConfigError::Missing { key: "cache_dir", .. }), "{missing}");
+        let base = "cache_dir='/c'\ntarget='file:///t'\npassphrase_file='/p'\ntls_dir='/t'\n";
+        let bad_size = PsRunConfig::parse(&format!("{base}cache_size='lots'")).unwrap().settle().unwrap_err();
+        assert!(matches!(bad_size, ConfigError::Invalid { key: "cache_size", .. }), "{bad_size}");
+        let negative = PsRunConfig::parse(&format!("{base}cache_size='1G'\nbandwidth_mbps=-1.0")).unwrap().settle();
+        assert!(matches!(negative, Err(ConfigError::Invalid { key: "bandwidth_mbps", .. })));
+        let hours_alone =
+            PsRunConfig::parse(&format!("{base}cache_size='1G'\nwork_hours='08:00-18:00'")).unwrap().settle();
+        assert!(matches!(hours_alone, Err(ConfigError::Missing { key: "work_mbps", .. })));
+        let bad_hours =
+            PsRunConfig::parse(&format!("{base}cache_size='1G'\nwork_hours='8-6'\nwork_mbps=5.0")).unwrap().settle();
+        assert!(matches!(bad_hours, Err(ConfigError::Invalid { key: "work_hours", .. })));
+    }
+
+    #[test]
+    fn load_caps_the_size_and_resolves_paths_beside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ps.toml");
+        std::fs::write(&path, "cache_dir = 'cache'\ntls_dir = '/abs/tls'\n").unwrap();
+        let cfg = PsRunConfig::load(&path).unwrap();
+        assert_eq!(cfg.cache_dir, Some(dir.path().join("cache")));
+        assert_eq!(cfg.tls_dir, Some(PathBuf::from("/abs/tls")));
+
+        std::fs::write(&path, vec![b'#'; CONFIG_BYTES_MAX as usize + 1]).unwrap();
+        assert!(matches!(PsRunConfig::load(&path), Err(ConfigError::TooLarge { .. })));
+        assert!(matches!(PsRunConfig::load(&dir.path().join("absent.toml")), Err(ConfigError::Io { .. })));
+    }
+}
