@@ -47,6 +47,14 @@ pub use recover::RecoveryReport;
 pub use ticket::AppendTicket;
 pub use verify::{StreamVerify, VerifyReport};
 
+/// A cached record as stored: its codec, its logical length and its (CRC-checked) bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct StoredRecord<'a> {
+    pub codec: format::Codec,
+    pub logical_len: u32,
+    pub bytes: &'a [u8],
+}
+
 use format::{Codec, RecordHeader, RecordKind, BATCH_HEADER_LEN, RECORD_HEADER_LEN};
 use index::{Loc, StreamIndex};
 use io::aligned::AlignedBuf;
@@ -639,19 +647,46 @@ impl Cache {
 
     /// [`Cache::read`] into a caller's buffer (cleared first), to reuse allocations.
     pub fn read_into(&self, stream: StreamId, seq: u64, out: &mut Vec<u8>) -> Result<(), ReadError> {
+        let mut raw = Vec::new();
+        self.read_stored_with(stream, seq, &mut raw, |stored| {
+            compress::decode_into(stored.codec, stored.bytes, stored.logical_len as usize, out)
+        })?
+        .map_err(|what| self.corruption(stream, seq, what))
+    }
+
+    /// Reads record `seq` of `stream` verified (header, CRC, lengths) but not decompressed,
+    /// and hands its stored form to `f`. `scratch` holds the raw bytes (reused across
+    /// calls). The drain ships records this way, so compressed data stays compressed.
+    pub fn read_stored_with<R>(
+        &self,
+        stream: StreamId,
+        seq: u64,
+        scratch: &mut Vec<u8>,
+        f: impl FnOnce(StoredRecord<'_>) -> R,
+    ) -> Result<R, ReadError> {
         let (loc, file) = self.locate(stream, seq)?;
-        let mut raw = vec![0u8; RECORD_HEADER_LEN + loc.stored_len as usize];
-        file.read_exact_at(&mut raw, u64::from(loc.offset)).map_err(|source| ReadError::Io { stream, seq, source })?;
-        let corrupt = |what: String| ReadError::Corruption {
+        scratch.clear();
+        scratch.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
+        file.read_exact_at(scratch, u64::from(loc.offset)).map_err(|source| ReadError::Io { stream, seq, source })?;
+        let header = check_record(scratch, stream.0, seq, &loc).map_err(|what| ReadError::Corruption {
             stream,
             seq,
             segment: u64::from(loc.segment),
             offset: u64::from(loc.offset),
             what,
-        };
-        let header = check_record(&raw, stream.0, seq, &loc).map_err(corrupt)?;
-        compress::decode_into(header.codec, &raw[RECORD_HEADER_LEN..], header.logical_len as usize, out)
-            .map_err(corrupt)
+        })?;
+        Ok(f(StoredRecord {
+            codec: header.codec,
+            logical_len: header.logical_len,
+            bytes: &scratch[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.stored_len as usize],
+        }))
+    }
+
+    /// A corruption found after the checks of [`Cache::read_stored_with`] (decompression).
+    fn corruption(&self, stream: StreamId, seq: u64, what: String) -> ReadError {
+        let (segment, offset) =
+            self.locate(stream, seq).map_or((0, 0), |(l, _)| (u64::from(l.segment), u64::from(l.offset)));
+        ReadError::Corruption { stream, seq, segment, offset, what }
     }
 
     /// Location of a live durable record and a handle on its segment file.

@@ -12,8 +12,13 @@ use object_store::PutPayload;
 
 use super::throttle::{BandwidthSchedule, Throttle};
 use super::{object, DrainError, GapEntry, Manifest, ObjectEntry, PointEntry, Target};
-use crate::cache::{Cache, ReadError, StreamId, StreamInfo};
+use crate::cache::format::Codec;
+use crate::cache::{compress, Cache, ReadError, StreamId, StreamInfo};
 use crate::protocol::StreamRecord;
+
+/// Records shorter than this may be points or resync bases and are looked at; point and
+/// base records are far shorter (see the test below), so longer ones are writes.
+const SMALL_RECORD_LEN: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub struct DrainConfig {
@@ -241,10 +246,37 @@ impl Drainer {
     fn build_object(&self, info: &StreamInfo, from: u64, offset: u64) -> Result<Option<Built>, DrainError> {
         let mut object = object::ObjectBuilder::with_capacity(self.cfg.object_bytes_max + (1 << 20));
         let (mut points, mut bases) = (Vec::new(), Vec::new());
-        let mut data = Vec::new();
+        let (mut scratch, mut small) = (Vec::new(), Vec::new());
         let mut records = 0;
         for seq in from..=info.durable_upto {
-            match self.cache.read_into(info.id, seq, &mut data) {
+            let read = self.cache.read_stored_with(info.id, seq, &mut scratch, |stored| {
+                // Point and base records are a few dozen bytes: only a small record can be
+                // one, and only a small one is decompressed to look (larger ones are writes).
+                let record = match stored.codec {
+                    Codec::Raw => Some(StreamRecord::decode(stored.bytes)),
+                    Codec::Lz4 if (stored.logical_len as usize) < SMALL_RECORD_LEN => {
+                        compress::decode_into(stored.codec, stored.bytes, stored.logical_len as usize, &mut small)
+                            .map_err(|what| format!("seq {seq}: {what}"))?;
+                        Some(StreamRecord::decode(&small))
+                    }
+                    Codec::Lz4 => None,
+                };
+                match record {
+                    Some(Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size })) => {
+                        points.push(PointEntry { point_id, kind, unix_ms, seq: seq + offset, disk_size })
+                    }
+                    Some(Ok(StreamRecord::ResyncBase { .. })) => bases.push(seq + offset),
+                    _ => {}
+                }
+                object.push_stored(seq + offset, stored.codec, stored.logical_len, stored.bytes);
+                Ok::<(), String>(())
+            });
+            let read = match read {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(what)) => Err(ReadError::Corruption { stream: info.id, seq, segment: 0, offset: 0, what }),
+                Err(e) => Err(e),
+            };
+            match read {
                 Ok(()) => {}
                 Err(e @ ReadError::Corruption { .. }) => {
                     tracing::error!(error = %e, machine = %info.machine, disk = %info.disk, "corrupt cached record: evicting the stream");
@@ -255,14 +287,6 @@ impl Drainer {
                 }
                 Err(e) => return Err(DrainError::Cache(e.to_string())),
             }
-            match StreamRecord::decode(&data) {
-                Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size }) => {
-                    points.push(PointEntry { point_id, kind, unix_ms, seq: seq + offset, disk_size })
-                }
-                Ok(StreamRecord::ResyncBase { .. }) => bases.push(seq + offset),
-                _ => {}
-            }
-            object.push(seq + offset, &data);
             records += 1;
             if !points.is_empty() || !bases.is_empty() || object.len() >= self.cfg.object_bytes_max {
                 break;
@@ -281,4 +305,24 @@ struct Built {
     points: Vec<PointEntry>,
     bases: Vec<u64>,
     body: bytes::Bytes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SMALL_RECORD_LEN;
+    use crate::protocol::{PointKind, StreamRecord};
+
+    #[test]
+    fn point_and_base_records_are_small() {
+        let point = StreamRecord::Point {
+            point_id: u64::MAX,
+            kind: PointKind::AppConsistent,
+            unix_ms: u64::MAX,
+            disk_size: u64::MAX,
+        };
+        let base = StreamRecord::ResyncBase { unix_ms: u64::MAX };
+        for r in [point, base] {
+            assert!(r.encode().len() < SMALL_RECORD_LEN);
+        }
+    }
 }

@@ -1,16 +1,24 @@
-//! The format of an uploaded data object: a run of one stream's records, in order.
+//! The format of an uploaded data object: a run of one stream's records, in order, each
+//! in the form the cache stored it (LZ4-compressed records stay compressed: the drain
+//! neither decompresses nor uploads the bytes compression saved).
 //!
 //! ```text
-//! magic "CLO1" | version u16 | reserved u16 | count u32 | first_seq u64 | last_seq u64
-//! count × ( seq u64 | len u32 | bytes[len] )           -- the cache record, as stored by the engine's caller
+//! magic "CLO1" | version u16 (2) | reserved u16 | count u32 | first_seq u64 | last_seq u64
+//! count × ( seq u64 | codec u8 | reserved [u8; 3] | logical_len u32 | stored_len u32 | bytes[stored_len] )
 //! crc32 u32 (CRC-32/IEEE of everything before it)
 //! ```
+//!
+//! Version 1 objects (`seq u64 | len u32 | bytes[len]`, always uncompressed) are still read.
 
+use crate::cache::compress::decode_into;
+use crate::cache::format::Codec;
 use crate::protocol::WRITE_DATA_MAX;
 
 const MAGIC: &[u8; 4] = b"CLO1";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER_LEN: usize = 28;
+const RECORD_HEAD_V1: usize = 12;
+const RECORD_HEAD_V2: usize = 20;
 /// Largest object accepted on read.
 pub const OBJECT_LEN_MAX: usize = 256 << 20;
 const RECORD_LEN_MAX: usize = WRITE_DATA_MAX + 64;
@@ -25,6 +33,8 @@ pub enum ObjectError {
     Checksum,
     #[error("object record table is inconsistent: {0}")]
     Records(&'static str),
+    #[error("object record {seq} does not decompress: {what}")]
+    Decompress { seq: u64, what: String },
 }
 
 /// Builds an object record by record, straight into its final buffer.
@@ -45,18 +55,26 @@ impl ObjectBuilder {
         ObjectBuilder { out, count: 0, first: 0, last: 0 }
     }
 
-    /// Appends the record `seq` (one more than the previous).
+    /// Appends the uncompressed record `seq` (one more than the previous).
     pub fn push(&mut self, seq: u64, bytes: &[u8]) {
+        self.push_stored(seq, Codec::Raw, bytes.len() as u32, bytes);
+    }
+
+    /// Appends record `seq` (one more than the previous) in its stored form.
+    pub fn push_stored(&mut self, seq: u64, codec: Codec, logical_len: u32, stored: &[u8]) {
         debug_assert!(self.count == 0 || seq == self.last + 1, "records must be consecutive");
-        debug_assert!(bytes.len() <= RECORD_LEN_MAX);
+        debug_assert!(stored.len() <= RECORD_LEN_MAX && logical_len as usize <= RECORD_LEN_MAX);
+        debug_assert!(codec != Codec::Raw || stored.len() == logical_len as usize);
         if self.count == 0 {
             self.first = seq;
         }
         self.last = seq;
         self.count += 1;
         self.out.extend_from_slice(&seq.to_le_bytes());
-        self.out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-        self.out.extend_from_slice(bytes);
+        self.out.extend_from_slice(&[codec as u8, 0, 0, 0]);
+        self.out.extend_from_slice(&logical_len.to_le_bytes());
+        self.out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        self.out.extend_from_slice(stored);
     }
 
     pub fn len(&self) -> usize {
@@ -84,13 +102,23 @@ impl ObjectBuilder {
 }
 
 pub fn encode(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
-    let mut b = ObjectBuilder::with_capacity(records.iter().map(|r| 12 + r.1.len()).sum());
+    let mut b = ObjectBuilder::with_capacity(records.iter().map(|r| RECORD_HEAD_V2 + r.1.len()).sum());
     for (seq, bytes) in records {
         b.push(*seq, bytes);
     }
     b.finish()
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8"))
+}
+
+/// Checks an object whole (length, CRC, header, record table) and returns its records,
+/// decompressed.
 pub fn decode(b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ObjectError> {
     if b.len() < HEADER_LEN + 4 || b.len() > OBJECT_LEN_MAX {
         return Err(ObjectError::Length(b.len()));
@@ -99,27 +127,45 @@ pub fn decode(b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ObjectError> {
     if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
         return Err(ObjectError::Checksum);
     }
-    if &body[..4] != MAGIC || u16::from_le_bytes([body[4], body[5]]) != VERSION {
+    let version = u16::from_le_bytes([body[4], body[5]]);
+    if &body[..4] != MAGIC || !(version == 1 || version == 2) {
         return Err(ObjectError::Header);
     }
-    let count = u32::from_le_bytes(body[8..12].try_into().expect("4")) as usize;
-    let first = u64::from_le_bytes(body[12..20].try_into().expect("8"));
-    let last = u64::from_le_bytes(body[20..28].try_into().expect("8"));
+    let count = u32_at(body, 8) as usize;
+    let first = u64_at(body, 12);
+    let last = u64_at(body, 20);
+    let head_len = if version == 1 { RECORD_HEAD_V1 } else { RECORD_HEAD_V2 };
     let mut at = HEADER_LEN;
-    let mut out = Vec::with_capacity(count.min(1 << 16));
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::with_capacity(count.min(1 << 16));
     for _ in 0..count {
-        let head = body.get(at..at + 12).ok_or(ObjectError::Records("truncated record header"))?;
-        let seq = u64::from_le_bytes(head[..8].try_into().expect("8"));
-        let len = u32::from_le_bytes(head[8..12].try_into().expect("4")) as usize;
-        if len > RECORD_LEN_MAX {
+        let head = body.get(at..at + head_len).ok_or(ObjectError::Records("truncated record header"))?;
+        let seq = u64_at(head, 0);
+        let (codec, logical_len, stored_len) = if version == 1 {
+            let len = u32_at(head, 8) as usize;
+            (Codec::Raw, len, len)
+        } else {
+            let codec = match head[8] {
+                0 => Codec::Raw,
+                1 => Codec::Lz4,
+                _ => return Err(ObjectError::Records("unknown codec")),
+            };
+            if head[9..12] != [0, 0, 0] {
+                return Err(ObjectError::Records("reserved bytes are not zero"));
+            }
+            (codec, u32_at(head, 12) as usize, u32_at(head, 16) as usize)
+        };
+        if logical_len > RECORD_LEN_MAX || stored_len > RECORD_LEN_MAX {
             return Err(ObjectError::Records("record too long"));
         }
-        let bytes = body.get(at + 12..at + 12 + len).ok_or(ObjectError::Records("truncated record"))?;
-        if out.last().is_some_and(|(prev, _): &(u64, Vec<u8>)| *prev + 1 != seq) {
+        let stored =
+            body.get(at + head_len..at + head_len + stored_len).ok_or(ObjectError::Records("truncated record"))?;
+        if out.last().is_some_and(|(prev, _)| *prev + 1 != seq) {
             return Err(ObjectError::Records("sequence numbers are not consecutive"));
         }
-        out.push((seq, bytes.to_vec()));
-        at += 12 + len;
+        let mut data = Vec::new();
+        decode_into(codec, stored, logical_len, &mut data).map_err(|what| ObjectError::Decompress { seq, what })?;
+        out.push((seq, data));
+        at += head_len + stored_len;
     }
     if at != body.len() || out.first().map_or(0, |r| r.0) != first || out.last().map_or(0, |r| r.0) != last {
         return Err(ObjectError::Records("header disagrees with the records"));
@@ -132,12 +178,50 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A version 1 object, as the previous release wrote it.
+    fn encode_v1(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+        out.extend_from_slice(&records[0].0.to_le_bytes());
+        out.extend_from_slice(&records[records.len() - 1].0.to_le_bytes());
+        for (seq, bytes) in records {
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn compressed_records_travel_compressed_and_decode_whole() {
+        let mut page = vec![0u8; 64 << 10];
+        crate::bench::fill_random(&mut page[..8 << 10], 7);
+        let packed = lz4_flex::block::compress(&page);
+        let mut b = ObjectBuilder::with_capacity(packed.len() + 64);
+        b.push_stored(5, Codec::Lz4, page.len() as u32, &packed);
+        b.push(6, b"tail");
+        let bytes = b.finish();
+        assert!(bytes.len() < page.len() / 4, "object is {} bytes", bytes.len());
+        assert_eq!(decode(&bytes).unwrap(), vec![(5, page.clone()), (6, b"tail".to_vec())]);
+
+        // A compressed record whose stated logical length is wrong is reported, with its seq.
+        let mut b = ObjectBuilder::with_capacity(packed.len() + 64);
+        b.push_stored(9, Codec::Lz4, page.len() as u32 - 1, &packed);
+        assert!(matches!(decode(&b.finish()), Err(ObjectError::Decompress { seq: 9, .. })));
+    }
+
     proptest! {
         #[test]
         fn round_trips_and_detects_any_flip(start in 1u64..1000, lens in proptest::collection::vec(0usize..300, 1..20), flip in any::<prop::sample::Index>()) {
             let records: Vec<(u64, Vec<u8>)> = lens.iter().enumerate().map(|(i, &l)| (start + i as u64, vec![i as u8; l])).collect();
             let mut bytes = encode(&records);
-            prop_assert_eq!(decode(&bytes).unwrap(), records);
+            prop_assert_eq!(decode(&bytes).unwrap(), records.clone());
+            prop_assert_eq!(decode(&encode_v1(&records)).unwrap(), records);
             let at = flip.index(bytes.len());
             bytes[at] ^= 0x10;
             prop_assert!(decode(&bytes).is_err());
