@@ -133,3 +133,58 @@ async fn tickets_are_futures() {
     assert_eq!(cache.stats().records, 400);
     assert!(cache.stats().batches <= 400);
 }
+
+/// Reads close behind the writer come from the tail cache; with it off, or after a
+/// reopen, the same bytes come from the device. A small tail cache serves the newest
+/// records from memory and the older ones from the device, in one run read.
+#[test]
+fn tail_cache_serves_recent_batches_and_agrees_with_the_device() {
+    let expected: Vec<Vec<u8>> = (1..=300u64).map(|seq| record(0, seq, 4096 + (seq as usize * 131) % 20000)).collect();
+    let read_all = |cache: &Cache, s| {
+        let mut got = Vec::new();
+        let mut scratch = Vec::new();
+        let n = cache
+            .read_stored_run(s, 1, 300, 64 << 20, &mut scratch, |seq, stored| {
+                let mut out = Vec::new();
+                churnlog::cache::compress::decode_into(
+                    stored.codec,
+                    stored.bytes,
+                    stored.logical_len as usize,
+                    &mut out,
+                )
+                .unwrap();
+                assert_eq!(seq, got.len() as u64 + 1);
+                got.push(out);
+                true
+            })
+            .unwrap();
+        assert_eq!(n, 300);
+        got
+    };
+    for (tail_cache_bytes, expect_memory, expect_device) in
+        [(64 << 20, true, false), (0, false, true), (256 << 10, true, true)]
+    {
+        let dir = tempfile::tempdir().unwrap();
+        // A small commit size gives many batches, so a small tail cache covers only some.
+        let opts = Options { tail_cache_bytes, commit_bytes_max: 64 << 10, ..Options::small_for_tests() };
+        let cache = Cache::open(dir.path(), opts.clone()).unwrap();
+        let s = cache.stream("m", "d").unwrap();
+        for r in &expected {
+            cache.append(s, r).unwrap().wait().unwrap();
+        }
+        assert_eq!(read_all(&cache, s), expected, "tail cache {tail_cache_bytes}");
+        for seq in [1u64, 150, 300] {
+            assert_eq!(cache.read(s, seq).unwrap(), expected[seq as usize - 1]);
+        }
+        let st = cache.stats();
+        assert_eq!(st.read_bytes_memory > 0, expect_memory, "{tail_cache_bytes}: {st:?}");
+        assert_eq!(st.read_bytes_device > 0, expect_device, "{tail_cache_bytes}: {st:?}");
+        assert!(st.tail_cache_bytes <= tail_cache_bytes as u64);
+        cache.close().unwrap();
+
+        let cache = Cache::open(dir.path(), opts).unwrap();
+        assert_eq!(read_all(&cache, s), expected);
+        assert_eq!(cache.stats().read_bytes_memory, 0, "a reopened cache reads from the device");
+        cache.close().unwrap();
+    }
+}

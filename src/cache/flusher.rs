@@ -146,13 +146,24 @@ impl Writer {
             };
             inner.room_cv.notify_all();
             self.last_batch_records = records.len();
-            match self.write_batch(&mut buf, &records, batch_no) {
-                Ok((segment, base)) => self.commit(segment, base, &records, batch_no),
-                Err(f) => self.fail(batch_no, f),
-            }
-            buf.truncate(BATCH_HEADER_LEN);
+            let mut free = match self.write_batch(&mut buf, &records, batch_no) {
+                Ok((segment, base)) => {
+                    self.commit(segment, base, &records, batch_no);
+                    // Durable and indexed: keep it for readers close behind (the drain).
+                    inner.recent.lock().keep(segment, base, buf)
+                }
+                Err(f) => {
+                    self.fail(batch_no, f);
+                    vec![buf]
+                }
+            };
             records.clear();
-            inner.append.lock().spare.push((buf, records));
+            let mut st = inner.append.lock();
+            let mut records = Some(records);
+            for mut b in free.drain(..) {
+                b.truncate(BATCH_HEADER_LEN);
+                st.spare.push((b, records.take().unwrap_or_default()));
+            }
         }
     }
 

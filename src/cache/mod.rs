@@ -18,6 +18,7 @@ pub mod index;
 pub mod io;
 pub mod meta;
 pub mod options;
+pub mod recent;
 pub mod reclaimer;
 pub mod recover;
 pub mod ticket;
@@ -53,6 +54,8 @@ pub struct StoredRecord<'a> {
     pub codec: format::Codec,
     pub logical_len: u32,
     pub bytes: &'a [u8],
+    /// CRC-32/IEEE of `bytes`, already checked against them.
+    pub crc: u32,
 }
 
 use format::{Codec, RecordHeader, RecordKind, BATCH_HEADER_LEN, RECORD_HEADER_LEN};
@@ -187,6 +190,8 @@ pub(crate) struct Counters {
     pub rewritten_records: AtomicU64,
     pub segments_freed: AtomicU64,
     pub evictions: AtomicU64,
+    pub read_bytes_memory: AtomicU64,
+    pub read_bytes_device: AtomicU64,
 }
 
 /// Something an operator must hear about; kept in a bounded list and logged.
@@ -233,9 +238,20 @@ pub(crate) struct Inner {
     pub reclaim_cv: Condvar,
     pub reclaim_pass_lock: Mutex<()>,
     pub recovery: RecoveryReport,
+    pub recent: Mutex<recent::RecentBatches>,
 }
 
 impl Inner {
+    /// Reads `buf.len()` bytes at `offset` of `segment`: from the tail cache where it holds
+    /// them, from `file` otherwise.
+    fn read_span(&self, segment: u64, file: &dyn StorageFile, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let pieces = self.recent.lock().overlapping(segment, offset, offset + buf.len() as u64);
+        let from_memory = recent::fill_span(buf, offset, &pieces, |at, part| file.read_exact_at(part, at))?;
+        self.counters.read_bytes_memory.fetch_add(from_memory as u64, Ordering::Relaxed);
+        self.counters.read_bytes_device.fetch_add((buf.len() - from_memory) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     pub fn used_bytes(&self) -> u64 {
         self.segments_in_use.load(Ordering::Relaxed) * self.opts.segment_size
     }
@@ -438,6 +454,11 @@ pub struct CacheStats {
     pub rewritten_records: u64,
     pub segments_freed: u64,
     pub evictions: u64,
+    /// Record bytes read back served from the tail cache, and from the device.
+    pub read_bytes_memory: u64,
+    pub read_bytes_device: u64,
+    /// Memory the tail cache pins now.
+    pub tail_cache_bytes: u64,
     /// Heap bytes held by the per-stream indexes.
     pub index_bytes: u64,
     pub index_records: u64,
@@ -505,6 +526,7 @@ impl Cache {
             reclaim_cv: Condvar::new(),
             reclaim_pass_lock: Mutex::new(()),
             recovery: recovered.report,
+            recent: Mutex::new(recent::RecentBatches::new(opts.tail_cache_bytes)),
             storage,
             opts,
         });
@@ -667,7 +689,9 @@ impl Cache {
         let (loc, file) = self.locate(stream, seq)?;
         scratch.clear();
         scratch.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
-        file.read_exact_at(scratch, u64::from(loc.offset)).map_err(|source| ReadError::Io { stream, seq, source })?;
+        self.inner
+            .read_span(u64::from(loc.segment), &*file, u64::from(loc.offset), scratch)
+            .map_err(|source| ReadError::Io { stream, seq, source })?;
         let header = check_record(scratch, stream.0, seq, &loc).map_err(|what| ReadError::Corruption {
             stream,
             seq,
@@ -679,7 +703,94 @@ impl Cache {
             codec: header.codec,
             logical_len: header.logical_len,
             bytes: &scratch[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.stored_len as usize],
+            crc: header.payload_crc,
         }))
+    }
+
+    /// Reads records `from..=upto` of `stream` in their stored form, several per system
+    /// call: records that sit close together in one segment (gaps of at most
+    /// `RUN_GAP_MAX` bytes, a span of at most `span_bytes_max`) are read with one
+    /// positioned read, then checked one by one exactly as [`Cache::read_stored_with`]
+    /// checks them and handed to `f` in order. `f` returns false to stop. Returns how many
+    /// records `f` accepted. The drain reads a whole object's worth this way.
+    pub fn read_stored_run(
+        &self,
+        stream: StreamId,
+        from: u64,
+        upto: u64,
+        span_bytes_max: usize,
+        scratch: &mut Vec<u8>,
+        mut f: impl FnMut(u64, StoredRecord<'_>) -> bool,
+    ) -> Result<u64, ReadError> {
+        const RUN_GAP_MAX: u64 = 64 << 10;
+        let mut seq = from;
+        let mut accepted = 0;
+        while seq <= upto {
+            // The run: locations gathered under the lock, read after it is released.
+            let (file, segment, locs) = {
+                let log = self.inner.log.read();
+                let st = log.streams.get(stream.0 as usize).ok_or(ReadError::UnknownStream(stream))?;
+                let first = st.index.get(seq).ok_or(ReadError::NotAvailable {
+                    stream,
+                    seq,
+                    first: st.index.uploaded_upto() + 1,
+                    last: st.index.durable_upto(),
+                })?;
+                let start = u64::from(first.offset);
+                let mut end = start + (RECORD_HEADER_LEN as u64) + u64::from(first.stored_len);
+                let mut locs = vec![first];
+                let mut next = seq + 1;
+                while next <= upto {
+                    let Some(l) = st.index.get(next) else { break };
+                    let l_end = u64::from(l.offset) + RECORD_HEADER_LEN as u64 + u64::from(l.stored_len);
+                    if l.segment != first.segment
+                        || u64::from(l.offset) < end
+                        || u64::from(l.offset) - end > RUN_GAP_MAX
+                        || l_end - start > span_bytes_max as u64
+                    {
+                        break;
+                    }
+                    end = l_end;
+                    locs.push(l);
+                    next += 1;
+                }
+                let seg = log.segments.get(&u64::from(first.segment)).expect("index points at a live segment");
+                (seg.file.clone(), first.segment, locs)
+            };
+            let start = u64::from(locs[0].offset);
+            let last = locs[locs.len() - 1];
+            let end = u64::from(last.offset) + RECORD_HEADER_LEN as u64 + u64::from(last.stored_len);
+            scratch.clear();
+            scratch.resize((end - start) as usize, 0);
+            self.inner.read_span(u64::from(segment), &*file, start, scratch).map_err(|source| ReadError::Io {
+                stream,
+                seq,
+                source,
+            })?;
+            for loc in &locs {
+                let at = (u64::from(loc.offset) - start) as usize;
+                let raw = &scratch[at..at + RECORD_HEADER_LEN + loc.stored_len as usize];
+                let header = check_record(raw, stream.0, seq, loc).map_err(|what| ReadError::Corruption {
+                    stream,
+                    seq,
+                    segment: u64::from(segment),
+                    offset: u64::from(loc.offset),
+                    what,
+                })?;
+                let stored = StoredRecord {
+                    codec: header.codec,
+                    logical_len: header.logical_len,
+                    bytes: &raw[RECORD_HEADER_LEN..],
+                    crc: header.payload_crc,
+                };
+                if !f(seq, stored) {
+                    return Ok(accepted);
+                }
+                accepted += 1;
+                seq += 1;
+            }
+        }
+        Ok(accepted)
     }
 
     /// A corruption found after the checks of [`Cache::read_stored_with`] (decompression).
@@ -830,6 +941,9 @@ impl Cache {
             rewritten_records: c.rewritten_records.load(Ordering::Relaxed),
             segments_freed: c.segments_freed.load(Ordering::Relaxed),
             evictions: c.evictions.load(Ordering::Relaxed),
+            read_bytes_memory: c.read_bytes_memory.load(Ordering::Relaxed),
+            read_bytes_device: c.read_bytes_device.load(Ordering::Relaxed),
+            tail_cache_bytes: self.inner.recent.lock().bytes() as u64,
             index_bytes,
             index_records,
         }

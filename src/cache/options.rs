@@ -81,6 +81,9 @@ pub struct Options {
     pub compact_usage_min: f64,
     /// Freed segment files kept for reuse instead of deleted (saves allocation).
     pub segments_recycle_max: usize,
+    /// Memory for the newest written batches, so a reader close behind the writer (the
+    /// drain) is served from RAM rather than the device; 0 turns it off.
+    pub tail_cache_bytes: usize,
     /// LZ4 a record only when it shrinks to at most this fraction.
     pub compress_ratio_max: f64,
     /// Run the background reclaimer; tests switch it off and call `reclaim` themselves.
@@ -107,6 +110,7 @@ impl Default for Options {
             compact_live_ratio_max: 0.25,
             compact_usage_min: 0.50,
             segments_recycle_max: 4,
+            tail_cache_bytes: 256 << 20,
             compress_ratio_max: 0.90,
             background_reclaim: true,
             reclaim_interval: Duration::from_millis(200),

@@ -244,19 +244,29 @@ impl Drainer {
     /// bytes, closed early after a point or a resync base. None: a record could not be
     /// read and the stream was evicted instead (loudly) rather than upload a hole.
     fn build_object(&self, info: &StreamInfo, from: u64, offset: u64) -> Result<Option<Built>, DrainError> {
-        let mut object = object::ObjectBuilder::with_capacity(self.cfg.object_bytes_max + (1 << 20));
+        let object_bytes_max = self.cfg.object_bytes_max;
+        let mut object = object::ObjectBuilder::with_capacity(object_bytes_max + (1 << 20));
         let (mut points, mut bases) = (Vec::new(), Vec::new());
         let (mut scratch, mut small) = (Vec::new(), Vec::new());
-        let mut records = 0;
-        for seq in from..=info.durable_upto {
-            let read = self.cache.read_stored_with(info.id, seq, &mut scratch, |stored| {
+        let mut bad: Option<(u64, String)> = None;
+        let read = self.cache.read_stored_run(
+            info.id,
+            from,
+            info.durable_upto,
+            object_bytes_max,
+            &mut scratch,
+            |seq, stored| {
                 // Point and base records are a few dozen bytes: only a small record can be
                 // one, and only a small one is decompressed to look (larger ones are writes).
                 let record = match stored.codec {
                     Codec::Raw => Some(StreamRecord::decode(stored.bytes)),
                     Codec::Lz4 if (stored.logical_len as usize) < SMALL_RECORD_LEN => {
-                        compress::decode_into(stored.codec, stored.bytes, stored.logical_len as usize, &mut small)
-                            .map_err(|what| format!("seq {seq}: {what}"))?;
+                        if let Err(what) =
+                            compress::decode_into(stored.codec, stored.bytes, stored.logical_len as usize, &mut small)
+                        {
+                            bad = Some((seq, what));
+                            return false;
+                        }
                         Some(StreamRecord::decode(&small))
                     }
                     Codec::Lz4 => None,
@@ -268,30 +278,28 @@ impl Drainer {
                     Some(Ok(StreamRecord::ResyncBase { .. })) => bases.push(seq + offset),
                     _ => {}
                 }
-                object.push_stored(seq + offset, stored.codec, stored.logical_len, stored.bytes);
-                Ok::<(), String>(())
-            });
-            let read = match read {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(what)) => Err(ReadError::Corruption { stream: info.id, seq, segment: 0, offset: 0, what }),
-                Err(e) => Err(e),
-            };
-            match read {
-                Ok(()) => {}
-                Err(e @ ReadError::Corruption { .. }) => {
-                    tracing::error!(error = %e, machine = %info.machine, disk = %info.disk, "corrupt cached record: evicting the stream");
-                    self.cache
-                        .evict_stream(info.id, &format!("drain: {e}"))
-                        .map_err(|e| DrainError::Cache(e.to_string()))?;
-                    return Ok(None);
-                }
-                Err(e) => return Err(DrainError::Cache(e.to_string())),
+                object.push_stored(seq + offset, stored.codec, stored.logical_len, stored.bytes, stored.crc);
+                // An object ends after a point or a base, or when it is full.
+                points.is_empty() && bases.is_empty() && object.len() < object_bytes_max
+            },
+        );
+        let read = match (read, bad) {
+            (Ok(_), Some((seq, what))) => {
+                Err(ReadError::Corruption { stream: info.id, seq, segment: 0, offset: 0, what })
             }
-            records += 1;
-            if !points.is_empty() || !bases.is_empty() || object.len() >= self.cfg.object_bytes_max {
-                break;
+            (r, _) => r,
+        };
+        let records = match read {
+            Ok(_) => object.count() as usize,
+            Err(e @ ReadError::Corruption { .. }) => {
+                tracing::error!(error = %e, machine = %info.machine, disk = %info.disk, "corrupt cached record: evicting the stream");
+                self.cache
+                    .evict_stream(info.id, &format!("drain: {e}"))
+                    .map_err(|e| DrainError::Cache(e.to_string()))?;
+                return Ok(None);
             }
-        }
+            Err(e) => return Err(DrainError::Cache(e.to_string())),
+        };
         let (first, last) = object.range();
         Ok(Some(Built { first, last, records, points, bases, body: bytes::Bytes::from(object.finish()) }))
     }

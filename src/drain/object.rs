@@ -40,6 +40,9 @@ pub enum ObjectError {
 /// Builds an object record by record, straight into its final buffer.
 pub struct ObjectBuilder {
     out: Vec<u8>,
+    /// CRC of everything after the header, combined record by record from the CRCs the
+    /// cache already verified, so the payload bytes are not hashed a second time.
+    body_crc: crc32fast::Hasher,
     count: u32,
     first: u64,
     last: u64,
@@ -52,16 +55,17 @@ impl ObjectBuilder {
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes());
         out.resize(HEADER_LEN, 0); // count, first, last: set by finish
-        ObjectBuilder { out, count: 0, first: 0, last: 0 }
+        ObjectBuilder { out, body_crc: crc32fast::Hasher::new(), count: 0, first: 0, last: 0 }
     }
 
     /// Appends the uncompressed record `seq` (one more than the previous).
     pub fn push(&mut self, seq: u64, bytes: &[u8]) {
-        self.push_stored(seq, Codec::Raw, bytes.len() as u32, bytes);
+        self.push_stored(seq, Codec::Raw, bytes.len() as u32, bytes, crc32fast::hash(bytes));
     }
 
-    /// Appends record `seq` (one more than the previous) in its stored form.
-    pub fn push_stored(&mut self, seq: u64, codec: Codec, logical_len: u32, stored: &[u8]) {
+    /// Appends record `seq` (one more than the previous) in its stored form; `stored_crc`
+    /// is the CRC-32 of `stored`, as checked by the cache on read.
+    pub fn push_stored(&mut self, seq: u64, codec: Codec, logical_len: u32, stored: &[u8], stored_crc: u32) {
         debug_assert!(self.count == 0 || seq == self.last + 1, "records must be consecutive");
         debug_assert!(stored.len() <= RECORD_LEN_MAX && logical_len as usize <= RECORD_LEN_MAX);
         debug_assert!(codec != Codec::Raw || stored.len() == logical_len as usize);
@@ -70,10 +74,14 @@ impl ObjectBuilder {
         }
         self.last = seq;
         self.count += 1;
+        debug_assert_eq!(crc32fast::hash(stored), stored_crc);
+        let head_at = self.out.len();
         self.out.extend_from_slice(&seq.to_le_bytes());
         self.out.extend_from_slice(&[codec as u8, 0, 0, 0]);
         self.out.extend_from_slice(&logical_len.to_le_bytes());
         self.out.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        self.body_crc.update(&self.out[head_at..]);
+        self.body_crc.combine(&crc32fast::Hasher::new_with_initial_len(stored_crc, stored.len() as u64));
         self.out.extend_from_slice(stored);
     }
 
@@ -85,6 +93,11 @@ impl ObjectBuilder {
         self.count == 0
     }
 
+    /// Records pushed so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
     /// (first_seq, last_seq) so far.
     pub fn range(&self) -> (u64, u64) {
         (self.first, self.last)
@@ -94,7 +107,11 @@ impl ObjectBuilder {
         self.out[8..12].copy_from_slice(&self.count.to_le_bytes());
         self.out[12..20].copy_from_slice(&self.first.to_le_bytes());
         self.out[20..28].copy_from_slice(&self.last.to_le_bytes());
-        let crc = crc32fast::hash(&self.out);
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&self.out[..HEADER_LEN]);
+        crc.combine(&self.body_crc);
+        let crc = crc.finalize();
+        debug_assert_eq!(crc, crc32fast::hash(&self.out));
         self.out.extend_from_slice(&crc.to_le_bytes());
         debug_assert!(self.out.len() <= OBJECT_LEN_MAX);
         self.out
@@ -203,7 +220,7 @@ mod tests {
         crate::bench::fill_random(&mut page[..8 << 10], 7);
         let packed = lz4_flex::block::compress(&page);
         let mut b = ObjectBuilder::with_capacity(packed.len() + 64);
-        b.push_stored(5, Codec::Lz4, page.len() as u32, &packed);
+        b.push_stored(5, Codec::Lz4, page.len() as u32, &packed, crc32fast::hash(&packed));
         b.push(6, b"tail");
         let bytes = b.finish();
         assert!(bytes.len() < page.len() / 4, "object is {} bytes", bytes.len());
@@ -211,7 +228,7 @@ mod tests {
 
         // A compressed record whose stated logical length is wrong is reported, with its seq.
         let mut b = ObjectBuilder::with_capacity(packed.len() + 64);
-        b.push_stored(9, Codec::Lz4, page.len() as u32 - 1, &packed);
+        b.push_stored(9, Codec::Lz4, page.len() as u32 - 1, &packed, crc32fast::hash(&packed));
         assert!(matches!(decode(&b.finish()), Err(ObjectError::Decompress { seq: 9, .. })));
     }
 
