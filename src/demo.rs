@@ -47,6 +47,7 @@ pub async fn run(
         capacity_bytes: 2 << 30,
         segment_size: 32 << 20,
         record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
+        tail_cache_bytes: churnlog::drain::DRAIN_TAIL_CACHE_BYTES,
         ..Options::default()
     };
     let cache = Arc::new(Cache::open(&cache_dir, opts)?);

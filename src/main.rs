@@ -625,6 +625,7 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
     let options = Options {
         capacity_bytes: cache_size,
         record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
+        tail_cache_bytes: churnlog::drain::DRAIN_TAIL_CACHE_BYTES,
         ..Options::default()
     };
     let cache = Arc::new(Cache::open(&cache_dir, options)?);

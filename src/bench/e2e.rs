@@ -93,6 +93,7 @@ pub async fn run(p: &E2eParams) -> anyhow::Result<E2eResult> {
         capacity_bytes: (p.image_bytes * 2).max(1 << 30),
         segment_size: 64 << 20,
         record_size_max: crate::protocol::RECORD_BYTES_MAX as u32,
+        tail_cache_bytes: crate::drain::DRAIN_TAIL_CACHE_BYTES,
         io_backend: p.io_backend,
         ..Options::default()
     };

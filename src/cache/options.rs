@@ -110,7 +110,7 @@ impl Default for Options {
             compact_live_ratio_max: 0.25,
             compact_usage_min: 0.50,
             segments_recycle_max: 4,
-            tail_cache_bytes: 256 << 20,
+            tail_cache_bytes: 64 << 20,
             compress_ratio_max: 0.90,
             background_reclaim: true,
             reclaim_interval: Duration::from_millis(200),

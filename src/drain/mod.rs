@@ -27,6 +27,12 @@ pub use drainer::{DrainConfig, Drainer};
 pub use proxy::ProxySettings;
 pub use throttle::{BandwidthSchedule, WorkHours};
 
+/// Tail cache for a cache that a drain reads from: the drain follows the writer by its
+/// objects in flight and its passes over the streams, and a device read-back competes
+/// with the writes (the engine's own default is 64 MiB). 256 MiB covers about a second of
+/// ingest at this machine's end-to-end rate.
+pub const DRAIN_TAIL_CACHE_BYTES: usize = 256 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DrainError {
     #[error("bad target URL {url:?}: {why}")]
