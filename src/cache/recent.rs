@@ -37,7 +37,7 @@ impl Held {
     /// Memory this entry pins.
     fn cost(&self) -> usize {
         match self {
-            Held::Batch(b) => b.capacity(),
+            Held::Batch(b) => b.pinned_bytes(),
             Held::Copy(v) => v.capacity(),
         }
     }
@@ -161,9 +161,8 @@ mod tests {
 
     #[test]
     fn keeps_the_newest_within_the_bound_and_gives_buffers_back() {
-        // Room for three of these batches (a buffer's cost is its capacity, which is at
-        // least what was asked).
-        let cost = batch(0, 8192, 8192).capacity();
+        // Room for three of these batches (a buffer costs the heap bytes it pins).
+        let cost = batch(0, 8192, 8192).pinned_bytes();
         let mut r = RecentBatches::new(3 * cost);
         assert!(r.keep(1, 0, batch(1, 8192, 8192)).is_empty());
         assert!(r.keep(1, 8192, batch(2, 8192, 8192)).is_empty());

@@ -26,6 +26,12 @@ impl AlignedBuf {
         self.vec.capacity() - self.start
     }
 
+    /// Heap bytes the buffer holds, alignment slack included (the same for every buffer
+    /// of one requested capacity, unlike [`AlignedBuf::capacity`]).
+    pub fn pinned_bytes(&self) -> usize {
+        self.vec.capacity()
+    }
+
     pub fn len(&self) -> usize {
         self.vec.len() - self.start
     }
