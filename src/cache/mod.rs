@@ -120,6 +120,18 @@ pub(crate) struct StreamState {
     pub index: StreamIndex,
 }
 
+impl StreamState {
+    /// Where the live durable record `seq` of this stream (`stream`) sits.
+    fn live_loc(&self, stream: StreamId, seq: u64) -> Result<Loc, ReadError> {
+        self.index.get(seq).ok_or(ReadError::NotAvailable {
+            stream,
+            seq,
+            first: self.index.uploaded_upto() + 1,
+            last: self.index.durable_upto(),
+        })
+    }
+}
+
 /// What is durable and where: streams, their indexes, segments.
 pub(crate) struct LogState {
     pub streams: Vec<StreamState>,
@@ -686,25 +698,12 @@ impl Cache {
         scratch: &mut Vec<u8>,
         f: impl FnOnce(StoredRecord<'_>) -> R,
     ) -> Result<R, ReadError> {
-        let (loc, file) = self.locate(stream, seq)?;
-        scratch.clear();
-        scratch.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
-        self.inner
-            .read_span(u64::from(loc.segment), &*file, u64::from(loc.offset), scratch)
-            .map_err(|source| ReadError::Io { stream, seq, source })?;
-        let header = check_record(scratch, stream.0, seq, &loc).map_err(|what| ReadError::Corruption {
-            stream,
-            seq,
-            segment: u64::from(loc.segment),
-            offset: u64::from(loc.offset),
-            what,
+        let (mut f, mut out) = (Some(f), None);
+        self.read_stored_run(stream, seq, seq, usize::MAX, scratch, |_, stored| {
+            out = f.take().map(|f| f(stored));
+            false
         })?;
-        Ok(f(StoredRecord {
-            codec: header.codec,
-            logical_len: header.logical_len,
-            bytes: &scratch[RECORD_HEADER_LEN..RECORD_HEADER_LEN + header.stored_len as usize],
-            crc: header.payload_crc,
-        }))
+        Ok(out.expect("a run of one record reads that record or fails"))
     }
 
     /// Reads records `from..=upto` of `stream` in their stored form, several per system
@@ -730,12 +729,7 @@ impl Cache {
             let (file, segment, locs) = {
                 let log = self.inner.log.read();
                 let st = log.streams.get(stream.0 as usize).ok_or(ReadError::UnknownStream(stream))?;
-                let first = st.index.get(seq).ok_or(ReadError::NotAvailable {
-                    stream,
-                    seq,
-                    first: st.index.uploaded_upto() + 1,
-                    last: st.index.durable_upto(),
-                })?;
+                let first = st.live_loc(stream, seq)?;
                 let start = u64::from(first.offset);
                 let mut end = start + (RECORD_HEADER_LEN as u64) + u64::from(first.stored_len);
                 let mut locs = vec![first];
@@ -804,12 +798,7 @@ impl Cache {
     fn locate(&self, stream: StreamId, seq: u64) -> Result<(Loc, Arc<dyn StorageFile>), ReadError> {
         let log = self.inner.log.read();
         let st = log.streams.get(stream.0 as usize).ok_or(ReadError::UnknownStream(stream))?;
-        let loc = st.index.get(seq).ok_or(ReadError::NotAvailable {
-            stream,
-            seq,
-            first: st.index.uploaded_upto() + 1,
-            last: st.index.durable_upto(),
-        })?;
+        let loc = st.live_loc(stream, seq)?;
         let seg = log.segments.get(&u64::from(loc.segment)).expect("index points at a live segment");
         Ok((loc, seg.file.clone()))
     }
