@@ -223,6 +223,10 @@ enum BenchCommand {
         /// Pace producers to this many MiB/s of logical data (default: flat out).
         #[arg(long)]
         rate: Option<f64>,
+        /// With --rate: `poisson` (independent sources, latency from the scheduled time)
+        /// or `lockstep` (all producers append at the same instants).
+        #[arg(long, default_value = "poisson")]
+        arrivals: String,
         /// Also measure the device: O_DIRECT 1 MiB writes of the same size, fdatasync
         /// every 4 MiB, on the same file system, and report both figures.
         #[arg(long)]
@@ -497,6 +501,7 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
             commit_bytes,
             commit_window_us,
             rate,
+            arrivals,
             compare_device,
             crash,
             backend,
@@ -526,6 +531,11 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 inflight_per_producer_max: inflight,
                 drain,
                 rate_mib_per_s: rate,
+                arrivals: match arrivals.as_str() {
+                    "poisson" => bench::ingest::Arrivals::Poisson,
+                    "lockstep" => bench::ingest::Arrivals::Lockstep,
+                    other => anyhow::bail!("--arrivals is poisson or lockstep, not {other:?}"),
+                },
                 leave_open: crash,
                 options,
             };

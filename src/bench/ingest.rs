@@ -27,9 +27,25 @@ pub struct IngestParams {
     pub drain: bool,
     /// Pace producers to this many logical MiB/s in total (None: as fast as possible).
     pub rate_mib_per_s: Option<f64>,
+    /// When paced: how each producer spaces its records in time.
+    pub arrivals: Arrivals,
     /// Leave the cache open on return (the caller exits as a crash would).
     pub leave_open: bool,
     pub options: Options,
+}
+
+/// The arrival process of a paced run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub enum Arrivals {
+    /// Independent sources: exponential gaps between a producer's records (a Poisson
+    /// process per producer, seeded), and latency counted from the record's scheduled
+    /// time, so a producer that falls behind its schedule shows it.
+    #[default]
+    Poisson,
+    /// Every producer on the same fixed grid from the same start: all of them append at
+    /// the same instants (synchronized bursts of `producers` records). Latency from the
+    /// append call. The figure reported before 2026-11-26.
+    Lockstep,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -105,7 +121,7 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
             (p.window_per_stream.max(1) * mine.len()).min(p.inflight_per_producer_max.unwrap_or(usize::MAX)).max(1);
         // Bytes per second this producer may send when paced.
         let pace = p.rate_mib_per_s.map(|r| r * (1u64 << 20) as f64 / p.producers as f64);
-        let record_size = p.record_size;
+        let (record_size, arrivals) = (p.record_size, p.arrivals);
         handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
             // A waiter thread blocks on the tickets in order, so each latency is taken the
             // moment its record is durable, not when the producer next looks. The bounded
@@ -123,22 +139,41 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
             });
             let mut i = 0u64;
             let t0 = Instant::now();
+            // Poisson arrivals: seeded per producer, so runs repeat.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ ((t as u64 + 1) << 17);
+            let mut next_due = Duration::ZERO;
             while i < share {
+                let mut scheduled = None;
                 if let Some(bps) = pace {
-                    let due = Duration::from_secs_f64((i * record_size as u64) as f64 / bps);
+                    let gap_s = record_size as f64 / bps;
+                    let due = match arrivals {
+                        Arrivals::Lockstep => Duration::from_secs_f64(i as f64 * gap_s),
+                        Arrivals::Poisson => next_due,
+                    };
                     if let Some(wait) = due.checked_sub(t0.elapsed()) {
                         std::thread::sleep(wait);
+                    }
+                    if arrivals == Arrivals::Poisson {
+                        scheduled = Some(t0 + due);
                     }
                 }
                 let s = mine[(i % mine.len() as u64) as usize];
                 let data = &pool[((i * 7 + u64::from(s.0)) % pool.len() as u64) as usize];
-                let at = Instant::now();
+                let at = scheduled.unwrap_or_else(Instant::now);
                 match cache.append(s, data) {
                     Ok(ticket) => {
                         if tx.send((ticket, at, data.len())).is_err() {
                             break; // the waiter stopped on an error: it reports it
                         }
                         i += 1;
+                        if let (Some(bps), Arrivals::Poisson) = (pace, arrivals) {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            // Uniform in (0, 1], then an exponential gap with the paced mean.
+                            let u = ((x >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+                            next_due += Duration::from_secs_f64(-u.ln() * record_size as f64 / bps);
+                        }
                     }
                     Err(crate::cache::AppendError::Backpressure { .. }) => std::thread::sleep(Duration::from_millis(1)),
                     Err(e) => return Err(e.into()),

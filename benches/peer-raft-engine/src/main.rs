@@ -159,6 +159,7 @@ fn run_churnlog(cli: &Cli) -> anyhow::Result<Outcome> {
         inflight_per_producer_max: cli.churnlog_inflight,
         drain: false,
         rate_mib_per_s: None,
+        arrivals: Default::default(),
         leave_open: false,
         options,
     };
