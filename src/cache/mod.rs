@@ -787,8 +787,9 @@ impl Cache {
         Ok(accepted)
     }
 
-    /// A corruption found after the checks of [`Cache::read_stored_with`] (decompression).
-    fn corruption(&self, stream: StreamId, seq: u64, what: String) -> ReadError {
+    /// A corruption found after the checks of [`Cache::read_stored_with`] (decompression),
+    /// reported with the record's location in the cache.
+    pub(crate) fn corruption(&self, stream: StreamId, seq: u64, what: String) -> ReadError {
         let (segment, offset) =
             self.locate(stream, seq).map_or((0, 0), |(l, _)| (u64::from(l.segment), u64::from(l.offset)));
         ReadError::Corruption { stream, seq, segment, offset, what }

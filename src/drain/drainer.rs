@@ -284,9 +284,7 @@ impl Drainer {
             },
         );
         let read = match (read, bad) {
-            (Ok(_), Some((seq, what))) => {
-                Err(ReadError::Corruption { stream: info.id, seq, segment: 0, offset: 0, what })
-            }
+            (Ok(_), Some((seq, what))) => Err(self.cache.corruption(info.id, seq, what)),
             (r, _) => r,
         };
         let records = match read {
