@@ -117,12 +117,6 @@ pub async fn run(
     let _ = drainer.await;
     server.stop().await;
     drop(agent);
-    // A session stopped mid-way leaves its acknowledging task (src/ingest.rs) holding a
-    // clone until it sees its channel close, a moment after the server has stopped.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while Arc::strong_count(&cache) > 1 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
     match Arc::try_unwrap(cache) {
         Ok(c) => c.close()?,
         Err(_) => anyhow::bail!("cache still shared at the end of the demo"),

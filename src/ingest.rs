@@ -78,6 +78,9 @@ pub enum IngestError {
     RecordSize(u32),
 }
 
+/// How long `stop` lets sessions finish before it aborts them.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 pub struct IngestServer {
     pub local_addr: SocketAddr,
     /// The server's certificate, for agents to trust.
@@ -117,12 +120,18 @@ impl IngestServer {
                     Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
                 }
             }
+            // Sessions see the stop signal and wind down, their acknowledger and writer
+            // with them, so no task still holds the cache once `stop` returns. Any still
+            // running after the grace period (a peer that stopped reading) is aborted.
+            let drained = async { while sessions.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(STOP_GRACE, drained).await;
             sessions.shutdown().await;
         });
         Ok(IngestServer { local_addr, cert_pem, stats, stop, task })
     }
 
-    /// Stops accepting, closes every session, and waits for them.
+    /// Stops accepting, lets every session wind down (its acknowledger and writer
+    /// included; aborted after `STOP_GRACE`), and waits for them.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;

@@ -71,6 +71,9 @@ impl Rig {
         let _ = self.stop.send(true);
         let _ = self.drainer.await;
         self.server.stop().await;
+        // Once stopped, neither the server nor its sessions (their acknowledgers included)
+        // may still hold the cache: its owner closes it right after.
+        assert_eq!(Arc::strong_count(&self.cache), 1, "a stopped server or drain still holds the cache");
     }
 }
 
