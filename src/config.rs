@@ -69,6 +69,8 @@ pub struct PsRunConfig {
     pub work_days: Option<String>,
     pub work_mbps: Option<f64>,
     pub utc_offset_min: Option<i32>,
+    /// Highest LZ4 acceleration when the CPU is the bottleneck (1 = best ratio always).
+    pub lz4_acceleration_max: Option<u32>,
 }
 
 /// `ps run` settings after merging and checking: everything the server needs.
@@ -83,6 +85,8 @@ pub struct PsRunSettings {
     pub proxy_file: Option<PathBuf>,
     pub tls_names: Vec<String>,
     pub bandwidth: BandwidthSchedule,
+    /// None: the engine's default.
+    pub lz4_acceleration_max: Option<u32>,
 }
 
 impl PsRunConfig {
@@ -139,6 +143,7 @@ impl PsRunConfig {
             work_days: over.work_days.or(self.work_days),
             work_mbps: over.work_mbps.or(self.work_mbps),
             utc_offset_min: over.utc_offset_min.or(self.utc_offset_min),
+            lz4_acceleration_max: over.lz4_acceleration_max.or(self.lz4_acceleration_max),
         }
     }
 
@@ -168,6 +173,15 @@ impl PsRunConfig {
             (Some(_), None) => return Err(ConfigError::Missing { key: "work_mbps", flag: "work-mbps" }),
             (None, _) => None,
         };
+        let cap = crate::cache::effort::LZ4_ACCELERATION_CAP;
+        if let Some(a) = self.lz4_acceleration_max {
+            if !(1..=cap).contains(&a) {
+                return Err(ConfigError::Invalid {
+                    key: "lz4_acceleration_max",
+                    message: format!("must be in 1..={cap} (1 = standard LZ4 always), got {a}"),
+                });
+            }
+        }
         let listen = match self.listen {
             Some(a) => a,
             None => DEFAULT_LISTEN.parse().expect("the default listen address parses"),
@@ -186,6 +200,7 @@ impl PsRunConfig {
                 work_mb_per_s: self.work_mbps,
                 work_hours,
             },
+            lz4_acceleration_max: self.lz4_acceleration_max,
         })
     }
 }
@@ -206,6 +221,7 @@ mod tests {
         work_hours = "08:00-18:00"
         work_mbps = 20.5
         utc_offset_min = -300
+        lz4_acceleration_max = 1
     "#;
 
     #[test]
@@ -221,6 +237,7 @@ mod tests {
         assert_eq!(s.bandwidth.off_mb_per_s, Some(100.0));
         assert_eq!(s.bandwidth.work_mb_per_s, Some(20.5));
         assert!(s.bandwidth.work_hours.is_some());
+        assert_eq!(s.lz4_acceleration_max, Some(1));
     }
 
     #[test]
@@ -267,6 +284,9 @@ mod tests {
         let bad_hours =
             PsRunConfig::parse(&format!("{base}cache_size='1G'\nwork_hours='8-6'\nwork_mbps=5.0")).unwrap().settle();
         assert!(matches!(bad_hours, Err(ConfigError::Invalid { key: "work_hours", .. })));
+        let zero_effort =
+            PsRunConfig::parse(&format!("{base}cache_size='1G'\nlz4_acceleration_max=0")).unwrap().settle();
+        assert!(matches!(zero_effort, Err(ConfigError::Invalid { key: "lz4_acceleration_max", .. })));
     }
 
     #[test]

@@ -151,6 +151,11 @@ enum PsCommand {
         /// certificate (repeatable; localhost and 127.0.0.1 are always in it).
         #[arg(long = "tls-name")]
         tls_names: Vec<String>,
+        /// Highest LZ4 acceleration the cache may use when the CPU, not the disk, is the
+        /// bottleneck: faster compression for a slightly worse ratio (1 = always the best
+        /// ratio; default 4).
+        #[arg(long)]
+        lz4_acceleration_max: Option<u32>,
     },
 }
 
@@ -237,6 +242,10 @@ enum BenchCommand {
         /// I/O backend: auto, std, direct or uring.
         #[arg(long, default_value = "auto")]
         backend: String,
+        /// Highest LZ4 acceleration the cache may use when the CPU is the bottleneck
+        /// (1 = always standard LZ4; default: the engine's).
+        #[arg(long)]
+        lz4_acceleration_max: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -328,6 +337,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     proxy_file,
                     bandwidth,
                     tls_names,
+                    lz4_acceleration_max,
                 },
         } => {
             let file = match &config {
@@ -348,6 +358,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 work_days: bandwidth.work_days,
                 work_mbps: bandwidth.work_mbps,
                 utc_offset_min: bandwidth.utc_offset_min,
+                lz4_acceleration_max,
             };
             ps_run(file.overlay(flags).settle()?)
         }
@@ -505,6 +516,7 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
             compare_device,
             crash,
             backend,
+            lz4_acceleration_max,
             json,
         } => {
             anyhow::ensure!(compressible >= 1.0, "--compressible is a ratio >= 1 (2 means 2:1)");
@@ -520,6 +532,9 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
             }
             options.record_size_max = options.record_size_max.max(record_size as u32);
             options.io_backend = parse_backend(&backend)?;
+            if let Some(a) = lz4_acceleration_max {
+                options.lz4_acceleration_max = a;
+            }
             let params = IngestParams {
                 dir,
                 bytes,
@@ -557,6 +572,14 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     "ingest: {:.1} MiB/s logical, {:.1} MiB/s to the device, {} records in {:.2} s, ack p50 {} us p99 {} us, {:.1} records/batch, write amplification {:.3}",
                     r.mib_per_s, r.device_mib_per_s, r.records, r.seconds, r.ack_latency_us_p50, r.ack_latency_us_p99, r.records_per_batch, r.write_amplification
                 );
+                if r.stored_bytes < r.logical_bytes {
+                    println!(
+                        "compression: stored {:.3} of logical, LZ4 acceleration mean {:.1} (max {})",
+                        r.stored_bytes as f64 / r.logical_bytes as f64,
+                        r.lz4_acceleration_mean,
+                        r.lz4_acceleration_max
+                    );
+                }
                 if let Some(d) = device {
                     println!(
                         "device: {d:.1} MiB/s (O_DIRECT 1 MiB writes, fdatasync every 4 MiB): churnlog at {:.2}x",
@@ -628,6 +651,7 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
         proxy_file,
         tls_names,
         bandwidth,
+        lz4_acceleration_max,
     } = settings;
     let passphrase = read_passphrase(&passphrase_file)?;
     let proxy = read_proxy(proxy_file)?;
@@ -636,6 +660,7 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
         capacity_bytes: cache_size,
         record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
         tail_cache_bytes: churnlog::drain::DRAIN_TAIL_CACHE_BYTES,
+        lz4_acceleration_max: lz4_acceleration_max.unwrap_or(Options::default().lz4_acceleration_max),
         ..Options::default()
     };
     let cache = Arc::new(Cache::open(&cache_dir, options)?);

@@ -63,6 +63,9 @@ pub struct IngestResult {
     pub device_bytes: u64,
     /// device bytes ÷ stored bytes
     pub write_amplification: f64,
+    /// LZ4 acceleration over the run, sampled every 10 ms (1 = standard LZ4).
+    pub lz4_acceleration_mean: f64,
+    pub lz4_acceleration_max: u32,
     pub batches: u64,
     pub records_per_batch: f64,
     pub streams: u32,
@@ -107,6 +110,18 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
             }
         })
     });
+    let sampler = {
+        let (cache, stop) = (cache.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut sum, mut n, mut max) = (0u64, 0u64, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                let a = cache.lz4_acceleration();
+                (sum, n, max) = (sum + u64::from(a), n + 1, max.max(a));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (sum as f64 / n.max(1) as f64, max)
+        })
+    };
     let before = cache.stats();
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -183,17 +198,21 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
             waiter.join().map_err(|_| anyhow::anyhow!("waiter panicked"))?
         }));
     }
-    let mut latencies = Vec::with_capacity(records_total as usize);
-    let mut logical = 0u64;
-    for h in handles {
-        let (l, b) = h.join().map_err(|_| anyhow::anyhow!("producer panicked"))??;
-        latencies.extend(l);
-        logical += b;
-    }
+    let outcomes: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
     let seconds = started.elapsed().as_secs_f64();
+    // Stop the helper threads before reporting any producer's failure.
     stop.store(true, Ordering::Relaxed);
     if let Some(d) = drainer {
         let _ = d.join();
+    }
+    let (lz4_acceleration_mean, lz4_acceleration_max) =
+        sampler.join().map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+    let mut latencies = Vec::with_capacity(records_total as usize);
+    let mut logical = 0u64;
+    for outcome in outcomes {
+        let (l, b) = outcome.map_err(|_| anyhow::anyhow!("producer panicked"))??;
+        latencies.extend(l);
+        logical += b;
     }
     let after = cache.stats();
     latencies.sort_unstable();
@@ -221,6 +240,8 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         stored_bytes: stored,
         device_bytes: device,
         write_amplification: if stored > 0 { device as f64 / stored as f64 } else { 0.0 },
+        lz4_acceleration_mean,
+        lz4_acceleration_max,
         batches,
         records_per_batch: if batches > 0 { latencies.len() as f64 / batches as f64 } else { 0.0 },
         streams: p.streams,

@@ -1,6 +1,10 @@
 //! Per-record encoding done by the producer, outside the writer's critical section:
 //! adaptive LZ4 (kept only when it pays) and the payload CRC. Scratch space is
 //! thread-local, so the hot path allocates nothing once warm.
+//!
+//! Encoding uses liblz4 (crate `lz4`), because its `LZ4_compress_fast` takes an
+//! acceleration (see [`super::effort`]); lz4_flex has none. Both write the same LZ4 block
+//! format. Decoding uses lz4_flex's checked decoder: it reads bytes that may be corrupt.
 
 use std::cell::RefCell;
 
@@ -15,9 +19,16 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// LZ4 block of `src` into `out` at `acceleration` (1 = standard LZ4); None when it does
+/// not fit in `out`.
+fn lz4_block(src: &[u8], acceleration: u32, out: &mut [u8]) -> Option<usize> {
+    let mode = lz4::block::CompressionMode::FAST(acceleration.clamp(1, super::effort::LZ4_ACCELERATION_CAP) as i32);
+    lz4::block::compress_to_buffer(src, Some(mode), false, out).ok().filter(|&n| n > 0)
+}
+
 /// Encodes `data` and hands `(codec, stored bytes, payload crc)` to `f`. Compression is
 /// kept only when the result is at most `ratio_max` of the input (0 disables it).
-pub fn encode_with<R>(data: &[u8], ratio_max: f64, f: impl FnOnce(Codec, &[u8], u32) -> R) -> R {
+pub fn encode_with<R>(data: &[u8], ratio_max: f64, acceleration: u32, f: impl FnOnce(Codec, &[u8], u32) -> R) -> R {
     if ratio_max <= 0.0 || data.len() < 64 {
         return f(Codec::Raw, data, crc32(data));
     }
@@ -29,13 +40,13 @@ pub fn encode_with<R>(data: &[u8], ratio_max: f64, f: impl FnOnce(Codec, &[u8], 
         }
         if data.len() >= SAMPLE_FROM_LEN {
             let sample = &data[..SAMPLE_LEN];
-            let n = lz4_flex::block::compress_into(sample, &mut scratch[..]).unwrap_or(usize::MAX);
+            let n = lz4_block(sample, acceleration, &mut scratch[..]).unwrap_or(usize::MAX);
             if n as f64 > SAMPLE_LEN as f64 * ratio_max {
                 return f(Codec::Raw, data, crc32(data));
             }
         }
-        match lz4_flex::block::compress_into(data, &mut scratch[..]) {
-            Ok(n) if (n as f64) <= data.len() as f64 * ratio_max && n < data.len() => {
+        match lz4_block(data, acceleration, &mut scratch[..]) {
+            Some(n) if (n as f64) <= data.len() as f64 * ratio_max && n < data.len() => {
                 let stored = &scratch[..n];
                 f(Codec::Lz4, stored, crc32(stored))
             }
@@ -72,9 +83,14 @@ mod tests {
 
     proptest! {
         #[test]
-        fn encode_decode_round_trips(data in proptest::collection::vec(any::<u8>(), 1..40_000), zeros in any::<bool>()) {
+        fn encode_decode_round_trips(
+            data in proptest::collection::vec(any::<u8>(), 1..40_000),
+            zeros in any::<bool>(),
+            acceleration in prop_oneof![Just(1u32), 2u32..=64, Just(0u32), Just(u32::MAX)],
+        ) {
+            // liblz4 encodes at any acceleration; lz4_flex must decode every one of them.
             let data: Vec<u8> = if zeros { data.iter().map(|b| b & 3).collect() } else { data };
-            let (codec, stored, crc) = encode_with(&data, 0.9, |c, s, crc| (c, s.to_vec(), crc));
+            let (codec, stored, crc) = encode_with(&data, 0.9, acceleration, |c, s, crc| (c, s.to_vec(), crc));
             prop_assert_eq!(crc, crc32(&stored));
             let mut out = Vec::new();
             decode_into(codec, &stored, data.len(), &mut out).unwrap();
@@ -85,7 +101,7 @@ mod tests {
     #[test]
     fn compressible_data_is_compressed_and_random_is_not() {
         let zeros = vec![0u8; 65536];
-        let codec = encode_with(&zeros, 0.9, |c, s, _| {
+        let codec = encode_with(&zeros, 0.9, 1, |c, s, _| {
             assert!(s.len() < 1000);
             c
         });
@@ -99,6 +115,34 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert_eq!(encode_with(&random, 0.9, |c, _, _| c), Codec::Raw);
+        assert_eq!(encode_with(&random, 0.9, 1, |c, _, _| c), Codec::Raw);
+        assert_eq!(encode_with(&random, 0.9, 64, |c, _, _| c), Codec::Raw);
+    }
+
+    #[test]
+    fn higher_acceleration_trades_a_little_ratio_and_never_correctness() {
+        // Text-like data: words from a small vocabulary with varying separators.
+        let words = ["cache", "segment", "batch", "record", "stream", "drain", "upload", "seal"];
+        let mut x = 7u64;
+        let mut text = Vec::new();
+        while text.len() < 65536 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            text.extend_from_slice(words[(x % 8) as usize].as_bytes());
+            text.push(b" ,.;\n"[(x >> 8) as usize % 5]);
+        }
+        text.truncate(65536);
+        let size_at = |acceleration| encode_with(&text, 0.9, acceleration, |c, s, _| (c, s.len()));
+        let (codec1, len1) = size_at(1);
+        let (codec16, len16) = size_at(16);
+        assert_eq!((codec1, codec16), (Codec::Lz4, Codec::Lz4));
+        assert!(len1 <= len16, "acceleration 1 gave {len1} bytes, 16 gave {len16}");
+        for acceleration in [1, 16] {
+            let (codec, stored) = encode_with(&text, 0.9, acceleration, |c, s, _| (c, s.to_vec()));
+            let mut out = Vec::new();
+            decode_into(codec, &stored, text.len(), &mut out).unwrap();
+            assert_eq!(out, text);
+        }
     }
 }

@@ -19,6 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::effort::EffortController;
 use super::error::{is_no_space, CloseError, IoFailure};
 use super::format::RecordKind;
 use super::format::{
@@ -111,11 +112,13 @@ pub(crate) struct Writer {
     seg: Option<OpenSegment>,
     next_segment_id: u64,
     last_batch_records: usize,
+    effort: EffortController,
 }
 
 impl Writer {
     pub fn new(inner: Arc<Inner>, next_segment_id: u64) -> Writer {
-        Writer { inner, seg: None, next_segment_id, last_batch_records: 0 }
+        let effort = EffortController::new(inner.opts.lz4_acceleration_max);
+        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort }
     }
 
     pub fn run(mut self) -> Result<(), CloseError> {
@@ -146,7 +149,10 @@ impl Writer {
             };
             inner.room_cv.notify_all();
             self.last_batch_records = records.len();
-            let mut free = match self.write_batch(&mut buf, &records, batch_no) {
+            let io_started = Instant::now();
+            let written = self.write_batch(&mut buf, &records, batch_no);
+            let io_time = io_started.elapsed();
+            let mut free = match written {
                 Ok((segment, base)) => {
                     self.commit(segment, base, &records, batch_no);
                     // Durable and indexed: keep it for readers close behind (the drain).
@@ -158,6 +164,8 @@ impl Writer {
                 }
             };
             records.clear();
+            // After the tickets are resolved, so the controller's work delays no ack.
+            self.effort.observe(io_time, &inner.effort);
             let mut st = inner.append.lock();
             let mut records = Some(records);
             for mut b in free.drain(..) {

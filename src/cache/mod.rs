@@ -11,6 +11,7 @@
 //! the bytes.
 
 pub mod compress;
+pub(crate) mod effort;
 pub mod error;
 pub mod flusher;
 pub mod format;
@@ -251,6 +252,8 @@ pub(crate) struct Inner {
     pub reclaim_pass_lock: Mutex<()>,
     pub recovery: RecoveryReport,
     pub recent: Mutex<recent::RecentBatches>,
+    /// LZ4 acceleration producers use now; the flusher adjusts it.
+    pub effort: effort::Effort,
 }
 
 impl Inner {
@@ -474,6 +477,8 @@ pub struct CacheStats {
     /// Heap bytes held by the per-stream indexes.
     pub index_bytes: u64,
     pub index_records: u64,
+    /// LZ4 acceleration in use now (1 = standard LZ4; see `Options::lz4_acceleration_max`).
+    pub lz4_acceleration: u32,
 }
 
 /// What [`Cache::evict_stream`] dropped.
@@ -538,6 +543,7 @@ impl Cache {
             reclaim_cv: Condvar::new(),
             reclaim_pass_lock: Mutex::new(()),
             recovery: recovered.report,
+            effort: effort::Effort::new(),
             recent: Mutex::new(recent::RecentBatches::new(opts.tail_cache_bytes)),
             storage,
             opts,
@@ -667,7 +673,7 @@ impl Cache {
                 std::thread::sleep(Duration::from_micros((inner.opts.throttle_delay_us_max as f64 * frac) as u64));
             }
         }
-        compress::encode_with(data, inner.opts.compress_ratio_max, |codec, stored, crc| {
+        compress::encode_with(data, inner.opts.compress_ratio_max, inner.effort.acceleration(), |codec, stored, crc| {
             inner.enqueue(stream.0, None, Encoded { codec, stored, logical_len: data.len() as u32, payload_crc: crc })
         })
     }
@@ -912,6 +918,11 @@ impl Cache {
         }
     }
 
+    /// LZ4 acceleration producers use now (cheaper than [`Cache::stats`]).
+    pub fn lz4_acceleration(&self) -> u32 {
+        self.inner.effort.acceleration()
+    }
+
     pub fn stats(&self) -> CacheStats {
         let c = &self.inner.counters;
         let log = self.inner.log.read();
@@ -936,6 +947,7 @@ impl Cache {
             tail_cache_bytes: self.inner.recent.lock().bytes() as u64,
             index_bytes,
             index_records,
+            lz4_acceleration: self.inner.effort.acceleration(),
         }
     }
 
