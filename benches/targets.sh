@@ -26,7 +26,7 @@ echo "# 2. compressible 2:1 (logical MiB/s vs device), $runs runs"
 : > "$dir/t2"
 for i in $(seq "$runs"); do
   rm -rf "$dir/c"
-  "$bin" bench ingest --dir "$dir/c" --bytes 4GiB --record-size 64KiB --streams 225 --compressible 2 --compare-device --json \
+  "$bin" bench ingest --dir "$dir/c" --bytes 8GiB --record-size 64KiB --streams 225 --compressible 2 --compare-device --json \
     | j mib_per_s device_mib_per_s device_limit_mib_per_s ratio_to_device | tee -a "$dir/t2"
 done
 echo "median ratio $(awk '{print $4}' "$dir/t2" | median)"
