@@ -88,8 +88,8 @@ pub struct Options {
     pub compress_ratio_max: f64,
     /// Highest LZ4 acceleration the effort controller may use when the CPU, not the disk,
     /// is the bottleneck (1 = always standard LZ4, the best ratio). Measured on 64 KiB
-    /// records of source code and of binaries, 4 stores 7–8 % more bytes than 1 for up to
-    /// a third more speed; on data with incompressible stretches (the 2:1 benchmark data)
+    /// records of source code and of binaries, 4 stores 7–8 % more bytes than 1 for about
+    /// a quarter more speed; on data with incompressible stretches (the 2:1 benchmark data)
     /// it is about 2× faster at the same ratio. See `docs/performance.md`.
     pub lz4_acceleration_max: u32,
     /// Run the background reclaimer; tests switch it off and call `reclaim` themselves.
