@@ -173,14 +173,9 @@ impl PsRunConfig {
             (Some(_), None) => return Err(ConfigError::Missing { key: "work_mbps", flag: "work-mbps" }),
             (None, _) => None,
         };
-        let cap = crate::cache::effort::LZ4_ACCELERATION_CAP;
         if let Some(a) = self.lz4_acceleration_max {
-            if !(1..=cap).contains(&a) {
-                return Err(ConfigError::Invalid {
-                    key: "lz4_acceleration_max",
-                    message: format!("must be in 1..={cap} (1 = standard LZ4 always), got {a}"),
-                });
-            }
+            crate::cache::effort::check_acceleration_max(a)
+                .map_err(|message| ConfigError::Invalid { key: "lz4_acceleration_max", message })?;
         }
         let listen = match self.listen {
             Some(a) => a,

@@ -38,6 +38,17 @@ const CPU_IDLE_SPARE: f64 = 0.30;
 /// Largest acceleration an option may ask for (liblz4's own cap is 65537).
 pub const LZ4_ACCELERATION_CAP: u32 = 64;
 
+/// Checks a value for `lz4_acceleration_max` (the options and the server's config).
+pub fn check_acceleration_max(value: u32) -> Result<(), String> {
+    if (1..=LZ4_ACCELERATION_CAP).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "lz4_acceleration_max must be in 1..={LZ4_ACCELERATION_CAP} (1 = standard LZ4 always), got {value}"
+        ))
+    }
+}
+
 /// The acceleration producers use now, shared between them and the writer.
 #[derive(Debug)]
 pub(crate) struct Effort {

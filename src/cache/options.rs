@@ -171,10 +171,7 @@ impl Options {
                 return Err(format!("{name} must be a fraction in 0..=1, got {v}"));
             }
         }
-        let cap = super::effort::LZ4_ACCELERATION_CAP;
-        if !(1..=cap).contains(&self.lz4_acceleration_max) {
-            return Err(format!("lz4_acceleration_max must be in 1..={cap}, got {}", self.lz4_acceleration_max));
-        }
+        super::effort::check_acceleration_max(self.lz4_acceleration_max)?;
         if self.soft_watermark > self.hard_watermark {
             return Err("soft_watermark must not exceed hard_watermark".into());
         }
