@@ -134,6 +134,44 @@ async fn tickets_are_futures() {
     assert!(cache.stats().batches <= 400);
 }
 
+/// Threads blocked on tickets of the batch in flight and of the batch filling behind it
+/// are woken by their own batch (waiters are split by batch parity): none is lost. Each
+/// thread keeps three records in flight, so its tickets span consecutive batches.
+#[test]
+fn blocking_waiters_on_consecutive_batches_all_wake() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = std::sync::Arc::new(Cache::open(dir.path(), Options::small_for_tests()).unwrap());
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    for t in 0..16u32 {
+        let (cache, done_tx) = (cache.clone(), done_tx.clone());
+        std::thread::spawn(move || {
+            let s = cache.stream(&format!("m{t}"), "d").unwrap();
+            let mut window = std::collections::VecDeque::new();
+            for seq in 1..=300u64 {
+                window.push_back(cache.append(s, &record(s.0, seq, 700)).unwrap());
+                if window.len() == 3 {
+                    let ticket = window.pop_front().unwrap();
+                    let want = ticket.seq;
+                    assert_eq!(ticket.wait().unwrap(), want);
+                }
+            }
+            for ticket in window {
+                ticket.wait().unwrap();
+            }
+            done_tx.send(t).unwrap();
+        });
+    }
+    drop(done_tx);
+    // A lost wake-up would hang a thread for ever; this bound only turns that into a
+    // failure (it is minutes, not a performance limit).
+    for _ in 0..16 {
+        done_rx.recv_timeout(std::time::Duration::from_secs(300)).expect("a waiter was never woken");
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.records, 16 * 300);
+    assert!(stats.batches > 2, "records must span many batches: {}", stats.batches);
+}
+
 /// Reads close behind the writer come from the tail cache; with it off, or after a
 /// reopen, the same bytes come from the device. A small tail cache serves the newest
 /// records from memory and the older ones from the device, in one run read.

@@ -29,7 +29,7 @@ use super::format::{
 use super::index::Loc;
 use super::io::aligned::AlignedBuf;
 use super::io::StorageFile;
-use super::{AppendError, AppendState, CacheEvent, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
+use super::{AppendError, AppendState, CacheEvent, CommitState, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
 
 pub(crate) fn segment_name(id: u64) -> String {
     format!("seg-{id:016x}.log")
@@ -412,14 +412,24 @@ impl Writer {
         self.resolve(hi);
     }
 
+    /// Marks every batch up to `upto` resolved and wakes their waiters. One batch wakes
+    /// the waiters of its parity only; a jump of two or more wakes both lists.
     fn resolve(&self, upto: u64) {
-        let wakers = {
+        let (parities, wakers) = {
             let mut c = self.inner.commit.lock();
             debug_assert!(upto > c.completed || c.completed == 0);
+            let parities =
+                if upto == c.completed + 1 { CommitState::parity(upto)..=CommitState::parity(upto) } else { 0..=1 };
             c.completed = c.completed.max(upto);
-            std::mem::take(&mut c.wakers)
+            let mut wakers = Vec::new();
+            for p in parities.clone() {
+                wakers.append(&mut c.wakers[p]);
+            }
+            (parities, wakers)
         };
-        self.inner.commit_cv.notify_all();
+        for p in parities {
+            self.inner.commit_cv[p].notify_all();
+        }
         for w in wakers {
             w.wake();
         }

@@ -184,7 +184,15 @@ pub(crate) struct CommitState {
     pub completed: u64,
     /// Failed batch-number ranges (inclusive) and why; bounded, oldest dropped first.
     pub failures: VecDeque<(u64, u64, AppendError)>,
-    pub wakers: Vec<std::task::Waker>,
+    /// Tasks waiting, by the parity of the batch they wait for (see [`Inner::commit_cv`]).
+    pub wakers: [Vec<std::task::Waker>; 2],
+}
+
+impl CommitState {
+    /// Which of the two waiting lists a ticket of `batch_no` uses.
+    pub fn parity(batch_no: u64) -> usize {
+        (batch_no % 2) as usize
+    }
 }
 
 pub(crate) const FAILURES_KEPT_MAX: usize = 1024;
@@ -239,7 +247,11 @@ pub(crate) struct Inner {
     pub room_cv: Condvar,
     pub log: RwLock<LogState>,
     pub commit: Mutex<CommitState>,
-    pub commit_cv: Condvar,
+    /// Threads waiting for a ticket, by the parity of its batch number. A ticket's batch
+    /// is at most two ahead of the last resolved one (one in flight, one filling), so
+    /// resolving a batch wakes only its own waiters, not those of the batch behind it:
+    /// with one shared condition variable every batch woke every waiting thread.
+    pub commit_cv: [Condvar; 2],
     /// Serializes META rewrites; holds the last generation written.
     pub meta_lock: Mutex<u64>,
     pub segments_in_use: AtomicU64,
@@ -531,9 +543,9 @@ impl Cache {
             commit: Mutex::new(CommitState {
                 completed: recovered.last_batch_no,
                 failures: VecDeque::new(),
-                wakers: Vec::new(),
+                wakers: [Vec::new(), Vec::new()],
             }),
-            commit_cv: Condvar::new(),
+            commit_cv: [Condvar::new(), Condvar::new()],
             meta_lock: Mutex::new(recovered.meta_generation),
             poisoned: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),

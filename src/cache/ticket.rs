@@ -1,6 +1,7 @@
 //! Append tickets: resolve when the record's batch is durable (or has failed). Waiting
-//! allocates nothing per record: threads block on one shared condition variable, tasks
-//! leave a waker that the flusher wakes after each batch.
+//! allocates nothing per record: threads block on a condition variable and tasks leave a
+//! waker, both chosen by the parity of the record's batch, so the flusher wakes only the
+//! waiters of the batch it has just resolved.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,7 +45,9 @@ impl AppendTicket {
             if let Some(r) = resolution(&c, self.batch_no) {
                 return r.map(|()| self.seq);
             }
-            self.inner.commit_cv.wait(&mut c);
+            // One batch in flight and one filling: parity tells the two apart.
+            debug_assert!(self.batch_no <= c.completed + 2, "ticket of a batch not yet taken");
+            self.inner.commit_cv[CommitState::parity(self.batch_no)].wait(&mut c);
         }
     }
 
@@ -62,7 +65,7 @@ impl Future for AppendTicket {
         match resolution(&c, self.batch_no) {
             Some(r) => Poll::Ready(r.map(|()| self.seq)),
             None => {
-                c.wakers.push(cx.waker().clone());
+                c.wakers[CommitState::parity(self.batch_no)].push(cx.waker().clone());
                 Poll::Pending
             }
         }
