@@ -597,6 +597,12 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                         r.lz4_acceleration_max
                     );
                 }
+                if let (Some(cpu), Some(per_mib)) = (r.cpu_seconds, r.cpu_ms_per_logical_mib) {
+                    println!(
+                        "cpu: {cpu:.2} s ({:.2} cores busy), {per_mib:.3} ms per logical MiB (engine and bench threads)",
+                        cpu / r.seconds
+                    );
+                }
                 if let Some(d) = device {
                     println!(
                         "device: {d:.1} MiB/s (O_DIRECT 1 MiB writes, fdatasync every 4 MiB): churnlog at {:.2}x",

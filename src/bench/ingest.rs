@@ -68,6 +68,12 @@ pub struct IngestResult {
     pub lz4_acceleration_max: u32,
     pub batches: u64,
     pub records_per_batch: f64,
+    /// CPU time (user + system) of the whole process during the run: the engine and the
+    /// bench's own producer and waiter threads. None where /proc is unavailable.
+    pub cpu_seconds: Option<f64>,
+    /// `cpu_seconds` per logical MiB acknowledged, in milliseconds: the cost that sizes
+    /// cores (1000 ÷ this = logical MiB/s per fully used core).
+    pub cpu_ms_per_logical_mib: Option<f64>,
     pub streams: u32,
     pub producers: usize,
     pub record_size: usize,
@@ -123,6 +129,7 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         })
     };
     let before = cache.stats();
+    let cpu_before = super::process_cpu_seconds();
     let started = Instant::now();
     let mut handles = Vec::new();
     for t in 0..p.producers {
@@ -200,6 +207,7 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
     }
     let outcomes: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_before.zip(super::process_cpu_seconds()).map(|(b, a)| a - b);
     // Stop the helper threads before reporting any producer's failure.
     stop.store(true, Ordering::Relaxed);
     if let Some(d) = drainer {
@@ -244,6 +252,8 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         lz4_acceleration_max,
         batches,
         records_per_batch: if batches > 0 { latencies.len() as f64 / batches as f64 } else { 0.0 },
+        cpu_seconds,
+        cpu_ms_per_logical_mib: cpu_seconds.filter(|_| logical > 0).map(|c| c * 1000.0 / mib(logical)),
         streams: p.streams,
         producers: p.producers,
         record_size: p.record_size,
