@@ -589,6 +589,14 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     "ingest: {:.1} MiB/s logical, {:.1} MiB/s to the device, {} records in {:.2} s, ack p50 {} us p99 {} us, {:.1} records/batch, write amplification {:.3}",
                     r.mib_per_s, r.device_mib_per_s, r.records, r.seconds, r.ack_latency_us_p50, r.ack_latency_us_p99, r.records_per_batch, r.write_amplification
                 );
+                if r.meta_writes > 0 {
+                    println!(
+                        "meta: {} rewrites, {:.1} MiB; write amplification with META {:.3}",
+                        r.meta_writes,
+                        r.meta_bytes as f64 / (1u64 << 20) as f64,
+                        r.write_amplification_with_meta
+                    );
+                }
                 if r.stored_bytes < r.logical_bytes {
                     println!(
                         "compression: stored {:.3} of logical, LZ4 acceleration mean {:.1} (max {})",

@@ -134,6 +134,61 @@ async fn tickets_are_futures() {
     assert!(cache.stats().batches <= 400);
 }
 
+/// Every META rewrite is counted, in whole blocks; an acknowledgement that moves nothing
+/// writes nothing.
+#[test]
+fn meta_rewrites_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+    let before = cache.stats();
+    let s = cache.stream("m1", "d").unwrap();
+    let registered = cache.stats();
+    assert_eq!(registered.meta_writes, before.meta_writes + 1, "a new stream is written to META");
+    for seq in 1..=3u64 {
+        cache.append(s, &record(s.0, seq, 5000)).unwrap().wait().unwrap();
+    }
+    cache.ack(s, 1).unwrap();
+    cache.ack(s, 2).unwrap();
+    cache.ack(s, 2).unwrap();
+    let after = cache.stats();
+    assert_eq!(after.meta_writes, registered.meta_writes + 2, "two acks moved the cursor, the third did not");
+    let grew = after.meta_bytes - registered.meta_bytes;
+    assert!(grew >= 2 * 4096 && grew % 4096 == 0, "META bytes in whole blocks: {grew}");
+}
+
+/// Several streams acknowledged at once: one META write, all or none, and the cursors
+/// survive a reopen.
+#[test]
+fn ack_many_writes_meta_once_all_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<_>;
+    {
+        let cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+        ids = (0..3).map(|i| cache.stream(&format!("m{i}"), "d").unwrap()).collect();
+        for &s in &ids {
+            for seq in 1..=4u64 {
+                cache.append(s, &record(s.0, seq, 3000)).unwrap().wait().unwrap();
+            }
+        }
+        let before = cache.stats().meta_writes;
+        // One pair beyond what is durable: nothing moves, nothing is written.
+        let err = cache.ack_many(&[(ids[0], 2), (ids[1], 5)]).unwrap_err();
+        assert!(matches!(err, StreamError::BeyondDurable { upto: 5, durable: 4, .. }), "{err:?}");
+        assert_eq!(cache.stats().meta_writes, before);
+        assert_eq!(cache.stream_info(ids[0]).unwrap().uploaded_upto, 0);
+        // Three streams (one named twice: the higher wins) in one write.
+        cache.ack_many(&[(ids[0], 2), (ids[1], 3), (ids[0], 1), (ids[2], 4)]).unwrap();
+        assert_eq!(cache.stats().meta_writes, before + 1);
+        // Nothing moves: nothing is written.
+        cache.ack_many(&[(ids[0], 2), (ids[2], 1)]).unwrap();
+        cache.ack_many(&[]).unwrap();
+        assert_eq!(cache.stats().meta_writes, before + 1);
+    }
+    let cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+    let uploaded: Vec<u64> = ids.iter().map(|&s| cache.stream_info(s).unwrap().uploaded_upto).collect();
+    assert_eq!(uploaded, vec![2, 3, 4]);
+}
+
 /// Threads blocked on tickets of the batch in flight and of the batch filling behind it
 /// are woken by their own batch (waiters are split by batch parity): none is lost. Each
 /// thread keeps three records in flight, so its tickets span consecutive batches.
