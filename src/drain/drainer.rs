@@ -16,6 +16,10 @@ use crate::cache::format::Codec;
 use crate::cache::{compress, Cache, ReadError, StreamId, StreamInfo};
 use crate::protocol::StreamRecord;
 
+/// Upload acknowledgements wait at most this long to share one META write with others
+/// (the cache frees space only once acknowledged, so the wait is kept short).
+const ACK_DELAY_MAX: Duration = Duration::from_secs(1);
+
 /// Records shorter than this may be points or resync bases and are looked at; point and
 /// base records are far shorter (see the test below), so longer ones are writes.
 const SMALL_RECORD_LEN: usize = 4096;
@@ -50,12 +54,24 @@ pub struct Drainer {
     cfg: DrainConfig,
     manifests: HashMap<StreamId, Manifest>,
     throttle: Throttle,
+    /// Uploads recorded in their manifests but not yet acknowledged to the cache, and
+    /// when the oldest of them was recorded: a pass acknowledges them together.
+    pending_acks: Vec<(StreamId, u64)>,
+    pending_since: Option<Instant>,
 }
 
 impl Drainer {
     pub fn new(cache: Arc<Cache>, target: Target, cfg: DrainConfig) -> Drainer {
         let throttle = Throttle::new(cfg.bandwidth.clone());
-        Drainer { cache, target, cfg, manifests: HashMap::new(), throttle }
+        Drainer {
+            cache,
+            target,
+            cfg,
+            manifests: HashMap::new(),
+            throttle,
+            pending_acks: Vec::new(),
+            pending_since: None,
+        }
     }
 
     /// Drains until `stop` turns true; errors are logged and retried.
@@ -101,6 +117,10 @@ impl Drainer {
                     }
                 }
             }
+        }
+        // Whatever the pass uploaded is acknowledged, streams that failed or not.
+        if let Err(e) = self.flush_acks() {
+            first_error.get_or_insert(e);
         }
         match first_error {
             Some(e) if uploaded == 0 => Err(e),
@@ -155,6 +175,39 @@ impl Drainer {
         }
         self.manifests.insert(info.id, m);
         Ok(())
+    }
+
+    /// Acknowledges the pending uploads to the cache in one META write. Should that be
+    /// refused, each is tried alone, so one stream's trouble holds no other back.
+    fn flush_acks(&mut self) -> Result<(), DrainError> {
+        self.pending_since = None;
+        if self.pending_acks.is_empty() {
+            return Ok(());
+        }
+        let acks = std::mem::take(&mut self.pending_acks);
+        if self.cache.ack_many(&acks).is_ok() {
+            return Ok(());
+        }
+        let mut first_error = None;
+        for (stream, upto) in acks {
+            if let Err(e) = self.cache.ack(stream, upto) {
+                tracing::warn!(stream = stream.0, upto, error = %e, "upload not acknowledged; it is re-sent next pass");
+                first_error.get_or_insert(DrainError::Cache(e.to_string()));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Queues an acknowledgement (its manifest is already written); flushes the queue
+    /// once its oldest entry has waited `ACK_DELAY_MAX`.
+    fn ack_later(&mut self, stream: StreamId, upto: u64) {
+        self.pending_acks.push((stream, upto));
+        let since = *self.pending_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= ACK_DELAY_MAX {
+            // A failure is logged per stream and re-sent next pass; this stream's upload
+            // itself went well.
+            let _ = self.flush_acks();
+        }
     }
 
     async fn put_manifest(&self, m: &Manifest) -> Result<(), DrainError> {
@@ -230,8 +283,9 @@ impl Drainer {
             }
             let manifest = manifest.clone();
             self.put_manifest(&manifest).await?;
-            // Only now is the run safe in the cloud: let the cache reclaim it.
-            self.cache.ack(info.id, last - offset).map_err(|e| DrainError::Cache(e.to_string()))?;
+            // Only now is the run safe in the cloud: let the cache reclaim it (with the
+            // other streams' acknowledgements of this pass, in one META write).
+            self.ack_later(info.id, last - offset);
             let pause = self.throttle.account(bytes, Instant::now(), std::time::SystemTime::now());
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
@@ -330,5 +384,40 @@ mod tests {
         for r in [point, base] {
             assert!(r.encode().len() < SMALL_RECORD_LEN);
         }
+    }
+}
+
+#[cfg(test)]
+mod ack_tests {
+    use std::sync::Arc;
+
+    use super::{DrainConfig, Drainer};
+    use crate::cache::{Cache, Options};
+    use crate::drain::Target;
+
+    /// A pass over several streams acknowledges all of them in one META write, and only
+    /// after their manifests are written: every stream's cursor reaches what is durable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_pass_acknowledges_every_stream_in_one_meta_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path().join("cache"), Options::small_for_tests()).unwrap());
+        let streams: Vec<_> = (0..5).map(|i| cache.stream(&format!("m{i}"), "disk-0").unwrap()).collect();
+        for &s in &streams {
+            for seq in 1..=6u64 {
+                let record = crate::protocol::StreamRecord::Write { offset: seq * 4096, data: vec![seq as u8; 4096] };
+                cache.append(s, &record.encode()).unwrap().wait().unwrap();
+            }
+        }
+        let url = format!("file://{}", dir.path().join("cloud").display());
+        let mut drainer = Drainer::new(cache.clone(), Target::from_url(&url, None).unwrap(), DrainConfig::default());
+        let before = cache.stats().meta_writes;
+        assert_eq!(drainer.drain_once().await.unwrap(), 30);
+        assert_eq!(cache.stats().meta_writes, before + 1, "one META write for the whole pass");
+        for &s in &streams {
+            let info = cache.stream_info(s).unwrap();
+            assert_eq!(info.uploaded_upto, 6, "{}", info.machine);
+        }
+        assert_eq!(drainer.drain_once().await.unwrap(), 0, "nothing left");
+        assert_eq!(cache.stats().meta_writes, before + 1, "an empty pass writes nothing");
     }
 }
