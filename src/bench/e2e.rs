@@ -85,8 +85,10 @@ async fn timed_pass(agent: &mut Agent, cache: &Cache) -> anyhow::Result<PhaseRes
 
 pub async fn run(p: &E2eParams) -> anyhow::Result<E2eResult> {
     std::fs::create_dir_all(&p.dir)?;
-    let (cache_dir, store_dir, tls_dir) = (p.dir.join("cache"), p.dir.join("store"), p.dir.join("tls"));
-    let image = p.dir.join("disk0.img");
+    // Absolute, because the drain's file:// target URL needs an absolute path.
+    let dir = std::fs::canonicalize(&p.dir)?;
+    let (cache_dir, store_dir, tls_dir) = (dir.join("cache"), dir.join("store"), dir.join("tls"));
+    let image = dir.join("disk0.img");
     make_image(&image, p.image_bytes, 11, p.compressible)?;
     let passphrase = "bench e2e";
     let opts = Options {
@@ -124,7 +126,7 @@ pub async fn run(p: &E2eParams) -> anyhow::Result<E2eResult> {
     rates.sort_by(f64::total_cmp);
     let churn_median_mib_per_s = rates.get(rates.len() / 2).copied().unwrap_or(0.0);
 
-    let out = p.dir.join("restored.img");
+    let out = dir.join("restored.img");
     let started = Instant::now();
     restore(&target, "bench-vm", "disk0", PointSelector::Latest, &out, |_, _| {}).await?;
     let restore_mib_per_s = p.image_bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
