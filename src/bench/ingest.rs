@@ -63,8 +63,8 @@ pub struct IngestResult {
     pub device_bytes: u64,
     /// device bytes ÷ stored bytes (segment files only)
     pub write_amplification: f64,
-    /// META rewrites during the run (with `--drain`: one per upload acknowledgement) and
-    /// their bytes in whole blocks.
+    /// META rewrites during the run (with `--drain`: one per 20 ms acknowledgement pass)
+    /// and their bytes in whole blocks.
     pub meta_writes: u64,
     pub meta_bytes: u64,
     /// (device bytes + META bytes) ÷ stored bytes: everything the engine wrote.
