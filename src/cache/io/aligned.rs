@@ -1,74 +1,111 @@
 //! A byte buffer whose contents start at a [`BLOCK_SIZE`]-aligned address, as O_DIRECT
-//! needs, without `unsafe`: a `Vec` over-allocated by one block and used from its first
-//! aligned byte. It never grows past its capacity, so it never moves.
+//! needs, without `unsafe`: an anonymous memory mapping (zero-filled by the kernel, so
+//! every byte is initialized) used from its first aligned byte. It never grows past its
+//! capacity, so it never moves.
+//!
+//! Buffers of at least [`HUGE_PAGE_LEN`] start on a huge-page boundary and ask for
+//! transparent huge pages (`MADV_HUGEPAGE`). A batch buffer is handed to the kernel for
+//! every O_DIRECT write, which pins its pages one by one; on 4 KiB pages that pinning
+//! (`get_user_pages` and the release after the write) cost about 5 % of the CPU of a
+//! 2:1 ingest run, and a 2 MiB page is pinned as one. Where huge pages are off the advice
+//! is refused and the buffer works as before. The slack mapped for the alignment is never
+//! touched, so it costs address space only.
 
 use std::ops::{Deref, DerefMut};
+
+use memmap2::{Advice, MmapMut};
 
 use crate::cache::format::BLOCK_SIZE;
 
 const ALIGN: usize = BLOCK_SIZE as usize;
+/// Size (and alignment) of a transparent huge page on x86-64 and most arm64 kernels.
+pub const HUGE_PAGE_LEN: usize = 2 << 20;
+const PAGE_LEN: usize = 4096;
 
 pub struct AlignedBuf {
-    vec: Vec<u8>,
+    map: MmapMut,
+    /// Offset in `map` of the first byte of the buffer.
     start: usize,
+    capacity: usize,
+    len: usize,
+    huge: bool,
 }
 
 impl AlignedBuf {
     pub fn with_capacity(capacity: usize) -> AlignedBuf {
-        let mut vec: Vec<u8> = Vec::with_capacity(capacity + ALIGN);
-        let start = vec.as_ptr().align_offset(ALIGN);
-        assert!(start < ALIGN, "an allocation is always alignable within one block");
-        vec.resize(start, 0);
-        AlignedBuf { vec, start }
+        let align = if capacity >= HUGE_PAGE_LEN { HUGE_PAGE_LEN } else { ALIGN };
+        // Whole pages: the rest of the last page is usable anyway.
+        let capacity = capacity.max(1).next_multiple_of(PAGE_LEN);
+        let map_len = capacity + align.saturating_sub(PAGE_LEN);
+        let map = match MmapMut::map_anon(map_len) {
+            Ok(m) => m,
+            Err(e) => panic!("cannot map {map_len} bytes for an I/O buffer: {e}"),
+        };
+        let start = map.as_ptr().align_offset(align);
+        assert!(start + capacity <= map.len(), "the mapping has room for the alignment");
+        let huge_len = capacity / HUGE_PAGE_LEN * HUGE_PAGE_LEN;
+        let huge = huge_len > 0 && map.advise_range(Advice::HugePage, start, huge_len).is_ok();
+        AlignedBuf { map, start, capacity, len: 0, huge }
     }
 
     pub fn capacity(&self) -> usize {
-        self.vec.capacity() - self.start
+        self.capacity
     }
 
-    /// Heap bytes the buffer holds, alignment slack included (the same for every buffer
-    /// of one requested capacity, unlike [`AlignedBuf::capacity`]).
+    /// Memory the buffer holds resident once filled: its capacity, in whole pages (the
+    /// same for every buffer of one requested capacity).
     pub fn pinned_bytes(&self) -> usize {
-        self.vec.capacity()
+        self.capacity
+    }
+
+    /// Whether the kernel took the advice to back this buffer with huge pages.
+    pub fn huge_pages_advised(&self) -> bool {
+        self.huge
     }
 
     pub fn len(&self) -> usize {
-        self.vec.len() - self.start
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
     fn check_room(&self, new_len: usize) {
-        assert!(new_len <= self.capacity(), "AlignedBuf would grow past its capacity and move");
+        assert!(new_len <= self.capacity, "AlignedBuf would grow past its capacity and move");
     }
 
     pub fn extend_from_slice(&mut self, bytes: &[u8]) {
-        self.check_room(self.len() + bytes.len());
-        self.vec.extend_from_slice(bytes);
+        let end = self.len + bytes.len();
+        self.check_room(end);
+        let at = self.start + self.len;
+        self.map[at..at + bytes.len()].copy_from_slice(bytes);
+        self.len = end;
     }
 
     pub fn resize(&mut self, new_len: usize, value: u8) {
         self.check_room(new_len);
-        self.vec.resize(self.start + new_len, value);
+        if new_len > self.len {
+            self.map[self.start + self.len..self.start + new_len].fill(value);
+        }
+        self.len = new_len;
     }
 
     pub fn truncate(&mut self, len: usize) {
-        self.vec.truncate(self.start + len);
+        self.len = self.len.min(len);
     }
 }
 
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.vec[self.start..]
+        &self.map[self.start..self.start + self.len]
     }
 }
 
 impl DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.vec[self.start..]
+        &mut self.map[self.start..self.start + self.len]
     }
 }
 
@@ -95,6 +132,20 @@ mod tests {
             assert_eq!(&b[..], &[7, 1, 2]);
             assert_eq!(b.as_ptr(), p);
         }
+    }
+
+    #[test]
+    fn large_buffers_start_on_a_huge_page_boundary() {
+        let cap = (4 << 20) + 4096;
+        let mut b = AlignedBuf::with_capacity(cap);
+        assert!((b.as_ptr() as usize).is_multiple_of(HUGE_PAGE_LEN), "{:p}", b.as_ptr());
+        assert_eq!(b.capacity(), cap);
+        assert_eq!(b.pinned_bytes(), cap);
+        b.resize(cap, 9);
+        assert!(b.iter().all(|&x| x == 9));
+        b.truncate(4096);
+        b.resize(8192, 1);
+        assert_eq!((b[4095], b[4096], b.len()), (9, 1, 8192));
     }
 
     #[test]
