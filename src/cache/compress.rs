@@ -7,6 +7,7 @@
 //! format. Decoding uses lz4_flex's checked decoder: it reads bytes that may be corrupt.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::format::{crc32, Codec};
 
@@ -26,9 +27,57 @@ fn lz4_block(src: &[u8], acceleration: u32, out: &mut [u8]) -> Option<usize> {
     lz4::block::compress_to_buffer(src, Some(mode), false, out).ok().filter(|&n| n > 0)
 }
 
+/// Slots of [`CompressHints`]; streams beyond it share slots (a shared slot only makes
+/// the hint less often right).
+const HINT_SLOTS: usize = 4096;
+
+/// Per stream, whether its last record was stored compressed. A stream whose data
+/// compressed a moment ago most likely still does, so its next record skips the
+/// sample and is compressed whole at once: the sample would cost a sixteenth of the
+/// compression work (and one more clearing of LZ4's 16 KiB table) for nothing. When the
+/// hint is wrong, one record is compressed whole in vain and the hint is cleared. A hint
+/// changes only the work done, never the stored result.
+pub(crate) struct CompressHints {
+    last_compressed: Box<[AtomicBool]>,
+}
+
+impl CompressHints {
+    pub fn new() -> CompressHints {
+        CompressHints { last_compressed: (0..HINT_SLOTS).map(|_| AtomicBool::new(false)).collect() }
+    }
+
+    fn slot(&self, stream: u32) -> &AtomicBool {
+        &self.last_compressed[stream as usize % HINT_SLOTS]
+    }
+
+    pub fn last_compressed(&self, stream: u32) -> bool {
+        self.slot(stream).load(Ordering::Relaxed)
+    }
+
+    pub fn record(&self, stream: u32, codec: Codec) {
+        let compressed = codec == Codec::Lz4;
+        // Read first: a shared cache line is written only when the answer changes.
+        if self.slot(stream).load(Ordering::Relaxed) != compressed {
+            self.slot(stream).store(compressed, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Encodes `data` and hands `(codec, stored bytes, payload crc)` to `f`. Compression is
 /// kept only when the result is at most `ratio_max` of the input (0 disables it).
 pub fn encode_with<R>(data: &[u8], ratio_max: f64, acceleration: u32, f: impl FnOnce(Codec, &[u8], u32) -> R) -> R {
+    encode_hinted(data, ratio_max, acceleration, false, f)
+}
+
+/// [`encode_with`], told whether the stream's previous record compressed: if it did, the
+/// sample that screens out incompressible data is skipped.
+pub fn encode_hinted<R>(
+    data: &[u8],
+    ratio_max: f64,
+    acceleration: u32,
+    last_compressed: bool,
+    f: impl FnOnce(Codec, &[u8], u32) -> R,
+) -> R {
     if ratio_max <= 0.0 || data.len() < 64 {
         return f(Codec::Raw, data, crc32(data));
     }
@@ -38,7 +87,7 @@ pub fn encode_with<R>(data: &[u8], ratio_max: f64, acceleration: u32, f: impl Fn
         if scratch.len() < need {
             scratch.resize(need, 0);
         }
-        if data.len() >= SAMPLE_FROM_LEN {
+        if data.len() >= SAMPLE_FROM_LEN && !last_compressed {
             let sample = &data[..SAMPLE_LEN];
             let n = lz4_block(sample, acceleration, &mut scratch[..]).unwrap_or(usize::MAX);
             if n as f64 > SAMPLE_LEN as f64 * ratio_max {
@@ -87,10 +136,12 @@ mod tests {
             data in proptest::collection::vec(any::<u8>(), 1..40_000),
             zeros in any::<bool>(),
             acceleration in prop_oneof![Just(1u32), 2u32..=64, Just(0u32), Just(u32::MAX)],
+            last_compressed in any::<bool>(),
         ) {
             // liblz4 encodes at any acceleration; lz4_flex must decode every one of them.
             let data: Vec<u8> = if zeros { data.iter().map(|b| b & 3).collect() } else { data };
-            let (codec, stored, crc) = encode_with(&data, 0.9, acceleration, |c, s, crc| (c, s.to_vec(), crc));
+            let (codec, stored, crc) =
+                encode_hinted(&data, 0.9, acceleration, last_compressed, |c, s, crc| (c, s.to_vec(), crc));
             prop_assert_eq!(crc, crc32(&stored));
             let mut out = Vec::new();
             decode_into(codec, &stored, data.len(), &mut out).unwrap();
@@ -117,6 +168,36 @@ mod tests {
             .collect();
         assert_eq!(encode_with(&random, 0.9, 1, |c, _, _| c), Codec::Raw);
         assert_eq!(encode_with(&random, 0.9, 64, |c, _, _| c), Codec::Raw);
+    }
+
+    #[test]
+    fn a_compressed_stream_skips_the_sample() {
+        // Random first 4 KiB (the sample), zeros after: compressible as a whole.
+        let mut x = 3u64;
+        let mut data: Vec<u8> = (0..SAMPLE_LEN)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        data.resize(65536, 0);
+        // Screened by the sample: kept raw although it would compress.
+        assert_eq!(encode_hinted(&data, 0.9, 1, false, |c, _, _| c), Codec::Raw);
+        // Hinted: the sample is skipped and the whole record is compressed.
+        let (codec, stored) = encode_hinted(&data, 0.9, 1, true, |c, s, _| (c, s.to_vec()));
+        assert_eq!(codec, Codec::Lz4);
+        let mut out = Vec::new();
+        decode_into(codec, &stored, data.len(), &mut out).unwrap();
+        assert_eq!(out, data);
+
+        let hints = CompressHints::new();
+        assert!(!hints.last_compressed(7));
+        hints.record(7, Codec::Lz4);
+        assert!(hints.last_compressed(7) && !hints.last_compressed(8));
+        hints.record(7, Codec::Raw);
+        assert!(!hints.last_compressed(7));
     }
 
     #[test]

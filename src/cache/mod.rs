@@ -268,6 +268,8 @@ pub(crate) struct Inner {
     pub recent: Mutex<recent::RecentBatches>,
     /// LZ4 acceleration producers use now; the flusher adjusts it.
     pub effort: effort::Effort,
+    /// Per stream, whether its last record compressed (lets the next skip the sample).
+    pub compress_hints: compress::CompressHints,
 }
 
 impl Inner {
@@ -565,6 +567,7 @@ impl Cache {
             reclaim_pass_lock: Mutex::new(()),
             recovery: recovered.report,
             effort: effort::Effort::new(),
+            compress_hints: compress::CompressHints::new(),
             recent: Mutex::new(recent::RecentBatches::new(opts.tail_cache_bytes)),
             storage,
             opts,
@@ -694,7 +697,10 @@ impl Cache {
                 std::thread::sleep(Duration::from_micros((inner.opts.throttle_delay_us_max as f64 * frac) as u64));
             }
         }
-        compress::encode_with(data, inner.opts.compress_ratio_max, inner.effort.acceleration(), |codec, stored, crc| {
+        let (ratio_max, acceleration) = (inner.opts.compress_ratio_max, inner.effort.acceleration());
+        let hinted = inner.compress_hints.last_compressed(stream.0);
+        compress::encode_hinted(data, ratio_max, acceleration, hinted, |codec, stored, crc| {
+            inner.compress_hints.record(stream.0, codec);
             inner.enqueue(stream.0, None, Encoded { codec, stored, logical_len: data.len() as u32, payload_crc: crc })
         })
     }
