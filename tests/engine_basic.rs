@@ -227,6 +227,41 @@ fn blocking_waiters_on_consecutive_batches_all_wake() {
     assert!(stats.batches > 2, "records must span many batches: {}", stats.batches);
 }
 
+/// A ticket tells when its record became durable, however late it is looked at, as long
+/// as the batch is among the last 256 resolved; older ones give the moment of the call.
+#[test]
+fn tickets_tell_when_their_record_became_durable() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), Options::small_for_tests()).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    let appended = Instant::now();
+    let oldest = cache.append(s, &record(s.0, 1, 900)).unwrap();
+    // One record per batch: waiting on each before the next.
+    let mut last = appended;
+    for seq in 2..=300u64 {
+        let (result, durable_at) = cache.append(s, &record(s.0, seq, 900)).unwrap().wait_at();
+        assert_eq!(result.unwrap(), seq);
+        assert!(durable_at >= last, "resolution times go forward");
+        last = durable_at;
+    }
+    assert!(cache.stats().batches >= 299);
+    // Resolved more than 256 batches ago: the time is forgotten, the call's is given.
+    let looked = Instant::now();
+    let (result, at) = oldest.try_result_at().expect("resolved");
+    assert_eq!(result.unwrap(), 1);
+    assert!(at >= looked);
+    // A recent ticket looked at late still tells its own time, not the time it is read.
+    let early = cache.append(s, &record(s.0, 301, 900)).unwrap();
+    let (result, later_durable_at) = cache.append(s, &record(s.0, 302, 900)).unwrap().wait_at();
+    result.unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let (result, early_durable_at) = early.try_result_at().expect("resolved");
+    assert_eq!(result.unwrap(), 301);
+    assert!(early_durable_at <= later_durable_at, "the time is the batch's, not the look's");
+    assert!(early_durable_at >= last);
+}
+
 /// Reads close behind the writer come from the tail cache; with it off, or after a
 /// reopen, the same bytes come from the device. A small tail cache serves the newest
 /// records from memory and the older ones from the device, in one run read.

@@ -2,12 +2,13 @@
 //! acknowledged durable count. Optionally a drainer acknowledges uploads behind them, so
 //! segments are reclaimed as in normal operation.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cache::{Cache, Options, StreamId};
+use crate::cache::{AppendError, AppendTicket, Cache, Options, StreamId};
 
 #[derive(Clone, Debug)]
 pub struct IngestParams {
@@ -156,20 +157,18 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         let pace = p.rate_mib_per_s.map(|r| r * (1u64 << 20) as f64 / p.producers as f64);
         let (record_size, arrivals) = (p.record_size, p.arrivals);
         handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
-            // A waiter thread blocks on the tickets in order, so each latency is taken the
-            // moment its record is durable, not when the producer next looks. The bounded
-            // channel is the in-flight window.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(crate::cache::AppendTicket, Instant, usize)>(window);
-            let waiter = std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
-                let mut latencies = Vec::with_capacity(share as usize);
-                let mut bytes = 0u64;
-                for (ticket, at, len) in rx {
-                    ticket.wait()?;
-                    latencies.push(at.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
-                    bytes += len as u64;
-                }
-                Ok((latencies, bytes))
-            });
+            // Tickets in flight, oldest first, at most `window`. The engine keeps the moment
+            // each batch was resolved, so a latency runs to the moment the record became
+            // durable however late the producer looks; no thread waits beside it.
+            let mut inflight: VecDeque<(AppendTicket, Instant, usize)> = VecDeque::with_capacity(window);
+            let mut latencies = Vec::with_capacity(share as usize);
+            let mut bytes = 0u64;
+            let mut settle = |at: Instant, len: usize, (result, durable_at): (Result<u64, AppendError>, Instant)| {
+                result?;
+                latencies.push(durable_at.saturating_duration_since(at).as_micros().min(u128::from(u32::MAX)) as u32);
+                bytes += len as u64;
+                anyhow::Ok(())
+            };
             let mut i = 0u64;
             let t0 = Instant::now();
             // Poisson arrivals: seeded per producer, so runs repeat.
@@ -190,14 +189,24 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
                         scheduled = Some(t0 + due);
                     }
                 }
+                if inflight.len() >= window {
+                    // The window is full: block on the oldest, then take every other
+                    // ticket already resolved.
+                    if let Some((ticket, at, len)) = inflight.pop_front() {
+                        settle(at, len, ticket.wait_at())?;
+                    }
+                    while let Some(resolved) = inflight.front().and_then(|(ticket, _, _)| ticket.try_result_at()) {
+                        if let Some((_, at, len)) = inflight.pop_front() {
+                            settle(at, len, resolved)?;
+                        }
+                    }
+                }
                 let s = mine[(i % mine.len() as u64) as usize];
                 let data = &pool[((i * 7 + u64::from(s.0)) % pool.len() as u64) as usize];
                 let at = scheduled.unwrap_or_else(Instant::now);
                 match cache.append(s, data) {
                     Ok(ticket) => {
-                        if tx.send((ticket, at, data.len())).is_err() {
-                            break; // the waiter stopped on an error: it reports it
-                        }
+                        inflight.push_back((ticket, at, data.len()));
                         i += 1;
                         if let (Some(bps), Arrivals::Poisson) = (pace, arrivals) {
                             x ^= x << 13;
@@ -208,12 +217,14 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
                             next_due += Duration::from_secs_f64(-u.ln() * record_size as f64 / bps);
                         }
                     }
-                    Err(crate::cache::AppendError::Backpressure { .. }) => std::thread::sleep(Duration::from_millis(1)),
+                    Err(AppendError::Backpressure { .. }) => std::thread::sleep(Duration::from_millis(1)),
                     Err(e) => return Err(e.into()),
                 }
             }
-            drop(tx);
-            waiter.join().map_err(|_| anyhow::anyhow!("waiter panicked"))?
+            for (ticket, at, len) in inflight.drain(..) {
+                settle(at, len, ticket.wait_at())?;
+            }
+            Ok((latencies, bytes))
         }));
     }
     let outcomes: Vec<_> = handles.into_iter().map(|h| h.join()).collect();

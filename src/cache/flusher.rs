@@ -415,12 +415,14 @@ impl Writer {
     /// Marks every batch up to `upto` resolved and wakes their waiters. One batch wakes
     /// the waiters of its parity only; a jump of two or more wakes both lists.
     fn resolve(&self, upto: u64) {
+        let now = Instant::now();
         let (parities, wakers) = {
             let mut c = self.inner.commit.lock();
             debug_assert!(upto > c.completed || c.completed == 0);
             let parities =
                 if upto == c.completed + 1 { CommitState::parity(upto)..=CommitState::parity(upto) } else { 0..=1 };
             c.completed = c.completed.max(upto);
+            c.note_resolution(upto, now);
             let mut wakers = Vec::new();
             for p in parities.clone() {
                 wakers.append(&mut c.wakers[p]);

@@ -30,7 +30,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -186,12 +186,51 @@ pub(crate) struct CommitState {
     pub failures: VecDeque<(u64, u64, AppendError)>,
     /// Tasks waiting, by the parity of the batch they wait for (see [`Inner::commit_cv`]).
     pub wakers: [Vec<std::task::Waker>; 2],
+    /// When the latest resolutions happened: (every batch up to this one resolved, at),
+    /// oldest first, at most [`RESOLUTIONS_KEPT`].
+    pub resolutions: VecDeque<(u64, Instant)>,
+    /// Batches up to this one were resolved at a time no longer kept (or before open).
+    pub resolutions_forgotten_upto: u64,
 }
 
+/// Resolution times kept, so a ticket looked at late still tells when it became durable.
+pub(crate) const RESOLUTIONS_KEPT: usize = 256;
+
 impl CommitState {
+    pub fn new(completed: u64) -> CommitState {
+        CommitState {
+            completed,
+            failures: VecDeque::new(),
+            wakers: [Vec::new(), Vec::new()],
+            resolutions: VecDeque::with_capacity(RESOLUTIONS_KEPT),
+            resolutions_forgotten_upto: completed,
+        }
+    }
+
     /// Which of the two waiting lists a ticket of `batch_no` uses.
     pub fn parity(batch_no: u64) -> usize {
         (batch_no % 2) as usize
+    }
+
+    /// Notes that every batch up to `upto` was resolved `at`.
+    pub fn note_resolution(&mut self, upto: u64, at: Instant) {
+        if self.resolutions.len() == RESOLUTIONS_KEPT {
+            if let Some((forgotten, _)) = self.resolutions.pop_front() {
+                self.resolutions_forgotten_upto = forgotten;
+            }
+        }
+        debug_assert!(self.resolutions.back().is_none_or(|&(last, _)| last < upto));
+        self.resolutions.push_back((upto, at));
+    }
+
+    /// When batch `batch_no` was resolved: None while in flight, or if that was more than
+    /// [`RESOLUTIONS_KEPT`] resolutions ago.
+    pub fn resolved_at(&self, batch_no: u64) -> Option<Instant> {
+        if batch_no <= self.resolutions_forgotten_upto {
+            return None;
+        }
+        let first = self.resolutions.partition_point(|&(upto, _)| upto < batch_no);
+        self.resolutions.get(first).map(|&(_, at)| at)
     }
 }
 
@@ -551,11 +590,7 @@ impl Cache {
             room_cv: Condvar::new(),
             segments_in_use: AtomicU64::new(recovered.log.segments.len() as u64),
             log: RwLock::new(recovered.log),
-            commit: Mutex::new(CommitState {
-                completed: recovered.last_batch_no,
-                failures: VecDeque::new(),
-                wakers: [Vec::new(), Vec::new()],
-            }),
+            commit: Mutex::new(CommitState::new(recovered.last_batch_no)),
             commit_cv: [Condvar::new(), Condvar::new()],
             meta_lock: Mutex::new(recovered.meta_generation),
             poisoned: AtomicBool::new(false),

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use super::{AppendError, CommitState, Inner, StreamId};
 
@@ -40,20 +41,35 @@ fn resolution(c: &CommitState, batch_no: u64) -> Option<Result<(), AppendError>>
 impl AppendTicket {
     /// Blocks until the record is durable; returns its sequence number.
     pub fn wait(self) -> Result<u64, AppendError> {
-        let mut c = self.inner.commit.lock();
-        loop {
-            if let Some(r) = resolution(&c, self.batch_no) {
-                return r.map(|()| self.seq);
-            }
-            // One batch in flight and one filling: parity tells the two apart.
-            debug_assert!(self.batch_no <= c.completed + 2, "ticket of a batch not yet taken");
-            self.inner.commit_cv[CommitState::parity(self.batch_no)].wait(&mut c);
-        }
+        self.wait_at().0
     }
 
     /// Non-blocking: `None` while the record's batch is still in flight.
     pub fn try_result(&self) -> Option<Result<u64, AppendError>> {
         resolution(&self.inner.commit.lock(), self.batch_no).map(|r| r.map(|()| self.seq))
+    }
+
+    /// Like [`AppendTicket::try_result`], with the moment the record became durable (or
+    /// failed): exact however late the ticket is looked at, within the last 256 batches;
+    /// beyond that, the moment of this call.
+    pub fn try_result_at(&self) -> Option<(Result<u64, AppendError>, Instant)> {
+        let c = self.inner.commit.lock();
+        let r = resolution(&c, self.batch_no)?;
+        Some((r.map(|()| self.seq), c.resolved_at(self.batch_no).unwrap_or_else(Instant::now)))
+    }
+
+    /// Like [`AppendTicket::wait`], with the moment the record became durable (or failed),
+    /// as in [`AppendTicket::try_result_at`].
+    pub fn wait_at(self) -> (Result<u64, AppendError>, Instant) {
+        let mut c = self.inner.commit.lock();
+        loop {
+            if let Some(r) = resolution(&c, self.batch_no) {
+                return (r.map(|()| self.seq), c.resolved_at(self.batch_no).unwrap_or_else(Instant::now));
+            }
+            // One batch in flight and one filling: parity tells the two apart.
+            debug_assert!(self.batch_no <= c.completed + 2, "ticket of a batch not yet taken");
+            self.inner.commit_cv[CommitState::parity(self.batch_no)].wait(&mut c);
+        }
     }
 }
 
