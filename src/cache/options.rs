@@ -42,7 +42,7 @@ pub enum EvictionPolicy {
 #[non_exhaustive]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum IoBackend {
-    /// The fastest that works here: `Uring`, else `Direct`, else `Std`.
+    /// `Direct`, else `Std` (io_uring only when asked for: see [`IoBackend::Uring`]).
     #[default]
     Auto,
     /// Buffered `pwrite` + `fdatasync`: works everywhere.
@@ -50,6 +50,9 @@ pub enum IoBackend {
     /// O_DIRECT writes from aligned buffers + `fdatasync`.
     Direct,
     /// io_uring: O_DIRECT writes of a batch in flight together, ranged `IORING_OP_FSYNC`.
+    /// Falls back like `Auto` where io_uring or O_DIRECT is unavailable. Slower than
+    /// `Direct` on the machine measured (docs/performance.md, "Backends"), so `Auto`
+    /// does not choose it.
     Uring,
 }
 

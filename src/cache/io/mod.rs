@@ -51,27 +51,38 @@ pub trait Storage: Send + Sync + 'static {
     fn backend_name(&self) -> &'static str;
 }
 
-/// Opens `dir` on the backend `choice` names; `Auto` probes io_uring, then O_DIRECT, and
-/// falls back to the portable backend, saying why in the log.
+/// Opens `dir` on the backend `choice` names. `Auto` probes O_DIRECT and falls back to
+/// the portable backend; `Uring` probes io_uring and, where it is blocked (seccomp in many
+/// containers) or O_DIRECT is refused, falls back the same way. Each fallback is logged
+/// with its reason.
+///
+/// `Auto` does not pick io_uring: with one writer doing one batch write and one flush at a
+/// time, the ring adds thread hand-offs (its fsync always runs on an io-wq worker, and so
+/// do O_DIRECT writes into not-yet-written extents) and was slower in every configuration
+/// measured (docs/performance.md, "Backends").
 pub fn open_backend(dir: &std::path::Path, choice: crate::cache::IoBackend) -> io::Result<Arc<dyn Storage>> {
     use crate::cache::IoBackend;
     match choice {
         IoBackend::Std => Ok(Arc::new(std_fs::StdStorage::new(dir)?)),
         IoBackend::Direct => Ok(Arc::new(direct::DirectStorage::probe(dir)?)),
-        IoBackend::Uring => Ok(Arc::new(uring::UringStorage::probe(dir)?)),
-        _ => match uring::UringStorage::probe(dir) {
+        IoBackend::Uring => match uring::UringStorage::probe(dir) {
             Ok(s) => Ok(Arc::new(s)),
             Err(e) => {
-                tracing::info!(error = %e, dir = %dir.display(), "io_uring unavailable; trying O_DIRECT");
-                match direct::DirectStorage::probe(dir) {
-                    Ok(s) => Ok(Arc::new(s)),
-                    Err(e) => {
-                        tracing::info!(error = %e, dir = %dir.display(), "O_DIRECT unavailable; using buffered I/O");
-                        Ok(Arc::new(std_fs::StdStorage::new(dir)?))
-                    }
-                }
+                tracing::warn!(error = %e, dir = %dir.display(), "io_uring unavailable; trying O_DIRECT");
+                direct_else_std(dir)
             }
         },
+        _ => direct_else_std(dir),
+    }
+}
+
+fn direct_else_std(dir: &std::path::Path) -> io::Result<Arc<dyn Storage>> {
+    match direct::DirectStorage::probe(dir) {
+        Ok(s) => Ok(Arc::new(s)),
+        Err(e) => {
+            tracing::info!(error = %e, dir = %dir.display(), "O_DIRECT unavailable; using buffered I/O");
+            Ok(Arc::new(std_fs::StdStorage::new(dir)?))
+        }
     }
 }
 
