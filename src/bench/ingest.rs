@@ -76,7 +76,7 @@ pub struct IngestResult {
     pub batches: u64,
     pub records_per_batch: f64,
     /// CPU time (user + system) of the whole process during the run: the engine and the
-    /// bench's own producer and waiter threads. None where /proc is unavailable.
+    /// bench's own producer threads. None where /proc is unavailable.
     pub cpu_seconds: Option<f64>,
     /// `cpu_seconds` per logical MiB acknowledged, in milliseconds: the cost that sizes
     /// cores (1000 ÷ this = logical MiB/s per fully used core).
