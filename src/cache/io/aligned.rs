@@ -21,6 +21,8 @@ const ALIGN: usize = BLOCK_SIZE as usize;
 /// Size (and alignment) of a transparent huge page on x86-64 and most arm64 kernels.
 pub const HUGE_PAGE_LEN: usize = 2 << 20;
 const PAGE_LEN: usize = 4096;
+// A mapping starts on a page boundary, which is all the alignment small buffers get.
+const _: () = assert!(ALIGN <= PAGE_LEN);
 
 pub struct AlignedBuf {
     map: MmapMut,
@@ -28,7 +30,6 @@ pub struct AlignedBuf {
     start: usize,
     capacity: usize,
     len: usize,
-    huge: bool,
 }
 
 impl AlignedBuf {
@@ -44,8 +45,11 @@ impl AlignedBuf {
         let start = map.as_ptr().align_offset(align);
         assert!(start + capacity <= map.len(), "the mapping has room for the alignment");
         let huge_len = capacity / HUGE_PAGE_LEN * HUGE_PAGE_LEN;
-        let huge = huge_len > 0 && map.advise_range(Advice::HugePage, start, huge_len).is_ok();
-        AlignedBuf { map, start, capacity, len: 0, huge }
+        if huge_len > 0 {
+            // Advice only: refused where THP is compiled out, and then small pages serve.
+            let _ = map.advise_range(Advice::HugePage, start, huge_len);
+        }
+        AlignedBuf { map, start, capacity, len: 0 }
     }
 
     pub fn capacity(&self) -> usize {
@@ -56,11 +60,6 @@ impl AlignedBuf {
     /// same for every buffer of one requested capacity).
     pub fn pinned_bytes(&self) -> usize {
         self.capacity
-    }
-
-    /// Whether the kernel took the advice to back this buffer with huge pages.
-    pub fn huge_pages_advised(&self) -> bool {
-        self.huge
     }
 
     pub fn len(&self) -> usize {
