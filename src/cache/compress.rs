@@ -149,6 +149,19 @@ mod tests {
         }
     }
 
+    /// Incompressible bytes (xorshift64, one byte per step).
+    fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn compressible_data_is_compressed_and_random_is_not() {
         let zeros = vec![0u8; 65536];
@@ -157,15 +170,7 @@ mod tests {
             c
         });
         assert_eq!(codec, Codec::Lz4);
-        let mut x = 1u64;
-        let random: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = random_bytes(1, 65536);
         assert_eq!(encode_with(&random, 0.9, 1, |c, _, _| c), Codec::Raw);
         assert_eq!(encode_with(&random, 0.9, 64, |c, _, _| c), Codec::Raw);
     }
@@ -173,15 +178,7 @@ mod tests {
     #[test]
     fn a_compressed_stream_skips_the_sample() {
         // Random first 4 KiB (the sample), zeros after: compressible as a whole.
-        let mut x = 3u64;
-        let mut data: Vec<u8> = (0..SAMPLE_LEN)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut data = random_bytes(3, SAMPLE_LEN);
         data.resize(65536, 0);
         // Screened by the sample: kept raw although it would compress.
         assert_eq!(encode_hinted(&data, 0.9, 1, false, |c, _, _| c), Codec::Raw);
