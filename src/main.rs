@@ -589,6 +589,12 @@ fn bench_cmd(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     "ingest: {:.1} MiB/s logical, {:.1} MiB/s to the device, {} records in {:.2} s, ack p50 {} us p99 {} us, {:.1} records/batch, write amplification {:.3}",
                     r.mib_per_s, r.device_mib_per_s, r.records, r.seconds, r.ack_latency_us_p50, r.ack_latency_us_p99, r.records_per_batch, r.write_amplification
                 );
+                if r.ack_latency_inexact > 0 {
+                    println!(
+                        "warning: {} ack latencies were taken late (their batch's time was no longer kept): upper bounds",
+                        r.ack_latency_inexact
+                    );
+                }
                 if r.meta_writes > 0 {
                     println!(
                         "meta: {} rewrites, {:.1} MiB; write amplification with META {:.3}",

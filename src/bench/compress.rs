@@ -6,7 +6,7 @@ use std::io::Read;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cache::compress::encode_with;
+use crate::cache::compress::encode_hinted;
 use crate::cache::format::Codec;
 
 /// Largest sample read from the file.
@@ -44,8 +44,12 @@ pub fn run(
         for _ in 0..rounds.max(1) {
             (stored, compressed) = (0, 0);
             let started = Instant::now();
+            // The sample as one stream, hinted as the engine hints a stream.
+            let mut last_compressed = false;
             for record in data.chunks_exact(record_size) {
-                let (codec, len) = encode_with(record, ratio_max, acceleration, |codec, s, _| (codec, s.len()));
+                let (codec, len) =
+                    encode_hinted(record, ratio_max, acceleration, last_compressed, |codec, s, _| (codec, s.len()));
+                last_compressed = codec == Codec::Lz4;
                 stored += len as u64;
                 compressed += u64::from(codec == Codec::Lz4);
             }

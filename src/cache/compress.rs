@@ -34,9 +34,11 @@ const HINT_SLOTS: usize = 4096;
 /// Per stream, whether its last record was stored compressed. A stream whose data
 /// compressed a moment ago most likely still does, so its next record skips the
 /// sample and is compressed whole at once: the sample would cost a sixteenth of the
-/// compression work (and one more clearing of LZ4's 16 KiB table) for nothing. When the
-/// hint is wrong, one record is compressed whole in vain and the hint is cleared. A hint
-/// changes only the work done, never the stored result.
+/// compression work of a 64 KiB record (and one more clearing of LZ4's 16 KiB table)
+/// for nothing. When the hint is wrong, one record is compressed whole in vain and the
+/// hint is cleared. A hinted record whose first 4 KiB do not compress but whose whole
+/// does is stored compressed where the sample would have kept it raw; either way it is
+/// kept only within `ratio_max`, and what a read returns never depends on the hint.
 pub(crate) struct CompressHints {
     last_compressed: Box<[AtomicBool]>,
 }

@@ -50,21 +50,21 @@ impl AppendTicket {
     }
 
     /// Like [`AppendTicket::try_result`], with the moment the record became durable (or
-    /// failed): exact however late the ticket is looked at, within the last 256 batches;
-    /// beyond that, the moment of this call.
-    pub fn try_result_at(&self) -> Option<(Result<u64, AppendError>, Instant)> {
+    /// failed), exact however late the ticket is looked at. That moment is `None` when
+    /// the batch was resolved more than 256 resolutions ago and is no longer kept.
+    pub fn try_result_at(&self) -> Option<(Result<u64, AppendError>, Option<Instant>)> {
         let c = self.inner.commit.lock();
         let r = resolution(&c, self.batch_no)?;
-        Some((r.map(|()| self.seq), c.resolved_at(self.batch_no).unwrap_or_else(Instant::now)))
+        Some((r.map(|()| self.seq), c.resolved_at(self.batch_no)))
     }
 
     /// Like [`AppendTicket::wait`], with the moment the record became durable (or failed),
     /// as in [`AppendTicket::try_result_at`].
-    pub fn wait_at(self) -> (Result<u64, AppendError>, Instant) {
+    pub fn wait_at(self) -> (Result<u64, AppendError>, Option<Instant>) {
         let mut c = self.inner.commit.lock();
         loop {
             if let Some(r) = resolution(&c, self.batch_no) {
-                return (r.map(|()| self.seq), c.resolved_at(self.batch_no).unwrap_or_else(Instant::now));
+                return (r.map(|()| self.seq), c.resolved_at(self.batch_no));
             }
             // One batch in flight and one filling: parity tells the two apart.
             debug_assert!(self.batch_no <= c.completed + 2, "ticket of a batch not yet taken");

@@ -7,9 +7,11 @@
 //! transparent huge pages (`MADV_HUGEPAGE`). A batch buffer is handed to the kernel for
 //! every O_DIRECT write, which pins its pages one by one; on 4 KiB pages that pinning
 //! (`get_user_pages` and the release after the write) cost about 5 % of the CPU of a
-//! 2:1 ingest run, and a 2 MiB page is pinned as one. Where huge pages are off the advice
-//! is refused and the buffer works as before. The slack mapped for the alignment is never
-//! touched, so it costs address space only.
+//! 2:1 ingest run, and a 2 MiB page is pinned as one. Where THP is off (`never`) the
+//! advice is ignored, where it is compiled out it is refused; either way the buffer works
+//! on small pages. The slack mapped for the alignment is never touched, so it costs
+//! address space only, and it is advised `MADV_NOHUGEPAGE`: under THP `always` a touch of
+//! the last partial 2 MiB would otherwise fault in a whole huge page.
 
 use std::ops::{Deref, DerefMut};
 
@@ -34,9 +36,9 @@ pub struct AlignedBuf {
 
 impl AlignedBuf {
     pub fn with_capacity(capacity: usize) -> AlignedBuf {
-        let align = if capacity >= HUGE_PAGE_LEN { HUGE_PAGE_LEN } else { ALIGN };
         // Whole pages: the rest of the last page is usable anyway.
         let capacity = capacity.max(1).next_multiple_of(PAGE_LEN);
+        let align = if capacity >= HUGE_PAGE_LEN { HUGE_PAGE_LEN } else { ALIGN };
         let map_len = capacity + align.saturating_sub(PAGE_LEN);
         let map = match MmapMut::map_anon(map_len) {
             Ok(m) => m,
@@ -48,6 +50,7 @@ impl AlignedBuf {
         if huge_len > 0 {
             // Advice only: refused where THP is compiled out, and then small pages serve.
             let _ = map.advise_range(Advice::HugePage, start, huge_len);
+            let _ = map.advise_range(Advice::NoHugePage, start + huge_len, map.len() - start - huge_len);
         }
         AlignedBuf { map, start, capacity, len: 0 }
     }

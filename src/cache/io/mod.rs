@@ -54,7 +54,8 @@ pub trait Storage: Send + Sync + 'static {
 /// Opens `dir` on the backend `choice` names. `Auto` probes O_DIRECT and falls back to
 /// the portable backend; `Uring` probes io_uring and, where it is blocked (seccomp in many
 /// containers) or O_DIRECT is refused, falls back the same way. Each fallback is logged
-/// with its reason.
+/// with its reason. An explicit `Direct` fails where O_DIRECT is refused: it is the
+/// choice of someone measuring that path, who should not get another one silently.
 ///
 /// `Auto` does not pick io_uring: with one writer doing one batch write and one flush at a
 /// time, the ring adds thread hand-offs (its fsync always runs on an io-wq worker, and so
