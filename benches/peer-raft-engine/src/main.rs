@@ -48,6 +48,18 @@ struct Cli {
     /// queue depth as raft-engine's blocking `write` per thread; default: 2 per stream).
     #[arg(long)]
     churnlog_inflight: Option<usize>,
+    /// churnlog acknowledges records as uploaded once durable, as a process server's drain
+    /// that keeps up does: sealed segments are reclaimed and their files recycled (written
+    /// blocks are overwritten, which ext4 syncs without a metadata write). raft-engine
+    /// runs as without it (it purges by deleting files; none is purged in a short run).
+    #[arg(long)]
+    churnlog_drain: bool,
+    /// raft-engine writes into log files prepared (written with zeros) at open, as after
+    /// purges in its steady state (`prefill_for_recycle`, with `prefill_limit` set to
+    /// `--bytes` plus 256 MiB): the counterpart of `--churnlog-drain`. Preparing and
+    /// syncing them is outside the timed part.
+    #[arg(long)]
+    raft_prefill: bool,
     /// raft-engine `batch_compression_threshold` in bytes (0 = never LZ4 a batch; its
     /// default is 8KiB, which would LZ4 every 64 KiB record).
     #[arg(long, default_value = "0", value_parser = parse_size)]
@@ -107,9 +119,7 @@ fn mib(b: u64) -> f64 {
 fn proc_write_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("write_bytes:").and_then(|v| v.trim().parse().ok()))
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes:").and_then(|v| v.trim().parse().ok())))
         .unwrap_or(0)
 }
 
@@ -157,7 +167,7 @@ fn run_churnlog(cli: &Cli) -> anyhow::Result<Outcome> {
         producers: cli.churnlog_producers.unwrap_or(cli.streams.min(32) as usize),
         window_per_stream: 2,
         inflight_per_producer_max: cli.churnlog_inflight,
-        drain: false,
+        drain: cli.churnlog_drain,
         rate_mib_per_s: None,
         arrivals: Default::default(),
         leave_open: false,
@@ -212,6 +222,9 @@ fn raft_write_groups() -> u64 {
         .unwrap_or(0)
 }
 
+/// One raft-engine producer thread's latencies (µs), bytes, and (region, last index) pairs.
+type ThreadOutcome = (Vec<u32>, u64, Vec<(u64, u64)>);
+
 fn run_raft_engine(cli: &Cli, threads: usize, pool: &Arc<Vec<Vec<u8>>>) -> anyhow::Result<Outcome> {
     anyhow::ensure!(threads > 0, "--threads must be positive");
     let dir = cli.dir.join(format!("raft-engine-t{threads}"));
@@ -222,6 +235,8 @@ fn run_raft_engine(cli: &Cli, threads: usize, pool: &Arc<Vec<Vec<u8>>>) -> anyho
         batch_compression_threshold: ReadableSize(cli.raft_compression_threshold),
         // purge_threshold (10 GiB) stays above what a run writes: no purge/rewrite.
         purge_threshold: ReadableSize((cli.bytes * 2 + (1 << 30)).max(10 << 30)),
+        prefill_for_recycle: cli.raft_prefill,
+        prefill_limit: cli.raft_prefill.then(|| ReadableSize(cli.bytes + (256 << 20))),
         ..Config::default()
     };
     let engine = Arc::new(Engine::open(cfg)?);
@@ -239,7 +254,7 @@ fn run_raft_engine(cli: &Cli, threads: usize, pool: &Arc<Vec<Vec<u8>>>) -> anyho
         }
         let share = records_total / threads as u64 + u64::from((t as u64) < records_total % threads as u64);
         let (engine, pool) = (engine.clone(), pool.clone());
-        handles.push(std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64, Vec<(u64, u64)>)> {
+        handles.push(std::thread::spawn(move || -> anyhow::Result<ThreadOutcome> {
             let mut next_index = vec![1u64; mine.len()];
             let mut latencies = Vec::with_capacity(share as usize);
             let mut bytes = 0u64;
@@ -333,11 +348,8 @@ fn main() -> anyhow::Result<()> {
     for &t in &cli.threads {
         raft.push((t, run_raft_engine(&cli, t, &pool)?));
     }
-    let (best_t, best) = raft
-        .iter()
-        .max_by(|a, b| a.1.mib_per_s.total_cmp(&b.1.mib_per_s))
-        .cloned()
-        .expect("at least one thread count");
+    let (best_t, best) =
+        raft.iter().max_by(|a, b| a.1.mib_per_s.total_cmp(&b.1.mib_per_s)).cloned().expect("at least one thread count");
 
     if cli.json {
         let mut threads = serde_json::Map::new();
@@ -355,10 +367,12 @@ fn main() -> anyhow::Result<()> {
                 "sync": "every record durable before ack",
             },
             "churnlog": churn.as_ref().map(Outcome::json),
+            "churnlog_drain": cli.churnlog_drain,
             "raft_engine": {
                 "version": "0.4.2",
                 "batch_compression_threshold": cli.raft_compression_threshold,
                 "target_file_size": 128u64 << 20,
+                "prefill_for_recycle": cli.raft_prefill,
                 "threads": threads,
                 "best": best_json,
             },
@@ -390,10 +404,7 @@ fn main() -> anyhow::Result<()> {
             )
         };
         if let Some(c) = &churn {
-            row(
-                format!("churnlog ({} producers)", cli.churnlog_producers.unwrap_or(cli.streams.min(32) as usize)),
-                c,
-            );
+            row(format!("churnlog ({} producers)", cli.churnlog_producers.unwrap_or(cli.streams.min(32) as usize)), c);
         }
         for (t, o) in &raft {
             row(format!("raft-engine 0.4.2 ({t} thr)"), o);
