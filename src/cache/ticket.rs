@@ -41,7 +41,8 @@ fn resolution(c: &CommitState, batch_no: u64) -> Option<Result<(), AppendError>>
 impl AppendTicket {
     /// Blocks until the record is durable; returns its sequence number.
     pub fn wait(self) -> Result<u64, AppendError> {
-        self.wait_at().0
+        let (_, r) = self.block();
+        r
     }
 
     /// Non-blocking: `None` while the record's batch is still in flight.
@@ -61,10 +62,18 @@ impl AppendTicket {
     /// Like [`AppendTicket::wait`], with the moment the record became durable (or failed),
     /// as in [`AppendTicket::try_result_at`].
     pub fn wait_at(self) -> (Result<u64, AppendError>, Option<Instant>) {
+        let (c, r) = self.block();
+        (r, c.resolved_at(self.batch_no))
+    }
+
+    /// Blocks until the record's batch is resolved; returns the commit state, still
+    /// locked (so [`AppendTicket::wait_at`] reads the time under the same lock), and the
+    /// result. A plain wait does no time lookup.
+    fn block(&self) -> (parking_lot::MutexGuard<'_, CommitState>, Result<u64, AppendError>) {
         let mut c = self.inner.commit.lock();
         loop {
             if let Some(r) = resolution(&c, self.batch_no) {
-                return (r.map(|()| self.seq), c.resolved_at(self.batch_no));
+                return (c, r.map(|()| self.seq));
             }
             // One batch in flight and one filling: parity tells the two apart.
             debug_assert!(self.batch_no <= c.completed + 2, "ticket of a batch not yet taken");
