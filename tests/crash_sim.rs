@@ -19,6 +19,7 @@ static ACKED: AtomicU64 = AtomicU64::new(0);
 static TORN_TAILS: AtomicU64 = AtomicU64::new(0);
 static RECORDS_CHECKED: AtomicU64 = AtomicU64::new(0);
 static SEALS_SCANNED: AtomicU64 = AtomicU64::new(0);
+static SPARES_RECYCLED: AtomicU64 = AtomicU64::new(0);
 
 struct Model {
     /// Contents of every record ever given a sequence number (the last given wins).
@@ -135,6 +136,7 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize) -> Result<
     let report = cache.recovery_report();
     TORN_TAILS.fetch_add(u64::from(report.torn_tail.is_some()), Relaxed);
     SEALS_SCANNED.fetch_add(report.segments_scanned.len() as u64, Relaxed);
+    SPARES_RECYCLED.fetch_add(u64::from(report.spare_segment.is_some()), Relaxed);
     if !report.damage.is_empty() || !report.damaged_streams.is_empty() {
         return Err(format!("cycle {cycle}: recovery reports damage after a plain crash: {report}"));
     }
@@ -200,10 +202,70 @@ fn power_loss_at_thousands_of_points() {
         failures.len(),
         failures.join("\n")
     );
-    let (acked, torn, checked, scanned) =
-        (ACKED.load(Relaxed), TORN_TAILS.load(Relaxed), RECORDS_CHECKED.load(Relaxed), SEALS_SCANNED.load(Relaxed));
-    eprintln!("{seeds} seeds: {acked} records acknowledged, {checked} read back after recovery, {torn} torn tails truncated, {scanned} open segments scanned");
+    let (acked, torn, checked, scanned, spares) = (
+        ACKED.load(Relaxed),
+        TORN_TAILS.load(Relaxed),
+        RECORDS_CHECKED.load(Relaxed),
+        SEALS_SCANNED.load(Relaxed),
+        SPARES_RECYCLED.load(Relaxed),
+    );
+    eprintln!("{seeds} seeds: {acked} records acknowledged, {checked} read back after recovery, {torn} torn tails truncated, {scanned} open segments scanned, {spares} spare segment files recycled");
     // The simulation must actually exercise crashes mid-write, not only clean stops.
     assert!(acked > seeds * 10 && checked > seeds * 10, "too little work: {acked} acked, {checked} checked");
     assert!(torn > seeds / 20, "too few torn tails ({torn}) for {seeds} seeds");
+    // Crashes must also find the preparer's spare file next to the open segment.
+    assert!(spares > seeds / 20, "too few spare segments found ({spares}) for {seeds} seeds");
+}
+
+/// The preparer makes the next segment's file ahead of rotation. A crash leaves it on
+/// disk, empty, next to the open segment: recovery must recycle it and still scan the
+/// open segment. A clean close retires it itself.
+#[test]
+fn the_spare_segment_is_recycled_after_a_crash_and_retired_on_close() {
+    let opts = tiny_options();
+    let st = FaultStorage::new();
+    let cache = open(&st, &opts).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    let mut written = Vec::new();
+    for seq in 1..=60u64 {
+        let bytes = data(s.0, seq, 3000);
+        cache.append(s, &bytes).unwrap().wait().unwrap();
+        written.push(bytes);
+    }
+    // Segments of 64 KiB: several rotations. The spare is made in the background; wait
+    // (bounded) until it is on disk: one seg- file more than the log holds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while common::segments(&st).len() as u64 != cache.space().segments_in_use + 1 {
+        assert!(std::time::Instant::now() < deadline, "no spare segment file appeared");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let spare = common::newest_segment(&st);
+    common::kill(&st, cache, 7);
+
+    let cache = open(&st, &opts).unwrap();
+    let report = cache.recovery_report().clone();
+    assert!(report.damage.is_empty() && report.torn_tail.is_none(), "{report:?}");
+    let spare_id = u64::from_str_radix(&spare[4..20], 16).unwrap();
+    assert_eq!(report.spare_segment, Some(spare_id));
+    assert_eq!(report.segments_scanned.len(), 1, "the open segment, below the spare, was scanned");
+    assert!(report.segments_scanned[0] < spare_id);
+    assert!(!st.names().contains(&spare), "the spare was renamed");
+    assert!(st.names().iter().any(|n| n == &format!("recycle-{spare_id:016x}.log")));
+    for (i, want) in written.iter().enumerate() {
+        assert_eq!(&cache.read(s, i as u64 + 1).unwrap(), want, "seq {}", i + 1);
+    }
+    // Write into new segments, then close cleanly: the unused spare is retired then.
+    for seq in 61..=120u64 {
+        let bytes = data(s.0, seq, 3000);
+        cache.append(s, &bytes).unwrap().wait().unwrap();
+        written.push(bytes);
+    }
+    cache.close().unwrap();
+    let cache = open(&st, &opts).unwrap();
+    let report = cache.recovery_report();
+    assert_eq!(report.spare_segment, None, "close retired the spare");
+    assert!(report.segments_scanned.is_empty(), "everything was sealed: {report:?}");
+    for (i, want) in written.iter().enumerate() {
+        assert_eq!(&cache.read(s, i as u64 + 1).unwrap(), want, "seq {}", i + 1);
+    }
 }

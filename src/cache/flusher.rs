@@ -5,8 +5,9 @@
 //! that overlap is the group commit.
 //!
 //! Segments rotate when the next batch and the summary that must follow it would not fit:
-//! the old one is sealed with its summary and trailer, then the next file is created (or
-//! a recycled one renamed) and the directory synced. If that fails for want of space the
+//! the old one is sealed with its summary and trailer, then the next file is taken from the
+//! [`super::preparer`], which made it (created or recycled, directory synced) while the old
+//! one filled; when it is not ready it is made here. If that fails for want of space the
 //! batch fails and the next one tries again; the log stays valid in between.
 //!
 //! Failures: a failed write or allocation fails the in-flight and pending batches with a
@@ -29,6 +30,7 @@ use super::format::{
 use super::index::Loc;
 use super::io::aligned::AlignedBuf;
 use super::io::StorageFile;
+use super::preparer::{make_segment_file, PrepareError, Preparer};
 use super::{AppendError, AppendState, CacheEvent, CommitState, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
 
 pub(crate) fn segment_name(id: u64) -> String {
@@ -113,12 +115,14 @@ pub(crate) struct Writer {
     next_segment_id: u64,
     last_batch_records: usize,
     effort: EffortController,
+    preparer: Preparer,
 }
 
 impl Writer {
     pub fn new(inner: Arc<Inner>, next_segment_id: u64) -> Writer {
         let effort = EffortController::new(inner.opts.lz4_acceleration_max);
-        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort }
+        let preparer = Preparer::start(inner.clone());
+        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort, preparer }
     }
 
     pub fn run(mut self) -> Result<(), CloseError> {
@@ -264,54 +268,22 @@ impl Writer {
         }
         let seed = segment_seed(self.inner.salt, id);
         self.seg = Some(OpenSegment { id, file, seed, write_offset: 0, summary: Vec::new(), last_batch_no: 0 });
+        self.preparer.request(self.next_segment_id);
         Ok(())
     }
 
-    /// A file for the next segment: a recycled one renamed, or a new one allocated.
+    /// The file for the next segment: the preparer's spare when it is ready, otherwise
+    /// made here (a recycled file renamed, or a new one allocated).
     fn prepare_next(&mut self) -> Result<(u64, Arc<dyn StorageFile>), WriteFailure> {
-        let inner = &self.inner;
         let id = self.next_segment_id;
-        if id >= u64::from(u32::MAX) {
-            return Err(WriteFailure {
-                error: AppendError::NoSpace("segment id space exhausted".into()),
-                poison: false,
-            });
-        }
-        let (in_use, recycled) = {
-            let mut log = inner.log.write();
-            (log.segments.len() as u64, log.recycled.pop())
+        let file = match self.preparer.take(id) {
+            Some(file) => file,
+            None => make_segment_file(&self.inner, id).map_err(|e| match e {
+                PrepareError::NoSpace(why) => WriteFailure { error: AppendError::NoSpace(why), poison: false },
+                PrepareError::Io(op, e) => write_error(op, &e),
+                PrepareError::DirSync(e) => sync_error("fsync directory", &e),
+            })?,
         };
-        if in_use + 1 > inner.opts.segment_count_max() {
-            if let Some(r) = recycled {
-                inner.log.write().recycled.push(r);
-            }
-            return Err(WriteFailure {
-                error: AppendError::NoSpace(format!(
-                    "capacity of {} segments is in use",
-                    inner.opts.segment_count_max()
-                )),
-                poison: false,
-            });
-        }
-        let name = segment_name(id);
-        let file = match recycled {
-            Some(old) => {
-                if let Err(e) = inner.storage.rename(&old, &name) {
-                    inner.log.write().recycled.push(old);
-                    return Err(write_error("rename recycled segment", &e));
-                }
-                inner.storage.open(&name, false).map_err(|e| write_error("open segment", &e))?
-            }
-            None => {
-                let file = inner.storage.open(&name, true).map_err(|e| write_error("create segment", &e))?;
-                if let Err(e) = file.allocate(inner.opts.segment_size) {
-                    let _ = inner.storage.remove(&name);
-                    return Err(write_error("allocate segment", &e));
-                }
-                file
-            }
-        };
-        inner.storage.sync_dir().map_err(|e| sync_error("fsync directory", &e))?;
         self.next_segment_id += 1;
         Ok((id, file))
     }
@@ -439,6 +411,14 @@ impl Writer {
 
     /// On close: seal the open segment so the next open reads summaries only.
     fn finish(mut self) -> Result<(), CloseError> {
+        if let Some((id, _file)) = self.preparer.stop() {
+            // Unused: back to the recycled files (without this, the next open would).
+            let to = recycle_name(id);
+            match self.inner.storage.rename(&segment_name(id), &to) {
+                Ok(()) => self.inner.log.write().recycled.push(to),
+                Err(e) => tracing::warn!(segment = id, error = %e, "could not retire the spare segment file"),
+            }
+        }
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Ok(());
         }

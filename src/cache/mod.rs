@@ -19,6 +19,7 @@ pub mod index;
 pub mod io;
 pub mod meta;
 pub mod options;
+pub(crate) mod preparer;
 pub mod recent;
 pub mod reclaimer;
 pub mod recover;

@@ -7,6 +7,7 @@
 //! | sealed segment             | valid trailer + summary                    | index from summary, no data read |
 //! | sealed segment             | trailer bad, batches chain to a summary    | index from scan; metadata damage noted |
 //! | sealed segment             | a batch does not validate                  | damage (acknowledged data)  |
+//! | newest file, no trailer    | no batch of its own at all                 | the preparer's spare: recycled; the file before it is the newest |
 //! | newest segment, no trailer | batches validate to offset X, then invalid | torn tail at X, truncated … |
 //! |                            | … unless a valid later batch says X was durable (`durable_end > X`) | damage |
 //! | any                        | a stream's sequence has a hole             | damaged stream (missing range) |
@@ -50,6 +51,8 @@ pub struct RecoveryReport {
     /// Problems with redundant metadata only (no record lost), e.g. a bad trailer.
     pub notes: Vec<String>,
     pub damaged_streams: Vec<DamagedStream>,
+    /// The newest segment file held no batch: a spare made ahead of rotation, recycled.
+    pub spare_segment: Option<u64>,
     pub open_seconds: f64,
 }
 
@@ -272,6 +275,19 @@ struct Scan {
     later: Vec<(u64, u64, u64, Vec<Found>)>,
 }
 
+impl Scan {
+    /// A file that never held a batch of its own: the chain ends cleanly at offset 0 and
+    /// nothing further on validates (zeros, or a recycled file's old bytes).
+    fn is_empty_spare(&self) -> bool {
+        self.found.is_empty()
+            && !self.hit_summary
+            && self.end == 0
+            && self.clean_end
+            && self.later.is_empty()
+            && self.stopped.as_ref().is_none_or(|(at, _)| *at == 0)
+    }
+}
+
 /// How far past a bad offset to look for a batch that proves it durable. The flusher
 /// issues batch k+1 only once batch k is durable, so the nearest later batch starts at
 /// most one batch length away; four lengths cover up to three damaged batches in a row.
@@ -457,18 +473,45 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
         }
         super::meta::ensure_reserve(storage, meta.encode().len());
     }
-    report.segments = segment_ids.len();
 
     // 3. Segments: summaries for sealed ones, a scan for the one left open.
     let mut found: Vec<Found> = Vec::new();
     let mut files: BTreeMap<u64, Arc<dyn StorageFile>> = BTreeMap::new();
     let mut last_batch_no = 0u64;
     let mut open_tail: Option<OpenSegment> = None;
-    let newest = segment_ids.last().copied();
     if let Some(&id) = segment_ids.iter().find(|&&id| id >= u64::from(u32::MAX)) {
         return Err(OpenError::MetaCorrupt(format!("segment id {id} out of range")));
     }
-    let summaries = read_summaries(storage, &segment_ids, meta.salt, segment_size)?;
+    let mut summaries = read_summaries(storage, &segment_ids, meta.salt, segment_size)?;
+    // The newest file, when unsealed, is scanned here once: it is either the segment left
+    // open or a spare the preparer made ahead of rotation (no batch of its own, so nothing
+    // acknowledged is in it). A spare goes back to the recycled files.
+    let mut newest_scan = None;
+    if let (Some(&id), Some((file, Err(_), _))) = (segment_ids.last(), summaries.last()) {
+        let scan = scan_segment(
+            &**file,
+            id,
+            segment_seed(meta.salt, id),
+            segment_size,
+            opts.commit_bytes_max,
+            &mut report.scanned_bytes_read,
+        );
+        if scan.is_empty_spare() {
+            segment_ids.pop();
+            let (_, _, bytes_read) = summaries.pop().expect("one result per segment");
+            report.metadata_bytes_read += bytes_read;
+            report.spare_segment = Some(id);
+            if !opts.read_only {
+                let name = super::flusher::segment_name(id);
+                storage.rename(&name, &super::flusher::recycle_name(id)).map_err(io_err("recycle spare segment"))?;
+                recycled.push(id);
+            }
+        } else {
+            newest_scan = Some(scan);
+        }
+    }
+    report.segments = segment_ids.len();
+    let newest = segment_ids.last().copied();
     for (&id, (file, summary, bytes_read)) in segment_ids.iter().zip(summaries) {
         report.metadata_bytes_read += bytes_read;
         let seed = segment_seed(meta.salt, id);
@@ -480,8 +523,17 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             }
             Err(why) => {
                 report.segments_scanned.push(id);
-                let scan =
-                    scan_segment(&*file, id, seed, segment_size, opts.commit_bytes_max, &mut report.scanned_bytes_read);
+                let scan = match if Some(id) == newest { newest_scan.take() } else { None } {
+                    Some(scan) => scan,
+                    None => scan_segment(
+                        &*file,
+                        id,
+                        seed,
+                        segment_size,
+                        opts.commit_bytes_max,
+                        &mut report.scanned_bytes_read,
+                    ),
+                };
                 last_batch_no = last_batch_no.max(scan.last_batch_no);
                 if Some(id) == newest && !scan.hit_summary {
                     let mut tail_found = scan.found.clone();
