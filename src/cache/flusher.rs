@@ -116,18 +116,25 @@ pub(crate) struct Writer {
     last_batch_records: usize,
     effort: EffortController,
     preparer: Preparer,
+    /// Emptied batch buffers (with their record lists) for the next swap.
+    spare: Vec<(AlignedBuf, Vec<PendingRecord>)>,
 }
 
 impl Writer {
     pub fn new(inner: Arc<Inner>, next_segment_id: u64) -> Writer {
         let effort = EffortController::new(inner.opts.lz4_acceleration_max);
         let preparer = Preparer::start(inner.clone());
-        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort, preparer }
+        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort, preparer, spare: Vec::new() }
     }
 
     pub fn run(mut self) -> Result<(), CloseError> {
         let inner = self.inner.clone();
         loop {
+            // Taken before the lock: a new buffer is a mapping made outside it.
+            let (nbuf, nrec) = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| (AppendState::fresh_buffer(inner.opts.commit_bytes_max), Vec::new()));
             let (mut buf, mut records, batch_no) = {
                 let mut st = inner.append.lock();
                 loop {
@@ -141,10 +148,6 @@ impl Writer {
                     inner.work_cv.wait(&mut st);
                 }
                 self.maybe_wait_for_more(&mut st);
-                let (nbuf, nrec) = st
-                    .spare
-                    .pop()
-                    .unwrap_or_else(|| (AppendState::fresh_buffer(inner.opts.commit_bytes_max), Vec::new()));
                 let buf = std::mem::replace(&mut st.buf, nbuf);
                 let records = std::mem::replace(&mut st.records, nrec);
                 let batch_no = st.batch_no;
@@ -170,11 +173,12 @@ impl Writer {
             records.clear();
             // After the tickets are resolved, so the controller's work delays no ack.
             self.effort.observe(io_time, &inner.effort);
-            let mut st = inner.append.lock();
+            // The writer's own pool: returning buffers takes no lock, so a crowd of
+            // producers on the append lock cannot hold the writer up here.
             let mut records = Some(records);
             for mut b in free.drain(..) {
                 b.truncate(BATCH_HEADER_LEN);
-                st.spare.push((b, records.take().unwrap_or_default()));
+                self.spare.push((b, records.take().unwrap_or_default()));
             }
         }
     }

@@ -91,7 +91,6 @@ pub(crate) struct AppendState {
     /// Number the pending batch will carry.
     pub batch_no: u64,
     pub next_seq: Vec<u64>,
-    pub spare: Vec<(AlignedBuf, Vec<PendingRecord>)>,
     /// Set when closing or poisoned: nothing more is accepted.
     pub refuse: Option<AppendError>,
     /// The flusher has been asked to stop once the pending batch is written.
@@ -583,7 +582,6 @@ impl Cache {
                 records: Vec::new(),
                 batch_no: recovered.last_batch_no + 1,
                 next_seq: recovered.next_seq.clone(),
-                spare: Vec::new(),
                 refuse: opts.read_only.then_some(AppendError::Closed),
                 closing: false,
             }),
