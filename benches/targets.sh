@@ -57,11 +57,39 @@ rm -rf "$dir/c"
 
 peer=$here/benches/peer-raft-engine/target/release/peer-raft-engine
 if [ -x "$peer" ]; then
-  echo "# 6. versus raft-engine (best of 8 and 32 threads, every write synced)"
-  "$peer" --dir "$dir/peer" --bytes 2GiB --record-size 64KiB --streams 225 --threads 8,32 --json \
-    | python3 -c 'import json,sys; d=json.load(sys.stdin); c=d["churnlog"]; b=d["raft_engine"]["best"]; print("churnlog", round(c["mib_per_s"]), "MiB/s p99", c["ack_latency_us_p99"], "| raft-engine best", round(b["mib_per_s"]), "MiB/s p99", b["ack_latency_us_p99"], "| ratios throughput", round(d["ratio_throughput"],2), "p99", round(d["ratio_p99"],2))'
-  echo "# 6b. same queue depth: churnlog with 32 blocking producers (1 record in flight each)"
-  "$peer" --dir "$dir/peer" --bytes 2GiB --record-size 64KiB --streams 225 --threads 32 --churnlog-producers 32 --churnlog-inflight 1 --json \
-    | python3 -c 'import json,sys; d=json.load(sys.stdin); c=d["churnlog"]; b=d["raft_engine"]["best"]; print("churnlog", round(c["mib_per_s"]), "MiB/s p99", c["ack_latency_us_p99"], "| raft-engine 32", round(b["mib_per_s"]), "MiB/s p99", b["ack_latency_us_p99"], "| ratios throughput", round(d["ratio_throughput"],2), "p99", round(d["ratio_p99"],2))'
-  rm -rf "$dir/peer"
+  # One line per run: churnlog MiB/s, p50, p99 | raft-engine (best of 8 and 32 threads) MiB/s, p99 | ratios.
+  peer_line='import json,sys; d=json.load(sys.stdin); c=d["churnlog"]; b=d["raft_engine"]["best"]; print(round(c["mib_per_s"]), c["ack_latency_us_p50"], c["ack_latency_us_p99"], round(b["mib_per_s"]), b["ack_latency_us_p99"], round(d["ratio_throughput"],3), round(d["ratio_p99"],3))'
+  peer_mode() { # name, extra peer flags...
+    local name=$1; shift
+    echo "# 6 $name, $runs runs: churnlog MiB/s p50 p99 | raft-engine MiB/s p99 | ratio throughput, ratio p99"
+    : > "$dir/t6"
+    for i in $(seq "$runs"); do
+      rm -rf "$dir/peer"
+      "$peer" --dir "$dir/peer" --bytes 2GiB --record-size 64KiB --streams 225 --threads 8,32 "$@" --json \
+        | python3 -c "$peer_line" | tee -a "$dir/t6"
+    done
+    rm -rf "$dir/peer"
+    echo "median ratios: throughput $(awk '{print $6}' "$dir/t6" | median), p99 $(awk '{print $7}' "$dir/t6" | median)"
+  }
+  peer_mode "default depth (churnlog's 450 records in flight)"
+  peer_mode "equal depth (32 producers x 1 record in flight), fresh files" --churnlog-producers 32 --churnlog-inflight 1
+  peer_mode "equal depth, steady state (churnlog draining, raft-engine's files prefilled)" \
+    --churnlog-producers 32 --churnlog-inflight 1 --churnlog-drain --raft-prefill
+  if command -v fio >/dev/null; then
+    # The device's own limit for the equal-depth pattern: one 1 MiB write then fdatasync,
+    # serially, into a fresh file and over written blocks.
+    echo "# 6 device ceiling at equal depth: fio 1 MiB O_DIRECT write + fdatasync each, MiB/s (fresh, overwrite)"
+    for i in $(seq "$runs"); do
+      rm -f "$dir/fio.bin"
+      line=""
+      for pass in fresh overwrite; do
+        v=$(fio --name=serial --filename="$dir/fio.bin" --size=2G --bs=1M --rw=write --direct=1 --ioengine=psync \
+              --fdatasync=1 --output-format=json 2>/dev/null \
+            | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["write"]["bw"]/1024))')
+        line="$line $v"
+      done
+      echo "$line"
+    done
+    rm -f "$dir/fio.bin"
+  fi
 fi
