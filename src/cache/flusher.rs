@@ -117,14 +117,14 @@ pub(crate) struct Writer {
     effort: EffortController,
     preparer: Preparer,
     /// Emptied batch buffers (with their record lists) for the next swap.
-    spare: Vec<(AlignedBuf, Vec<PendingRecord>)>,
+    free_buffers: Vec<(AlignedBuf, Vec<PendingRecord>)>,
 }
 
 impl Writer {
     pub fn new(inner: Arc<Inner>, next_segment_id: u64) -> Writer {
         let effort = EffortController::new(inner.opts.lz4_acceleration_max);
         let preparer = Preparer::start(inner.clone());
-        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort, preparer, spare: Vec::new() }
+        Writer { inner, seg: None, next_segment_id, last_batch_records: 0, effort, preparer, free_buffers: Vec::new() }
     }
 
     pub fn run(mut self) -> Result<(), CloseError> {
@@ -132,7 +132,7 @@ impl Writer {
         loop {
             // Taken before the lock: a new buffer is a mapping made outside it.
             let (nbuf, nrec) = self
-                .spare
+                .free_buffers
                 .pop()
                 .unwrap_or_else(|| (AppendState::fresh_buffer(inner.opts.commit_bytes_max), Vec::new()));
             let (mut buf, mut records, batch_no) = {
@@ -178,7 +178,7 @@ impl Writer {
             let mut records = Some(records);
             for mut b in free.drain(..) {
                 b.truncate(BATCH_HEADER_LEN);
-                self.spare.push((b, records.take().unwrap_or_default()));
+                self.free_buffers.push((b, records.take().unwrap_or_default()));
             }
         }
     }

@@ -29,6 +29,16 @@ pub(crate) enum PrepareError {
     DirSync(std::io::Error),
 }
 
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrepareError::NoSpace(why) => write!(f, "no space: {why}"),
+            PrepareError::Io(op, e) => write!(f, "{op}: {e}"),
+            PrepareError::DirSync(e) => write!(f, "fsync directory: {e}"),
+        }
+    }
+}
+
 /// Makes the file of segment `id`: a recycled file renamed, or a new one allocated, then
 /// the directory synced so the name survives a crash.
 pub(crate) fn make_segment_file(inner: &Inner, id: u64) -> Result<Arc<dyn StorageFile>, PrepareError> {
@@ -179,11 +189,7 @@ fn run(inner: &Inner, slot: &Slot) {
         match made {
             Ok(file) => st.ready = Some((id, file)),
             // The flusher makes the file itself at rotation and reports what fails there.
-            Err(PrepareError::NoSpace(why)) => tracing::debug!(segment = id, why, "spare segment not prepared"),
-            Err(PrepareError::Io(op, e)) => tracing::debug!(segment = id, op, error = %e, "spare segment not prepared"),
-            Err(PrepareError::DirSync(e)) => {
-                tracing::debug!(segment = id, error = %e, "spare segment not prepared (directory sync)")
-            }
+            Err(e) => tracing::debug!(segment = id, error = %e, "spare segment not prepared"),
         }
         slot.cv.notify_all();
     }

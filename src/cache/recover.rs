@@ -523,17 +523,10 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             }
             Err(why) => {
                 report.segments_scanned.push(id);
-                let scan = match if Some(id) == newest { newest_scan.take() } else { None } {
-                    Some(scan) => scan,
-                    None => scan_segment(
-                        &*file,
-                        id,
-                        seed,
-                        segment_size,
-                        opts.commit_bytes_max,
-                        &mut report.scanned_bytes_read,
-                    ),
-                };
+                let scanned_already = if Some(id) == newest { newest_scan.take() } else { None };
+                let scan = scanned_already.unwrap_or_else(|| {
+                    scan_segment(&*file, id, seed, segment_size, opts.commit_bytes_max, &mut report.scanned_bytes_read)
+                });
                 last_batch_no = last_batch_no.max(scan.last_batch_no);
                 if Some(id) == newest && !scan.hit_summary {
                     let mut tail_found = scan.found.clone();
