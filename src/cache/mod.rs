@@ -100,6 +100,9 @@ pub(crate) struct AppendState {
 impl AppendState {
     pub fn fresh_buffer(commit_bytes_max: u32) -> AlignedBuf {
         let mut buf = AlignedBuf::with_capacity(commit_bytes_max as usize + format::BLOCK_SIZE as usize);
+        // Faulted in here, by the flusher outside the append lock, not by the producers
+        // that fill it under the lock.
+        buf.populate();
         buf.resize(BATCH_HEADER_LEN, 0);
         buf
     }
