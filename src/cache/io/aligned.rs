@@ -62,10 +62,15 @@ impl AlignedBuf {
     /// for tens of milliseconds while its first buffers were faulted in.
     pub fn populate(&mut self) {
         if self.map.advise_range(Advice::PopulateWrite, self.start, self.capacity).is_err() {
-            for page in (self.start..self.start + self.capacity).step_by(PAGE_LEN) {
-                // Rewrites the byte that is there: the contents do not change.
-                self.map[page] = std::hint::black_box(self.map[page]);
-            }
+            self.touch_pages();
+        }
+    }
+
+    /// `populate` for kernels without `MADV_POPULATE_WRITE` (before Linux 5.14).
+    fn touch_pages(&mut self) {
+        for page in (self.start..self.start + self.capacity).step_by(PAGE_LEN) {
+            // Rewrites the byte that is there: the contents do not change.
+            self.map[page] = std::hint::black_box(self.map[page]);
         }
     }
 
@@ -172,6 +177,11 @@ mod tests {
         b.populate();
         assert_eq!((b.len(), b.as_ptr()), (100, p));
         assert!(b.iter().all(|&x| x == 5));
+        b.touch_pages();
+        assert_eq!((b.len(), b.as_ptr()), (100, p));
+        assert!(b.iter().all(|&x| x == 5));
+        b.resize(b.capacity(), 0);
+        assert!(b[100..].iter().all(|&x| x == 0), "the rest is still zero");
     }
 
     #[test]
