@@ -100,8 +100,8 @@ pub(crate) struct AppendState {
 impl AppendState {
     pub fn fresh_buffer(commit_bytes_max: u32) -> AlignedBuf {
         let mut buf = AlignedBuf::with_capacity(commit_bytes_max as usize + format::BLOCK_SIZE as usize);
-        // Faulted in here, by the flusher outside the append lock, not by the producers
-        // that fill it under the lock.
+        // Faulted in here (by the flusher, or at open), outside the append lock, not by
+        // the producers that fill it under the lock.
         buf.populate();
         buf.resize(BATCH_HEADER_LEN, 0);
         buf
@@ -581,7 +581,12 @@ impl Cache {
         let inner = Arc::new(Inner {
             salt: recovered.salt,
             append: Mutex::new(AppendState {
-                buf: AppendState::fresh_buffer(opts.commit_bytes_max),
+                // A read-only cache takes no append: no batch buffer to map and fault in.
+                buf: if opts.read_only {
+                    AlignedBuf::with_capacity(BATCH_HEADER_LEN)
+                } else {
+                    AppendState::fresh_buffer(opts.commit_bytes_max)
+                },
                 records: Vec::new(),
                 batch_no: recovered.last_batch_no + 1,
                 next_seq: recovered.next_seq.clone(),
