@@ -120,3 +120,106 @@ fn failed_cursor_write_leaves_the_cursor_unchanged() {
     cache.ack(s, 3).unwrap();
     assert_eq!(cache.stream_info(s).unwrap().uploaded_upto, 3);
 }
+
+/// Review finding: failures were kept in a list capped at 1024 and a ticket whose batch
+/// had no entry resolved `Ok`, so a failed record looked at late was reported durable.
+#[test]
+fn a_failed_batch_is_never_reported_durable_however_late_its_ticket_is_read() {
+    let st = FaultStorage::new();
+    let opts = Options { capacity_bytes: 64 << 20, ..tiny_options() };
+    let cache = open(&st, &opts).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    cache.append(s, &data(s.0, 1, 300)).unwrap().wait().unwrap();
+    st.fail_os(Op::Write, 0, 1, 5);
+    let late = cache.append(s, &data(s.0, 2, 300)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while late.try_result().is_none() {
+        assert!(std::time::Instant::now() < deadline, "batch never resolved");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(matches!(late.try_result(), Some(Err(AppendError::Io(_)))));
+    // Alternate failures and successes, so no two failure ranges are adjacent: more of
+    // them than the engine keeps.
+    for _ in 0..1100 {
+        st.fail_os(Op::Write, 0, 1, 5);
+        let seq = cache.stream_info(s).unwrap().durable_upto + 1;
+        assert!(cache.append(s, &data(s.0, seq, 300)).unwrap().wait().is_err());
+        cache.append(s, &data(s.0, seq, 300)).unwrap().wait().unwrap();
+    }
+    match late.try_result() {
+        Some(Err(AppendError::OutcomeForgotten { .. })) | Some(Err(AppendError::Io(_))) => {}
+        other => panic!("a failed record must never resolve as durable: {other:?}"),
+    }
+    assert!(!cache.is_poisoned());
+}
+
+/// A sustained error (every write failing) keeps every failed ticket failed: adjacent
+/// failure ranges with the same cause are one entry.
+#[test]
+fn a_sustained_write_error_fails_every_ticket_of_it() {
+    let st = FaultStorage::new();
+    let opts = Options { capacity_bytes: 64 << 20, ..tiny_options() };
+    let cache = open(&st, &opts).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    st.fail_os(Op::Write, 0, 3000, 5);
+    let first = cache.append(s, &data(s.0, 1, 300)).unwrap();
+    for _ in 0..2000 {
+        assert!(cache.append(s, &data(s.0, 1, 300)).unwrap().wait().is_err());
+    }
+    assert!(matches!(first.wait(), Err(AppendError::Io(_))));
+}
+
+/// Review finding: a failed directory fsync (preparing a segment file, or META) was
+/// retried. After a failed fsync the engine is poisoned, whoever saw it.
+#[test]
+fn a_failed_directory_fsync_poisons_the_engine() {
+    let st = FaultStorage::new();
+    let opts = tiny_options();
+    let cache = open(&st, &opts).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    for seq in 1..=5 {
+        cache.append(s, &data(s.0, seq, 500)).unwrap().wait().unwrap();
+    }
+    st.fail_os(Op::SyncDir, 0, 1, 5);
+    // META rewrite (or the segment preparer, if it gets there first) meets the failure.
+    let _ = cache.ack(s, 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cache.is_poisoned() {
+        assert!(std::time::Instant::now() < deadline, "a failed directory fsync did not poison the engine");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(matches!(cache.ack(s, 3), Err(_)), "no META write is retried after a failed fsync");
+    assert!(matches!(cache.append(s, b"x"), Err(AppendError::Poisoned(_))));
+    assert!(cache.events().iter().any(|e| matches!(e, CacheEvent::Poisoned { .. })));
+    assert_eq!(cache.read(s, 5).unwrap(), data(s.0, 5, 500));
+}
+
+/// The segment preparer's failed directory fsync poisons too: the flusher must not make
+/// the same file again and fsync the directory a second time.
+#[test]
+fn a_failed_directory_fsync_while_rotating_poisons_the_engine() {
+    let st = FaultStorage::new();
+    let opts = Options { capacity_bytes: 64 << 20, ..tiny_options() };
+    let cache = open(&st, &opts).unwrap();
+    let s = cache.stream("m", "d").unwrap();
+    cache.append(s, &data(s.0, 1, 500)).unwrap().wait().unwrap();
+    st.fail_os(Op::SyncDir, 0, 1, 5);
+    let mut refused = None;
+    for _ in 0..2000 {
+        let seq = cache.stream_info(s).unwrap().durable_upto + 1;
+        match cache.append(s, &data(s.0, seq, 3000)) {
+            Ok(t) => {
+                if let Err(e) = t.wait() {
+                    refused = Some(e);
+                    break;
+                }
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    assert!(matches!(refused, Some(AppendError::Poisoned(_))), "{refused:?}");
+    assert!(cache.is_poisoned());
+}

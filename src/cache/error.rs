@@ -58,6 +58,13 @@ pub enum AppendError {
     UnknownStream(StreamId),
     #[error("cache is closed or read-only")]
     Closed,
+    /// The ticket was looked at so late that its batch's outcome is no longer kept (more
+    /// than 1024 failure ranges since). The record may or may
+    /// not be durable: it must be treated as not acknowledged, never as durable.
+    #[error(
+        "outcome of batch {batch_no} is no longer known (looked at too late): treat the record as not acknowledged"
+    )]
+    OutcomeForgotten { batch_no: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -31,7 +31,7 @@ use super::index::Loc;
 use super::io::aligned::AlignedBuf;
 use super::io::StorageFile;
 use super::preparer::{make_segment_file, PrepareError, Preparer};
-use super::{AppendError, AppendState, CacheEvent, CommitState, Inner, PendingRecord, SegmentState, FAILURES_KEPT_MAX};
+use super::{AppendError, AppendState, CacheEvent, CommitState, Inner, PendingRecord, SegmentState};
 
 pub(crate) fn segment_name(id: u64) -> String {
     format!("seg-{id:016x}.log")
@@ -206,6 +206,13 @@ impl Writer {
         records: &[PendingRecord],
         batch_no: u64,
     ) -> Result<(u64, u64), WriteFailure> {
+        if self.inner.is_poisoned() {
+            // Poisoned elsewhere (a directory or META fsync): acknowledge nothing more.
+            return Err(WriteFailure {
+                error: AppendError::Poisoned("an earlier fsync failed; reopen the cache".into()),
+                poison: true,
+            });
+        }
         let batch_len = buf.len();
         let aligned = align_up(batch_len as u64, BLOCK_SIZE);
         self.place(aligned, records.len())?;
@@ -355,7 +362,9 @@ impl Writer {
         let hi = {
             let mut st = inner.append.lock();
             if f.poison {
-                inner.poisoned.store(true, Ordering::Release);
+                if !inner.poisoned.swap(true, Ordering::AcqRel) {
+                    inner.push_event(CacheEvent::Poisoned { reason: f.error.to_string() });
+                }
                 st.refuse = Some(f.error.clone());
             }
             // The pending batch holds later records of the same streams: it fails too.
@@ -375,15 +384,8 @@ impl Writer {
             hi
         };
         inner.room_cv.notify_all();
-        if f.poison {
-            inner.push_event(CacheEvent::Poisoned { reason: f.error.to_string() });
-        }
         {
-            let mut c = inner.commit.lock();
-            if c.failures.len() == FAILURES_KEPT_MAX {
-                c.failures.pop_front();
-            }
-            c.failures.push_back((batch_no, hi, f.error));
+            inner.commit.lock().note_failure(batch_no, hi, f.error);
         }
         self.resolve(hi);
     }

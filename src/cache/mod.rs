@@ -186,7 +186,13 @@ pub(crate) struct CommitState {
     /// Every batch numbered at most this is resolved (durable or failed).
     pub completed: u64,
     /// Failed batch-number ranges (inclusive) and why; bounded, oldest dropped first.
+    /// Adjacent ranges failing for the same reason are merged, so a sustained error
+    /// takes one entry.
     pub failures: VecDeque<(u64, u64, AppendError)>,
+    /// Failure ranges up to this batch were dropped from `failures`: a batch at or below
+    /// it with no entry may have failed, so its outcome is reported as forgotten, never
+    /// guessed as durable.
+    pub failures_forgotten_upto: u64,
     /// Tasks waiting, by the parity of the batch they wait for (see [`Inner::commit_cv`]).
     pub wakers: [Vec<std::task::Waker>; 2],
     /// When the latest resolutions happened: (every batch up to this one resolved, at),
@@ -204,10 +210,50 @@ impl CommitState {
         CommitState {
             completed,
             failures: VecDeque::new(),
+            failures_forgotten_upto: 0,
             wakers: [Vec::new(), Vec::new()],
             resolutions: VecDeque::with_capacity(RESOLUTIONS_KEPT),
             resolutions_forgotten_upto: completed,
         }
+    }
+
+    /// Records that batches `lo..=hi` failed with `error`. Bounded: the oldest range is
+    /// dropped first, and the batches it covered become "forgotten".
+    pub fn note_failure(&mut self, lo: u64, hi: u64, error: AppendError) {
+        debug_assert!(lo <= hi);
+        debug_assert!(self.failures.back().is_none_or(|&(_, last_hi, _)| last_hi < lo));
+        if let Some(last) = self.failures.back_mut() {
+            if last.1 + 1 == lo && last.2 == error {
+                last.1 = hi;
+                return;
+            }
+        }
+        if self.failures.len() == FAILURES_KEPT_MAX {
+            if let Some((_, dropped_hi, _)) = self.failures.pop_front() {
+                self.failures_forgotten_upto = self.failures_forgotten_upto.max(dropped_hi);
+            }
+        }
+        self.failures.push_back((lo, hi, error));
+    }
+
+    /// The outcome of batch `batch_no`: `None` while in flight. Success is reported only
+    /// when the batch is known not to have failed.
+    pub fn outcome(&self, batch_no: u64) -> Option<Result<(), AppendError>> {
+        if self.completed < batch_no {
+            return None;
+        }
+        for (lo, hi, e) in self.failures.iter().rev() {
+            if (*lo..=*hi).contains(&batch_no) {
+                return Some(Err(e.clone()));
+            }
+            if *hi < batch_no {
+                break;
+            }
+        }
+        if batch_no <= self.failures_forgotten_upto {
+            return Some(Err(AppendError::OutcomeForgotten { batch_no }));
+        }
+        Some(Ok(()))
     }
 
     /// Which of the two waiting lists a ticket of `batch_no` uses.
@@ -361,6 +407,30 @@ impl Inner {
         ev.push_back(event);
     }
 
+    /// Poisons the engine after a failed fsync anywhere (a batch, a seal, a directory,
+    /// META): what that fsync covered may be gone while the kernel reports the next one
+    /// clean, so nothing more is accepted or acknowledged, and no fsync is retried, until
+    /// the cache is reopened and recovers from what is really on disk.
+    pub fn poison(&self, reason: String) {
+        let first = !self.poisoned.swap(true, Ordering::AcqRel);
+        {
+            let mut st = self.append.lock();
+            if !matches!(st.refuse, Some(AppendError::Poisoned(_))) {
+                st.refuse = Some(AppendError::Poisoned(reason.clone()));
+            }
+        }
+        self.room_cv.notify_all();
+        self.work_cv.notify_all();
+        if first {
+            tracing::error!(%reason, "engine poisoned");
+            self.push_event(CacheEvent::Poisoned { reason });
+        }
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
     pub fn wake_reclaimer(&self) {
         *self.reclaim_wake.lock() = true;
         self.reclaim_cv.notify_one();
@@ -380,17 +450,31 @@ impl Inner {
                 message: "read-only".into(),
             });
         }
+        if self.is_poisoned() {
+            return Err(IoFailure {
+                op: "write META",
+                kind: std::io::ErrorKind::Other,
+                message: "engine is poisoned after a failed fsync; reopen it".into(),
+            });
+        }
         let mut meta = self.log.read().meta_snapshot(self.salt, self.opts.segment_size, *generation + 1);
         edit(&mut meta);
         let bytes = meta.encode();
         let storage = &*self.storage;
-        match io::write_atomic(storage, meta::META_FILE, &bytes) {
-            Err(e) if error::is_no_space(&e) => {
+        // A failed fsync (of the file or the directory) is never retried: it poisons.
+        let poison_on_sync = |f: io::AtomicWriteFailure| -> IoFailure {
+            if let io::AtomicWriteFailure::Sync(e) = &f {
+                self.poison(format!("fsync META: {e}"));
+            }
+            IoFailure::new("write META", f.error())
+        };
+        match io::write_atomic_checked(storage, meta::META_FILE, &bytes) {
+            Err(io::AtomicWriteFailure::Write(e)) if error::is_no_space(&e) => {
                 tracing::warn!("file system full: using the META reserve to persist cursors");
                 let _ = storage.remove(meta::META_RESERVE_FILE);
-                io::write_atomic(storage, meta::META_FILE, &bytes).map_err(|e| IoFailure::new("write META", &e))?;
+                io::write_atomic_checked(storage, meta::META_FILE, &bytes).map_err(poison_on_sync)?;
             }
-            other => other.map_err(|e| IoFailure::new("write META", &e))?,
+            other => other.map_err(poison_on_sync)?,
         }
         *generation += 1;
         self.counters.meta_writes.fetch_add(1, Ordering::Relaxed);

@@ -184,6 +184,10 @@ fn run(inner: &Inner, slot: &Slot) {
             }
         };
         let made = make_segment_file(inner, id);
+        if let Err(PrepareError::DirSync(e)) = &made {
+            // Never retried (the flusher would fsync the directory again at rotation).
+            inner.poison(format!("fsync directory for segment {id}: {e}"));
+        }
         let mut st = slot.state.lock();
         st.busy = None;
         match made {

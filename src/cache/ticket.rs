@@ -27,15 +27,7 @@ impl std::fmt::Debug for AppendTicket {
 }
 
 fn resolution(c: &CommitState, batch_no: u64) -> Option<Result<(), AppendError>> {
-    if c.completed < batch_no {
-        return None;
-    }
-    for (lo, hi, e) in c.failures.iter().rev() {
-        if (*lo..=*hi).contains(&batch_no) {
-            return Some(Err(e.clone()));
-        }
-    }
-    Some(Ok(()))
+    c.outcome(batch_no)
 }
 
 impl AppendTicket {

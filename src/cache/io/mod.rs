@@ -89,15 +89,44 @@ fn direct_else_std(dir: &std::path::Path) -> io::Result<Arc<dyn Storage>> {
 
 /// Writes `bytes` to `name` crash-atomically: temp file → fsync → rename → fsync dir.
 pub fn write_atomic(storage: &dyn Storage, name: &str, bytes: &[u8]) -> io::Result<()> {
+    write_atomic_checked(storage, name, bytes).map_err(AtomicWriteFailure::into_error)
+}
+
+/// Why [`write_atomic_checked`] failed: before any fsync (safe to retry), or in an fsync
+/// (the caller must not retry: after a failed fsync the kernel may have dropped the
+/// dirty pages and report the next fsync clean).
+#[derive(Debug)]
+pub enum AtomicWriteFailure {
+    Write(io::Error),
+    Sync(io::Error),
+}
+
+impl AtomicWriteFailure {
+    pub fn error(&self) -> &io::Error {
+        match self {
+            AtomicWriteFailure::Write(e) | AtomicWriteFailure::Sync(e) => e,
+        }
+    }
+
+    pub fn into_error(self) -> io::Error {
+        match self {
+            AtomicWriteFailure::Write(e) | AtomicWriteFailure::Sync(e) => e,
+        }
+    }
+}
+
+/// [`write_atomic`], telling a failed fsync apart from a failed write.
+pub fn write_atomic_checked(storage: &dyn Storage, name: &str, bytes: &[u8]) -> Result<(), AtomicWriteFailure> {
+    use AtomicWriteFailure::{Sync, Write};
     let tmp = format!("{name}.tmp");
     {
-        let f = storage.open(&tmp, true)?;
-        f.set_len(0)?;
-        f.write_all_at(bytes, 0)?;
-        f.sync_data()?;
+        let f = storage.open(&tmp, true).map_err(Write)?;
+        f.set_len(0).map_err(Write)?;
+        f.write_all_at(bytes, 0).map_err(Write)?;
+        f.sync_data().map_err(Sync)?;
     }
-    storage.rename(&tmp, name)?;
-    storage.sync_dir()
+    storage.rename(&tmp, name).map_err(Write)?;
+    storage.sync_dir().map_err(Sync)
 }
 
 /// Reads a whole small file.
