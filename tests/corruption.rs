@@ -218,3 +218,37 @@ fn salvage_flags_a_stream_whose_newest_records_were_in_the_damaged_batch() {
     assert!(report.damaged_streams.iter().any(|d| d.stream == b), "{report:?}");
     assert!(cache.stream_info(b).unwrap().resync_required, "b lost its only record without a visible hole");
 }
+
+/// Review finding: salvage sealed the damaged open segment before persisting its
+/// decision; a failure between the two left a sealed segment (trusted without a scan
+/// next time) and no record of the damage: a stream whose newest records were in the
+/// damaged batch then shows no hole at all.
+#[test]
+fn a_salvage_that_fails_to_persist_its_decision_loses_no_evidence() {
+    use churnlog::cache::io::fault::Op;
+    let st = FaultStorage::new();
+    let opts = Options { segment_size: 1 << 20, capacity_bytes: 16 << 20, ..tiny_options() };
+    let (_a, b) = {
+        let cache = open(&st, &opts).unwrap();
+        let (a, b) = (cache.stream("ma", "d").unwrap(), cache.stream("mb", "d").unwrap());
+        cache.append(a, &data(a.0, 1, 700)).unwrap().wait().unwrap();
+        // b's only record, in a batch of its own; a's later batches prove it durable.
+        cache.append(b, &data(b.0, 1, 900)).unwrap().wait().unwrap();
+        for seq in 2..=30 {
+            cache.append(a, &data(a.0, seq, 700)).unwrap().wait().unwrap();
+        }
+        kill(&st, cache, 1);
+        (a, b)
+    };
+    let (name, offset, _) = location(&st, &opts, b, 1);
+    st.flip_bit(&name, offset + 32 + 10, 0);
+    let salvage = Options { recovery_mode: RecoveryMode::SalvageMarkResync, ..opts.clone() };
+    // The first rename recycles the spare segment file; the second is META's.
+    st.fail_os(Op::Rename, 1, 1, 5);
+    let e = open(&st, &salvage).err().expect("the META write after salvage fails");
+    assert!(e.to_string().contains("after salvage"), "{e}");
+    let cache = open(&st, &salvage).unwrap();
+    let report = cache.recovery_report();
+    assert!(report.damaged_streams.iter().any(|d| d.stream == b), "damage forgotten: {report:?}");
+    assert!(cache.stream_info(b).unwrap().resync_required, "b lost its only record without a visible hole");
+}

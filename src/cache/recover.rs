@@ -712,7 +712,25 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
 
     // 6. Changes on disk (never in read-only mode): seal the segment a crash left open,
     //    persist salvage decisions.
+    //    The salvage decision is persisted first: sealing writes a summary that the next
+    //    open trusts without scanning, so sealing first and then failing (crash, ENOSPC)
+    //    before META would erase the evidence of the damage.
     let mut meta_generation = meta.generation;
+    if salvaged && !opts.read_only {
+        meta.generation += 1;
+        meta_generation = meta.generation;
+        let bytes = meta.encode();
+        match write_atomic(storage, META_FILE, &bytes) {
+            Err(e) if super::error::is_no_space(&e) => {
+                // The reserve exists for exactly this: decisions must be persisted on a
+                // full file system.
+                tracing::warn!("file system full: using the META reserve to persist the salvage decision");
+                let _ = storage.remove(super::meta::META_RESERVE_FILE);
+                write_atomic(storage, META_FILE, &bytes).map_err(io_err("write META after salvage"))?;
+            }
+            other => other.map_err(io_err("write META after salvage"))?,
+        }
+    }
     if let Some(tail) = open_tail {
         if opts.read_only {
             if let Some(s) = segments.get_mut(&tail.id) {
@@ -722,11 +740,6 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             seal_segment(&tail, segment_size)
                 .map_err(|(_, e)| OpenError::Io { op: "seal the segment left open", source: e })?;
         }
-    }
-    if salvaged && !opts.read_only {
-        meta.generation += 1;
-        meta_generation = meta.generation;
-        write_atomic(storage, META_FILE, &meta.encode()).map_err(io_err("write META after salvage"))?;
     }
 
     let next_segment_id = segment_ids.last().copied().max(recycled.last().copied()).map_or(1, |m| m + 1);
