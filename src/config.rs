@@ -17,8 +17,9 @@ use crate::size::parse_size;
 /// A config file larger than this is refused before parsing (it is a few hundred bytes).
 pub const CONFIG_BYTES_MAX: u64 = 64 << 10;
 
-/// The data-transfer port of the process server, as in the seed.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:9443";
+/// Every address, on the data-transfer port of the seed ([`crate::protocol::DEFAULT_PORT`]).
+pub const DEFAULT_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), crate::protocol::DEFAULT_PORT);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -177,10 +178,7 @@ impl PsRunConfig {
             crate::cache::effort::check_acceleration_max(a)
                 .map_err(|message| ConfigError::Invalid { key: "lz4_acceleration_max", message })?;
         }
-        let listen = match self.listen {
-            Some(a) => a,
-            None => DEFAULT_LISTEN.parse().expect("the default listen address parses"),
-        };
+        let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
         Ok(PsRunSettings {
             cache_dir: need(self.cache_dir, "cache_dir", "cache-dir")?,
             cache_size_bytes,

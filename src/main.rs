@@ -701,7 +701,6 @@ fn demo(image: u64, rounds: usize, compressible: bool, dir: Option<PathBuf>) -> 
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
     let PsRunSettings {
         cache_dir,

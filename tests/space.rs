@@ -156,3 +156,46 @@ fn eviction_policy_evicts_the_largest_backlog_only_at_the_hard_watermark() {
         .any(|e| matches!(e, CacheEvent::StreamEvicted { reason, .. } if reason.contains("LargestBacklog"))));
     assert_ne!(cache.space().state, SpaceState::Full);
 }
+
+/// Review finding: `close()` could hang when it met a compaction of two or more
+/// segments (the flusher exited with the queue empty while the reclaimer still enqueued
+/// copies it then waited for). Close races a running background compaction, many times;
+/// each close must return (a hang is caught by the bound, not by timing).
+#[test]
+fn close_during_a_background_compaction_returns() {
+    for round in 0..30u64 {
+        let st = FaultStorage::new();
+        let opts = Options {
+            capacity_bytes: 64 * (64 << 10),
+            compact_usage_min: 0.0,
+            compact_live_ratio_max: 0.5,
+            background_reclaim: true,
+            ..tiny_options()
+        };
+        let cache = open(&st, &opts).unwrap();
+        let slow = cache.stream("slow", "d").unwrap();
+        let fast = cache.stream("fast", "d").unwrap();
+        let mut slow_seq = 0;
+        for seq in 1..=300u64 {
+            cache.append(fast, &data(fast.0, seq, 2000)).unwrap().wait().unwrap();
+            if seq.is_multiple_of(8) {
+                slow_seq = cache.append(slow, &data(slow.0, slow_seq + 1, 2000)).unwrap().wait().unwrap();
+            }
+        }
+        // Acknowledging most of `fast` leaves many sparse segments: the reclaimer wakes.
+        cache.ack(fast, 280).unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(round * 150));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(cache.close());
+        });
+        match done_rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => panic!("round {round}: close() did not return within 60 s"),
+        }
+        let cache = open(&st, &opts).unwrap();
+        for seq in 1..=slow_seq {
+            assert_eq!(cache.read(slow, seq).unwrap(), data(slow.0, seq, 2000));
+        }
+    }
+}

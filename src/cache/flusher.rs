@@ -235,6 +235,10 @@ impl Writer {
         seal_batch_crc(buf, crc.finalize());
         buf.resize(aligned as usize, 0);
         let base = seg.write_offset;
+        // Batch bounds: block-aligned, inside the data area, batch numbers increasing.
+        super::assert::strict_assert!(base.is_multiple_of(BLOCK_SIZE) && buf.len() as u64 == aligned);
+        super::assert::strict_assert!(base + aligned <= trailer_offset(self.inner.opts.segment_size));
+        super::assert::strict_assert!(batch_no > seg.last_batch_no, "batch {batch_no} after {}", seg.last_batch_no);
         seg.file.write_all_at(buf, base).map_err(|e| write_error("write batch", &e))?;
         seg.file.sync_data_range(base, aligned).map_err(|e| sync_error("fdatasync batch", &e))?;
         seg.write_offset += aligned;

@@ -10,6 +10,7 @@
 //! [`recover`] rebuilds everything on open from segment summaries. `docs/format.md` maps
 //! the bytes.
 
+pub(crate) mod assert;
 pub mod compress;
 pub(crate) mod effort;
 pub mod error;
@@ -499,6 +500,11 @@ impl Inner {
         loop {
             if let Some(e) = &st.refuse {
                 return Err(e.clone());
+            }
+            // Closing: the flusher exits once the pending batch is empty, so a record
+            // taken now (a compaction copy racing close) would never resolve.
+            if st.closing {
+                return Err(AppendError::Closed);
             }
             if st.records.is_empty() || st.buf.len() + need <= self.opts.commit_bytes_max as usize {
                 break;

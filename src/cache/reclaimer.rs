@@ -45,9 +45,12 @@ pub(crate) fn free_dead_segments(inner: &Inner) -> Result<u64, IoFailure> {
         let recycle = {
             let mut log = inner.log.write();
             // Whoever takes it out of the map frees the file.
-            if log.segments.remove(&id).is_none() {
+            let Some(removed) = log.segments.remove(&id) else {
                 continue;
-            }
+            };
+            // Sealed segments never gain records, so "dead" cannot have changed.
+            super::assert::strict_assert!(removed.sealed && removed.live_records == 0, "freeing live segment {id}");
+            super::assert::strict_assert_eq!(removed.live_stored_bytes, 0, "segment {id}");
             inner.segments_in_use.store(log.segments.len() as u64, Ordering::Relaxed);
             log.recycled.len() < inner.opts.segments_recycle_max
         };
@@ -130,6 +133,10 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
             .collect()
     };
     for segment in candidates {
+        // Between segments, not mid-segment: every copy enqueued is waited for.
+        if inner.shutdown.load(Ordering::Acquire) {
+            break;
+        }
         let (file, live) = {
             let log = inner.log.read();
             let Some(seg) = log.segments.get(&segment) else {

@@ -710,6 +710,14 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
         }
     }
 
+    // Index consistency: no segment holds more than it can, and every stream continues
+    // after its last indexed record.
+    super::assert::strict_assert!(segments.values().all(|s| s.live_stored_bytes <= segment_size));
+    super::assert::strict_assert!(
+        streams.iter().zip(&next_seq).all(|(s, &next)| next > s.index.durable_upto()),
+        "a stream would reuse a sequence number"
+    );
+
     // 6. Changes on disk (never in read-only mode): seal the segment a crash left open,
     //    persist salvage decisions.
     //    The salvage decision is persisted first: sealing writes a summary that the next
