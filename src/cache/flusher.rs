@@ -388,9 +388,7 @@ impl Writer {
             hi
         };
         inner.room_cv.notify_all();
-        {
-            inner.commit.lock().note_failure(batch_no, hi, f.error);
-        }
+        inner.commit.lock().note_failure(batch_no, hi, f.error);
         self.resolve(hi);
     }
 

@@ -10,6 +10,23 @@ pub const META_FILE: &str = "META";
 pub const META_RESERVE_FILE: &str = "META.reserve";
 const META_RESERVE_MIN: u64 = 256 << 10;
 
+/// Writes META crash-atomically; on ENOSPC before any fsync, gives up the reserve and
+/// tries once more (decisions and upload cursors must persist on a full file system).
+pub(crate) fn write_with_reserve(
+    storage: &dyn super::io::Storage,
+    bytes: &[u8],
+) -> Result<(), super::io::AtomicWriteFailure> {
+    use super::io::{write_atomic_checked, AtomicWriteFailure};
+    match write_atomic_checked(storage, META_FILE, bytes) {
+        Err(AtomicWriteFailure::Write(e)) if super::error::is_no_space(&e) => {
+            tracing::warn!("file system full: using the META reserve");
+            let _ = storage.remove(META_RESERVE_FILE);
+            write_atomic_checked(storage, META_FILE, bytes)
+        }
+        other => other,
+    }
+}
+
 /// Makes sure the reserve exists and holds at least four times `meta_len` bytes (a temp
 /// copy plus slack for growth), and never less than 256 KiB.
 /// Best effort: with no room, it is retried on the next META write.

@@ -469,14 +469,7 @@ impl Inner {
             }
             IoFailure::new("write META", f.error())
         };
-        match io::write_atomic_checked(storage, meta::META_FILE, &bytes) {
-            Err(io::AtomicWriteFailure::Write(e)) if error::is_no_space(&e) => {
-                tracing::warn!("file system full: using the META reserve to persist cursors");
-                let _ = storage.remove(meta::META_RESERVE_FILE);
-                io::write_atomic_checked(storage, meta::META_FILE, &bytes).map_err(poison_on_sync)?;
-            }
-            other => other.map_err(poison_on_sync)?,
-        }
+        meta::write_with_reserve(storage, &bytes).map_err(poison_on_sync)?;
         *generation += 1;
         self.counters.meta_writes.fetch_add(1, Ordering::Relaxed);
         self.counters.meta_bytes.fetch_add(format::align_up(bytes.len() as u64, format::BLOCK_SIZE), Ordering::Relaxed);
@@ -1147,7 +1140,7 @@ impl Cache {
     }
 
     pub fn is_poisoned(&self) -> bool {
-        self.inner.poisoned.load(Ordering::Acquire)
+        self.inner.is_poisoned()
     }
 
     /// Writes what is pending, seals the open segment (so the next open reads only

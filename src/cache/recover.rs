@@ -718,9 +718,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
         "a stream would reuse a sequence number"
     );
 
-    // 6. Changes on disk (never in read-only mode): seal the segment a crash left open,
-    //    persist salvage decisions.
-    //    The salvage decision is persisted first: sealing writes a summary that the next
+    // 6. Changes on disk (never in read-only mode): persist salvage decisions, then seal
+    //    the segment a crash left open. The salvage decision is persisted first: sealing writes a summary that the next
     //    open trusts without scanning, so sealing first and then failing (crash, ENOSPC)
     //    before META would erase the evidence of the damage.
     let mut meta_generation = meta.generation;
@@ -728,16 +727,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
         meta.generation += 1;
         meta_generation = meta.generation;
         let bytes = meta.encode();
-        match write_atomic(storage, META_FILE, &bytes) {
-            Err(e) if super::error::is_no_space(&e) => {
-                // The reserve exists for exactly this: decisions must be persisted on a
-                // full file system.
-                tracing::warn!("file system full: using the META reserve to persist the salvage decision");
-                let _ = storage.remove(super::meta::META_RESERVE_FILE);
-                write_atomic(storage, META_FILE, &bytes).map_err(io_err("write META after salvage"))?;
-            }
-            other => other.map_err(io_err("write META after salvage"))?,
-        }
+        super::meta::write_with_reserve(storage, &bytes)
+            .map_err(|f| OpenError::Io { op: "write META after salvage", source: f.into_error() })?;
     }
     if let Some(tail) = open_tail {
         if opts.read_only {
