@@ -1,7 +1,7 @@
 //! churnlog: an open, self-hostable scale-out process server for disaster-recovery
 //! replication. The heart is [`cache`], an embedded, log-structured, crash-safe cache
 //! engine. Around it: the wire [`protocol`], the TLS [`ingest`] server, the [`drain`] to
-//! object storage, the [`agent`] and [`restore`]. Dependencies point one way:
+//! object storage in the [`store`] layout, the [`agent`] and [`restore`]. Dependencies point one way:
 //! command line → server parts → engine → I/O.
 
 #![deny(unsafe_code)]
@@ -12,7 +12,10 @@ pub mod cache;
 pub mod config;
 pub mod drain;
 pub mod ingest;
+pub mod process_server;
 pub mod protocol;
+pub mod proxy;
 pub mod restore;
 pub mod size;
+pub mod store;
 pub mod tls;

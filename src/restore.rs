@@ -4,15 +4,50 @@
 //! re-upload after a crash may overlap an earlier object). A missing position is an error,
 //! never a silent hole; a point with a recorded gap (records dropped before upload)
 //! between its base and itself is reported unrestorable.
+//!
+//! Nothing half-done is left under the output's name: the image is built in a temporary
+//! file beside it and renamed over it only once complete and synced. Memory stays bounded:
+//! an object's size is checked before it is downloaded, and its records are decoded one
+//! at a time. Zero runs become holes where the file system can punch them.
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use object_store::path::Path as StorePath;
 
-use crate::drain::{object, DrainError, Manifest, PointEntry, Target};
 use crate::protocol::StreamRecord;
+use crate::store::object::{ObjectError, ObjectRecords, OBJECT_LEN_MAX};
+use crate::store::{GapEntry, Manifest, PointEntry, StoreError, Target};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("object store: {0}")]
+    ObjectStore(#[from] object_store::Error),
+    #[error("no manifest for {machine}/{disk} in {target}")]
+    NoManifest { machine: String, disk: String, target: String },
+    #[error("no restorable recovery point {point:?} for {machine}/{disk}")]
+    NoPoint { machine: String, disk: String, point: PointSelector },
+    #[error("{machine}/{disk} point {point_id}: positions {}..={} were dropped before upload and no full resync began between them and the point", gap.first_seq, gap.last_seq)]
+    Unrestorable { machine: String, disk: String, point_id: u64, gap: GapEntry },
+    #[error("object {name}: not a valid object path: {why}")]
+    ObjectName { name: String, why: String },
+    #[error("object {name} is {len} bytes, more than the {max} an object may hold")]
+    ObjectTooLarge { name: String, len: u64, max: u64 },
+    #[error("object {name}: {source}")]
+    Object { name: String, source: ObjectError },
+    #[error("{machine}/{disk}: positions {first}..={last} are missing from the store")]
+    Missing { machine: String, disk: String, first: u64, last: u64 },
+    #[error("position {seq}: not a valid stream record: {why}")]
+    Record { seq: u64, why: String },
+    #[error("position {seq}: {what} {offset}+{len} lies past the disk's end ({disk_size})")]
+    PastEnd { seq: u64, what: &'static str, offset: u64, len: u64, disk_size: u64 },
+    #[error("output {path}: {source}")]
+    Output { path: PathBuf, source: std::io::Error },
+}
 
 /// Which recovery point to restore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,29 +105,32 @@ fn status(m: &Manifest, p: &PointEntry) -> PointStatus {
 }
 
 /// The recovery points of one disk, oldest first.
-pub async fn list_points(target: &Target, machine: &str, disk: &str) -> Result<Vec<PointStatus>, DrainError> {
-    let m = target
-        .load_manifest(machine, disk)
-        .await?
-        .ok_or_else(|| DrainError::Restore(format!("no manifest for {machine}/{disk} in {}", target.url)))?;
+pub async fn list_points(target: &Target, machine: &str, disk: &str) -> Result<Vec<PointStatus>, RestoreError> {
+    let m = load(target, machine, disk).await?;
     let mut points: Vec<_> = m.points.iter().map(|p| status(&m, p)).collect();
     points.sort_by_key(|p| p.point.seq);
     Ok(points)
 }
 
+async fn load(target: &Target, machine: &str, disk: &str) -> Result<Manifest, RestoreError> {
+    target.load_manifest(machine, disk).await?.ok_or_else(|| RestoreError::NoManifest {
+        machine: machine.into(),
+        disk: disk.into(),
+        target: target.url.clone(),
+    })
+}
+
+/// Rebuilds `machine`/`disk` at `point` into the file `out` (replaced only on success).
 pub async fn restore(
     target: &Target,
     machine: &str,
     disk: &str,
     point: PointSelector,
     out: &Path,
-    mut progress: impl FnMut(u64, u64),
-) -> Result<RestoreReport, DrainError> {
+    progress: impl FnMut(u64, u64),
+) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
-    let manifest = target
-        .load_manifest(machine, disk)
-        .await?
-        .ok_or_else(|| DrainError::Restore(format!("no manifest for {machine}/{disk}")))?;
+    let manifest = load(target, machine, disk).await?;
     let chosen = match point {
         // The latest point that can be restored.
         PointSelector::Latest => {
@@ -101,81 +139,152 @@ pub async fn restore(
         PointSelector::Id(id) => manifest.points.iter().filter(|p| p.point_id == id).max_by_key(|p| p.seq),
     }
     .cloned()
-    .ok_or_else(|| DrainError::Restore(format!("no restorable recovery point {point:?} for {machine}/{disk}")))?;
-    let base = manifest.base_for(chosen.seq).map_err(|_| {
-        DrainError::Restore(format!(
-            "{machine}/{disk} point {}: {}",
-            chosen.point_id,
-            status(&manifest, &chosen).lost_because.unwrap_or_default()
-        ))
+    .ok_or_else(|| RestoreError::NoPoint { machine: machine.into(), disk: disk.into(), point })?;
+    let base = manifest.base_for(chosen.seq).map_err(|gap| RestoreError::Unrestorable {
+        machine: machine.into(),
+        disk: disk.into(),
+        point_id: chosen.point_id,
+        gap,
     })?;
+    let output_error = |source| RestoreError::Output { path: out.to_path_buf(), source };
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = out.file_name().map_or("restore".into(), |n| n.to_string_lossy().into_owned());
+    let partial = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(output_error)?;
+    partial.as_file().set_len(chosen.disk_size).map_err(output_error)?;
+    let mut image = Image { file: partial.as_file(), path: out, disk_size: chosen.disk_size, can_punch: true };
+    let applied = apply(target, &manifest, &chosen, base, &mut image, progress).await?;
+    partial.as_file().sync_all().map_err(output_error)?;
+    // Dropping `partial` on any error above removed it; only a whole image gets the name.
+    partial.persist(out).map_err(|e| output_error(e.error))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(output_error)?;
+    Ok(RestoreReport {
+        point: chosen,
+        records_applied: applied.records,
+        bytes_written: applied.bytes,
+        objects_read: applied.objects,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+struct Applied {
+    records: u64,
+    bytes: u64,
+    objects: usize,
+}
+
+/// The image being built, and how zero runs are written to it.
+struct Image<'a> {
+    file: &'a File,
+    /// The name the image gets once whole (for errors).
+    path: &'a Path,
+    disk_size: u64,
+    /// False once the file system refused to punch a hole: zeros are written instead.
+    can_punch: bool,
+}
+
+impl Image<'_> {
+    fn check_range(&self, seq: u64, what: &'static str, offset: u64, len: u64) -> Result<(), RestoreError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.disk_size => Ok(()),
+            _ => Err(RestoreError::PastEnd { seq, what, offset, len, disk_size: self.disk_size }),
+        }
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if self.can_punch && len > 0 {
+            match fallocate(self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::NOSYS) => self.can_punch = false,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let zeros = vec![0u8; (len as usize).min(1 << 20)];
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Applies positions `base+1..=point.seq`, each once, in order.
+async fn apply(
+    target: &Target,
+    manifest: &Manifest,
+    point: &PointEntry,
+    base: u64,
+    image: &mut Image<'_>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Applied, RestoreError> {
+    let (machine, disk) = (&manifest.machine, &manifest.disk);
+    let out_path = image.path.to_path_buf();
+    let output_error = |source| RestoreError::Output { path: out_path.clone(), source };
+    let missing =
+        |first: u64, last: u64| RestoreError::Missing { machine: machine.clone(), disk: disk.clone(), first, last };
     let mut objects: Vec<_> =
-        manifest.objects.iter().filter(|o| o.first_seq <= chosen.seq && o.last_seq > base).cloned().collect();
+        manifest.objects.iter().filter(|o| o.first_seq <= point.seq && o.last_seq > base).cloned().collect();
     objects.sort_by_key(|o| (o.first_seq, o.last_seq));
-    let file = std::fs::OpenOptions::new().create(true).write(true).truncate(true).open(out)?;
-    file.set_len(chosen.disk_size)?;
-    let (mut applied, mut records, mut bytes) = (base, 0u64, 0u64);
-    let mut objects_read = 0;
+    let mut applied = base;
+    let mut done = Applied { records: 0, bytes: 0, objects: 0 };
+    let mut data = Vec::new();
     for entry in &objects {
         if entry.last_seq <= applied {
             continue;
         }
-        let path = StorePath::parse(&entry.name).map_err(|e| DrainError::Restore(e.to_string()))?;
-        let body = target.store.get(&path).await?.bytes().await?;
-        objects_read += 1;
-        for (seq, data) in object::decode(&body).map_err(|e| DrainError::Object(entry.name.clone(), e))? {
+        let object_error = |source| RestoreError::Object { name: entry.name.clone(), source };
+        let path = StorePath::parse(&entry.name)
+            .map_err(|e| RestoreError::ObjectName { name: entry.name.clone(), why: e.to_string() })?;
+        let got = target.store.get(&path).await?;
+        if got.meta.size > OBJECT_LEN_MAX as u64 {
+            return Err(RestoreError::ObjectTooLarge {
+                name: entry.name.clone(),
+                len: got.meta.size,
+                max: OBJECT_LEN_MAX as u64,
+            });
+        }
+        let body = got.bytes().await?;
+        done.objects += 1;
+        let mut records = ObjectRecords::check(&body).map_err(object_error)?;
+        while let Some(seq) = records.next_into(&mut data) {
+            let seq = seq.map_err(object_error)?;
             if seq <= applied {
                 continue;
             }
-            if seq > chosen.seq {
+            if seq > point.seq {
                 break;
             }
             if seq != applied + 1 {
-                return Err(DrainError::Restore(format!(
-                    "{machine}/{disk}: records {}..{} are missing",
-                    applied + 1,
-                    seq - 1
-                )));
+                return Err(missing(applied + 1, seq - 1));
             }
-            match StreamRecord::decode(&data).map_err(|e| DrainError::Restore(format!("seq {seq}: {e}")))? {
+            match StreamRecord::decode(&data).map_err(|e| RestoreError::Record { seq, why: e.to_string() })? {
                 StreamRecord::Write { offset, data } => {
-                    if offset.checked_add(data.len() as u64).is_none_or(|end| end > chosen.disk_size) {
-                        return Err(DrainError::Restore(format!("seq {seq}: write past the disk's end")));
-                    }
-                    file.write_all_at(&data, offset)?;
-                    bytes += data.len() as u64;
+                    image.check_range(seq, "write", offset, data.len() as u64)?;
+                    image.file.write_all_at(&data, offset).map_err(output_error)?;
+                    done.bytes += data.len() as u64;
                 }
                 StreamRecord::Zero { offset, len } => {
-                    if offset.checked_add(len).is_none_or(|end| end > chosen.disk_size) {
-                        return Err(DrainError::Restore(format!("seq {seq}: zero run past the disk's end")));
-                    }
-                    let zeros = vec![0u8; (len as usize).min(1 << 20)];
-                    let mut at = 0u64;
-                    while at < len {
-                        let n = (len - at).min(zeros.len() as u64) as usize;
-                        file.write_all_at(&zeros[..n], offset + at)?;
-                        at += n as u64;
-                    }
+                    image.check_range(seq, "zero run", offset, len)?;
+                    image.zero(offset, len).map_err(output_error)?;
                 }
                 StreamRecord::Point { .. } | StreamRecord::ResyncBase { .. } => {}
             }
             applied = seq;
-            records += 1;
+            done.records += 1;
         }
-        progress(applied - base, chosen.seq - base);
+        progress(applied - base, point.seq - base);
     }
-    if applied != chosen.seq {
-        return Err(DrainError::Restore(format!(
-            "{machine}/{disk}: restored up to {applied}, the point needs {}",
-            chosen.seq
-        )));
+    if applied != point.seq {
+        return Err(missing(applied + 1, point.seq));
     }
-    file.sync_all()?;
-    Ok(RestoreReport {
-        point: chosen,
-        records_applied: records,
-        bytes_written: bytes,
-        objects_read,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(done)
 }

@@ -7,9 +7,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use churnlog::agent::{Agent, AgentConfig};
-use churnlog::drain::Target;
 use churnlog::protocol::PointKind;
 use churnlog::restore::{restore, PointSelector};
+use churnlog::store::Target;
 
 struct Ps {
     child: Child,

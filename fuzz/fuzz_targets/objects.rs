@@ -3,7 +3,7 @@
 //! fail with a typed error, never panic or over-allocate.
 #![no_main]
 
-use churnlog::drain::object::decode;
+use churnlog::store::object::decode;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -66,6 +66,28 @@ pub fn run(
     Ok(rows)
 }
 
+/// `churnlog bench compress`'s table, one row per acceleration.
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(transparent)]
+pub struct EffortTable(pub Vec<EffortRow>);
+
+impl std::fmt::Display for EffortTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "acceleration  MiB/s (1 core)  stored/logical  records compressed")?;
+        for r in &self.0 {
+            write!(
+                f,
+                "\n{:>12}  {:>14.0}  {:>14.3}  {:>17.1}%",
+                r.acceleration,
+                r.mib_per_s,
+                r.stored_ratio,
+                r.compressed_fraction * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,16 +5,17 @@
 //! keep up; the time to durable is reported beside it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use super::image::{churn, make_image, same_contents};
 use crate::agent::{Agent, AgentConfig};
-use crate::cache::{Cache, Options};
-use crate::drain::{DrainConfig, Drainer, Target};
-use crate::ingest::{IngestConfig, IngestServer};
+use crate::cache::Cache;
+use crate::drain::DrainConfig;
+use crate::ingest::IngestConfig;
+use crate::process_server::{ProcessServer, ProcessServerConfig};
 use crate::protocol::PointKind;
 use crate::restore::{restore, PointSelector};
+use crate::store::Target;
 
 #[derive(Clone, Debug)]
 pub struct E2eParams {
@@ -91,22 +92,19 @@ pub async fn run(p: &E2eParams) -> anyhow::Result<E2eResult> {
     let image = dir.join("disk0.img");
     make_image(&image, p.image_bytes, 11, p.compressible)?;
     let passphrase = "bench e2e";
-    let opts = Options {
-        capacity_bytes: (p.image_bytes * 2).max(1 << 30),
-        segment_size: 64 << 20,
-        record_size_max: crate::protocol::RECORD_BYTES_MAX as u32,
-        tail_cache_bytes: crate::drain::DRAIN_TAIL_CACHE_BYTES,
-        io_backend: p.io_backend,
-        ..Options::default()
-    };
-    let cache = Arc::new(Cache::open(&cache_dir, opts)?);
-    let backend = cache.backend_name();
-    let server =
-        IngestServer::start(cache.clone(), IngestConfig::new("127.0.0.1:0".parse()?, tls_dir, passphrase)).await?;
     let target = Target::from_url(&format!("file://{}", store_dir.display()), None)?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let cfg = DrainConfig { uploads_in_flight: p.uploads_in_flight, ..DrainConfig::default() };
-    let drainer = tokio::spawn(Drainer::new(cache.clone(), target.clone(), cfg).run(stopped));
+    let mut cfg = ProcessServerConfig::new(
+        cache_dir,
+        (p.image_bytes * 2).max(1 << 30),
+        IngestConfig::new("127.0.0.1:0".parse()?, tls_dir, passphrase),
+        target.clone(),
+    );
+    cfg.cache.segment_size = 64 << 20;
+    cfg.cache.io_backend = p.io_backend;
+    cfg.drain = DrainConfig { uploads_in_flight: p.uploads_in_flight, ..DrainConfig::default() };
+    let server = ProcessServer::start(cfg).await?;
+    let cache = server.cache().clone();
+    let backend = cache.backend_name();
     let agent_cfg = AgentConfig::new(
         server.local_addr.to_string(),
         server.cert_pem.clone(),
@@ -132,10 +130,8 @@ pub async fn run(p: &E2eParams) -> anyhow::Result<E2eResult> {
     let restore_mib_per_s = p.image_bytes as f64 / (1 << 20) as f64 / started.elapsed().as_secs_f64();
     let restore_identical = same_contents(&out, &image)?;
 
-    let _ = stop.send(true);
-    let _ = drainer.await;
-    server.stop().await;
-    drop(agent);
+    drop((agent, cache));
+    server.stop().await?;
     Ok(E2eResult {
         image_mib: p.image_bytes as f64 / (1 << 20) as f64,
         compressible: p.compressible,
@@ -146,4 +142,34 @@ pub async fn run(p: &E2eParams) -> anyhow::Result<E2eResult> {
         restore_mib_per_s,
         restore_identical,
     })
+}
+
+impl std::fmt::Display for E2eResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "e2e {:.0} MiB image{} ({}): initial copy {:.0} MiB in {:.2} s = {:.0} MiB/s ({:.2} cores; durable after {:.2} s)",
+            self.image_mib,
+            if self.compressible { ", 2:1 compressible" } else { "" },
+            self.backend,
+            self.initial.mib,
+            self.initial.seconds,
+            self.initial.mib_per_s,
+            self.initial.cpu_cores,
+            self.initial.durable_seconds
+        )?;
+        for c in &self.churn {
+            writeln!(
+                f,
+                "  churn pass: {:.0} MiB in {:.2} s = {:.0} MiB/s ({:.2} cores; durable after {:.2} s)",
+                c.mib, c.seconds, c.mib_per_s, c.cpu_cores, c.durable_seconds
+            )?;
+        }
+        write!(
+            f,
+            "  restore: {:.0} MiB/s of image, {}",
+            self.restore_mib_per_s,
+            if self.restore_identical { "byte-identical" } else { "DIFFERS" }
+        )
+    }
 }

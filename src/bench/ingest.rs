@@ -304,3 +304,72 @@ pub fn run(p: &IngestParams) -> anyhow::Result<IngestResult> {
         backend,
     })
 }
+
+/// `churnlog bench ingest`'s report: the run, and the device's own figure beside it when
+/// it was measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct IngestReport {
+    #[serde(flatten)]
+    pub result: IngestResult,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_limit_mib_per_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_device: Option<f64>,
+}
+
+impl IngestReport {
+    pub fn new(result: IngestResult, device_limit_mib_per_s: Option<f64>) -> IngestReport {
+        let ratio_to_device = device_limit_mib_per_s.map(|d| result.mib_per_s / d);
+        IngestReport { result, device_limit_mib_per_s, ratio_to_device }
+    }
+}
+
+impl std::fmt::Display for IngestReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.result;
+        write!(
+            f,
+            "ingest: {:.1} MiB/s logical, {:.1} MiB/s to the device, {} records in {:.2} s, ack p50 {} us p99 {} us, {:.1} records/batch, write amplification {:.3}",
+            r.mib_per_s, r.device_mib_per_s, r.records, r.seconds, r.ack_latency_us_p50, r.ack_latency_us_p99, r.records_per_batch, r.write_amplification
+        )?;
+        if r.ack_latency_inexact > 0 {
+            write!(
+                f,
+                "\nwarning: {} ack latencies were taken late (their batch's time was no longer kept): upper bounds",
+                r.ack_latency_inexact
+            )?;
+        }
+        if r.meta_writes > 0 {
+            write!(
+                f,
+                "\nmeta: {} rewrites, {:.1} MiB; write amplification with META {:.3}",
+                r.meta_writes,
+                r.meta_bytes as f64 / (1u64 << 20) as f64,
+                r.write_amplification_with_meta
+            )?;
+        }
+        if r.stored_bytes < r.logical_bytes {
+            write!(
+                f,
+                "\ncompression: stored {:.3} of logical, LZ4 acceleration mean {:.1} (max {})",
+                r.stored_bytes as f64 / r.logical_bytes as f64,
+                r.lz4_acceleration_mean,
+                r.lz4_acceleration_max
+            )?;
+        }
+        if let (Some(cpu), Some(per_mib)) = (r.cpu_seconds, r.cpu_ms_per_logical_mib) {
+            write!(
+                f,
+                "\ncpu: {cpu:.2} s ({:.2} cores busy), {per_mib:.3} ms per logical MiB (engine and bench threads)",
+                cpu / r.seconds
+            )?;
+        }
+        if let (Some(d), Some(ratio)) = (self.device_limit_mib_per_s, self.ratio_to_device) {
+            write!(
+                f,
+                "\ndevice: {d:.1} MiB/s (O_DIRECT 1 MiB writes, fdatasync every 4 MiB): churnlog at {ratio:.2}x"
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -43,3 +43,18 @@ pub fn run(dir: &Path, options: Options) -> anyhow::Result<RecoverResult> {
         cached_logical_bytes: cached,
     })
 }
+impl std::fmt::Display for RecoverResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "recover: opened in {:.3} s: {} records ({} MiB cached), index {} bytes ({:.1} per record), {} segments, {} scanned",
+            self.open_seconds,
+            self.records,
+            self.cached_logical_bytes >> 20,
+            self.index_bytes,
+            self.index_bytes_per_record,
+            self.segments,
+            self.segments_scanned
+        )
+    }
+}

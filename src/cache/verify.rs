@@ -78,3 +78,55 @@ pub(crate) fn verify(cache: &Cache) -> VerifyReport {
     }
     out
 }
+
+/// The text report of `churnlog cache verify`: recovery's findings, one line per stream,
+/// the verdict last.
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = &self.recovery;
+        writeln!(
+            f,
+            "{} segment(s), {} from summaries, {} scanned",
+            r.segments,
+            r.segments_from_summary,
+            r.segments_scanned.len()
+        )?;
+        if let Some(t) = &r.torn_tail {
+            writeln!(f, "torn tail (unacknowledged, discarded): segment {} at {}: {}", t.segment, t.offset, t.reason)?;
+        }
+        for d in &r.damage {
+            writeln!(f, "DAMAGE segment {} at {}: {}", d.segment, d.offset, d.what)?;
+        }
+        for n in &r.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        writeln!(
+            f,
+            "{:<24} {:<10} {:>10} {:>23} {:>14} {:>10} {:>7}  corrupt",
+            "machine", "disk", "records", "seq range", "bytes", "uploaded", "resync"
+        )?;
+        for s in &self.streams {
+            let range = s.seq_range.map_or("-".to_string(), |(a, b)| format!("{a}..={b}"));
+            let corrupt = if s.corrupt_ranges.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:?} ({})", s.corrupt_ranges, s.first_error.as_deref().unwrap_or(""))
+            };
+            writeln!(
+                f,
+                "{:<24} {:<10} {:>10} {:>23} {:>14} {:>10} {:>7}  {}",
+                s.machine, s.disk, s.records, range, s.logical_bytes, s.uploaded_upto, s.resync_required, corrupt
+            )?;
+        }
+        for d in &r.damaged_streams {
+            writeln!(f, "DAMAGED stream {}/{}: missing {:?}", d.machine, d.disk, d.missing)?;
+        }
+        write!(
+            f,
+            "{} record(s), {} byte(s) checked: {}",
+            self.records_checked,
+            self.bytes_checked,
+            if self.is_clean() { "clean" } else { "CORRUPT" }
+        )
+    }
+}

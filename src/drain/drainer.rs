@@ -11,10 +11,11 @@ use futures::FutureExt;
 use object_store::PutPayload;
 
 use super::throttle::{BandwidthSchedule, Throttle};
-use super::{object, DrainError, GapEntry, Manifest, ObjectEntry, PointEntry, Target};
+use super::DrainError;
 use crate::cache::format::Codec;
 use crate::cache::{compress, Cache, ReadError, StreamId, StreamInfo};
 use crate::protocol::StreamRecord;
+use crate::store::{object, GapEntry, Manifest, ObjectEntry, PointEntry, Target};
 
 /// Upload acknowledgements wait at most this long to share one META write with others
 /// (the cache frees space only once acknowledged, so the wait is kept short).
@@ -142,16 +143,7 @@ impl Drainer {
             ..Manifest::default()
         });
         if m.cache_id != cache_id {
-            let high = m
-                .objects
-                .iter()
-                .map(|o| o.last_seq)
-                .chain(m.points.iter().map(|p| p.seq))
-                .chain(m.bases.iter().copied())
-                .chain(m.gaps.iter().map(|g| g.last_seq))
-                .chain([m.recorded_upto])
-                .max()
-                .unwrap_or(0);
+            let high = m.highest_position();
             // A gap stands for whatever the other cache never uploaded; this cache's
             // records continue after it, from its own upload cursor.
             let gap = GapEntry { first_seq: high + 1, last_seq: (high + 1).max(info.uploaded_upto) };
@@ -167,9 +159,7 @@ impl Drainer {
             );
             if !first_is_base {
                 // Nothing here can be restored without a full copy after the junction.
-                self.cache
-                    .evict_stream(info.id, "the target holds this disk's history from another cache")
-                    .map_err(|e| DrainError::Cache(e.to_string()))?;
+                self.cache.evict_stream(info.id, "the target holds this disk's history from another cache")?;
             }
             self.put_manifest(&m).await?;
         }
@@ -192,7 +182,7 @@ impl Drainer {
         for (stream, upto) in acks {
             if let Err(e) = self.cache.ack(stream, upto) {
                 tracing::warn!(stream = stream.0, upto, error = %e, "upload not acknowledged; it is re-sent next pass");
-                first_error.get_or_insert(DrainError::Cache(e.to_string()));
+                first_error.get_or_insert(DrainError::Stream(e));
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -211,14 +201,12 @@ impl Drainer {
     }
 
     async fn put_manifest(&self, m: &Manifest) -> Result<(), DrainError> {
-        let json = serde_json::to_vec_pretty(m).expect("manifest serializes");
-        self.target.store.put(&self.target.manifest_path(&m.machine, &m.disk), PutPayload::from(json)).await?;
-        Ok(())
+        Ok(self.target.put_manifest(m).await?)
     }
 
     async fn drain_stream(&mut self, info: &StreamInfo) -> Result<usize, DrainError> {
         self.manifest(info).await?;
-        let info = &self.cache.stream_info(info.id).ok_or_else(|| DrainError::Cache("stream vanished".into()))?;
+        let info = &self.cache.stream_info(info.id).ok_or(DrainError::StreamVanished(info.id.0))?;
         let offset = self.manifests[&info.id].seq_offset;
         {
             // Records dropped before upload become a gap, before anything after them.
@@ -345,12 +333,10 @@ impl Drainer {
             Ok(_) => object.count() as usize,
             Err(e @ ReadError::Corruption { .. }) => {
                 tracing::error!(error = %e, machine = %info.machine, disk = %info.disk, "corrupt cached record: evicting the stream");
-                self.cache
-                    .evict_stream(info.id, &format!("drain: {e}"))
-                    .map_err(|e| DrainError::Cache(e.to_string()))?;
+                self.cache.evict_stream(info.id, &format!("drain: {e}"))?;
                 return Ok(None);
             }
-            Err(e) => return Err(DrainError::Cache(e.to_string())),
+            Err(e) => return Err(e.into()),
         };
         let (first, last) = object.range();
         Ok(Some(Built { first, last, records, points, bases, body: bytes::Bytes::from(object.finish()) }))
@@ -393,7 +379,7 @@ mod ack_tests {
 
     use super::{DrainConfig, Drainer};
     use crate::cache::{Cache, Options};
-    use crate::drain::Target;
+    use crate::store::Target;
 
     /// A pass over several streams acknowledges all of them in one META write, and only
     /// after their manifests are written: every stream's cursor reaches what is durable.

@@ -7,19 +7,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use churnlog::agent::{Agent, AgentConfig};
-use churnlog::cache::{Cache, Options};
-use churnlog::drain::{DrainConfig, Drainer, Target};
-use churnlog::ingest::{IngestConfig, IngestServer};
+use churnlog::cache::Cache;
+use churnlog::ingest::IngestConfig;
+use churnlog::process_server::{ProcessServer, ProcessServerConfig};
+use churnlog::store::Target;
 
 pub const PASSPHRASE: &str = "a registration passphrase";
 
+/// A running [`ProcessServer`] in a temporary directory.
 pub struct Rig {
     pub dir: tempfile::TempDir,
+    pub server: ProcessServer,
+    /// The server's cache (a second handle, dropped by `stop`).
     pub cache: Arc<Cache>,
-    pub server: IngestServer,
     pub target: Target,
-    stop: tokio::sync::watch::Sender<bool>,
-    drainer: tokio::task::JoinHandle<()>,
 }
 
 impl Rig {
@@ -31,21 +32,17 @@ impl Rig {
 
     /// A rig draining to `url` (file://, az://, s3://).
     pub async fn start_with(dir: tempfile::TempDir, url: &str, idle_timeout: Duration) -> Rig {
-        let opts = Options {
-            capacity_bytes: 1 << 30,
-            segment_size: 16 << 20,
-            record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
-            ..Options::default()
-        };
-        let cache = Arc::new(Cache::open(dir.path().join("cache"), opts).unwrap());
-        let mut cfg = IngestConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("tls"), PASSPHRASE);
-        cfg.idle_timeout = idle_timeout;
-        cfg.handshake_timeout = Duration::from_secs(5);
-        let server = IngestServer::start(cache.clone(), cfg).await.unwrap();
+        let mut ingest = IngestConfig::new("127.0.0.1:0".parse().unwrap(), dir.path().join("tls"), PASSPHRASE);
+        ingest.idle_timeout = idle_timeout;
+        ingest.handshake_timeout = Duration::from_secs(5);
         let target = Target::from_url(url, None).unwrap();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let drainer = tokio::spawn(Drainer::new(cache.clone(), target.clone(), DrainConfig::default()).run(stopped));
-        Rig { dir, cache, server, target, stop, drainer }
+        let mut cfg = ProcessServerConfig::new(dir.path().join("cache"), 1 << 30, ingest, target.clone());
+        cfg.cache.segment_size = 16 << 20;
+        // The engine's own tail cache: these tests read back what the drain needs.
+        cfg.cache.tail_cache_bytes = churnlog::cache::Options::default().tail_cache_bytes;
+        let server = ProcessServer::start(cfg).await.unwrap();
+        let cache = server.cache().clone();
+        Rig { dir, server, cache, target }
     }
 
     pub fn agent(&self, machine: &str, disks: Vec<(String, PathBuf)>) -> Agent {
@@ -56,24 +53,20 @@ impl Rig {
 
     /// Stops the drain (records stay in the cache until `start_drain`).
     pub async fn stop_drain(&mut self) {
-        let _ = self.stop.send(true);
-        (&mut self.drainer).await.unwrap();
+        self.server.pause_drain().await.unwrap();
     }
 
     pub fn start_drain(&mut self) {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        self.stop = stop;
-        self.drainer =
-            tokio::spawn(Drainer::new(self.cache.clone(), self.target.clone(), DrainConfig::default()).run(stopped));
+        self.server.resume_drain();
     }
 
+    /// Stops the server and closes its cache: fails if anything (a session, its
+    /// acknowledger, the drain) still holds the cache once stopped.
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.drainer.await;
-        self.server.stop().await;
-        // Once stopped, neither the server nor its sessions (their acknowledgers included)
-        // may still hold the cache: its owner closes it right after.
-        assert_eq!(Arc::strong_count(&self.cache), 1, "a stopped server or drain still holds the cache");
+        let Rig { dir, server, cache, .. } = self;
+        drop(cache);
+        server.stop().await.expect("the process server stops cleanly and closes its cache");
+        drop(dir);
     }
 }
 

@@ -3,16 +3,51 @@
 //! generated disk image through several rounds of churn and recovery points, and a
 //! restore of every point compared byte for byte with the image as it was.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Instant;
 
 use churnlog::agent::{Agent, AgentConfig};
-use churnlog::cache::{Cache, Options};
-use churnlog::drain::{DrainConfig, Drainer, Target};
-use churnlog::ingest::{IngestConfig, IngestServer};
+use churnlog::ingest::IngestConfig;
+use churnlog::process_server::{ProcessServer, ProcessServerConfig};
 use churnlog::protocol::PointKind;
 use churnlog::restore::{restore, PointSelector};
+use churnlog::size::parse_size;
+use churnlog::store::Target;
+
+/// The whole data path on loopback: process server, agent, churn, recovery points, drain
+/// to a local directory, restore of every point, byte comparison.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Size of the generated disk image.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    image: u64,
+    /// Rounds of churn (each ends with a recovery point).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Make the image about 2:1 compressible.
+    #[arg(long)]
+    compressible: bool,
+    /// Keep everything in this directory instead of a temporary one.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let DemoArgs { image, rounds, compressible, dir } = args;
+    let tmp = tempfile::tempdir()?;
+    let dir = dir.unwrap_or_else(|| tmp.path().to_path_buf());
+    println!("churnlog demo in {}", dir.display());
+    let report = super::runtime()?
+        .block_on(run_demo(&dir, image >> 20, rounds.max(1), compressible, |line| println!("  {line}")))?;
+    let ok = report.points.iter().all(|p| p.identical);
+    println!(
+        "{} of {} recovery points restored byte-identical",
+        report.points.iter().filter(|p| p.identical).count(),
+        report.points.len()
+    );
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DemoPoint {
@@ -32,7 +67,7 @@ pub struct DemoReport {
 
 use churnlog::bench::image::{churn, make_image};
 
-pub async fn run(
+pub async fn run_demo(
     dir: &Path,
     image_mib: u64,
     rounds: usize,
@@ -43,19 +78,15 @@ pub async fn run(
         (dir.join("cache"), dir.join("store"), dir.join("tls"), dir.join("work"));
     std::fs::create_dir_all(&work)?;
     let passphrase = "demo passphrase: change me";
-    let opts = Options {
-        capacity_bytes: 2 << 30,
-        segment_size: 32 << 20,
-        record_size_max: churnlog::protocol::RECORD_BYTES_MAX as u32,
-        tail_cache_bytes: churnlog::drain::DRAIN_TAIL_CACHE_BYTES,
-        ..Options::default()
-    };
-    let cache = Arc::new(Cache::open(&cache_dir, opts)?);
-    let server =
-        IngestServer::start(cache.clone(), IngestConfig::new("127.0.0.1:0".parse()?, tls_dir, passphrase)).await?;
     let target = Target::from_url(&format!("file://{}", store_dir.display()), None)?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let drainer = tokio::spawn(Drainer::new(cache.clone(), target.clone(), DrainConfig::default()).run(stopped));
+    let mut cfg = ProcessServerConfig::new(
+        cache_dir.clone(),
+        2 << 30,
+        IngestConfig::new("127.0.0.1:0".parse()?, tls_dir, passphrase),
+        target.clone(),
+    );
+    cfg.cache.segment_size = 32 << 20;
+    let server = ProcessServer::start(cfg).await?;
     say(&format!(
         "process server on {} (TLS, cache {}), draining to {}",
         server.local_addr,
@@ -113,13 +144,7 @@ pub async fn run(
             identical,
         });
     }
-    let _ = stop.send(true);
-    let _ = drainer.await;
-    server.stop().await;
     drop(agent);
-    match Arc::try_unwrap(cache) {
-        Ok(c) => c.close()?,
-        Err(_) => anyhow::bail!("cache still shared at the end of the demo"),
-    }
+    server.stop().await?;
     Ok(DemoReport { image_mib, points })
 }

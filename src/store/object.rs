@@ -59,6 +59,7 @@ impl ObjectBuilder {
     }
 
     /// Appends the uncompressed record `seq` (one more than the previous).
+    #[cfg(test)]
     pub fn push(&mut self, seq: u64, bytes: &[u8]) {
         self.push_stored(seq, Codec::Raw, bytes.len() as u32, bytes, crc32fast::hash(bytes));
     }
@@ -118,6 +119,7 @@ impl ObjectBuilder {
     }
 }
 
+#[cfg(test)]
 pub fn encode(records: &[(u64, Vec<u8>)]) -> Vec<u8> {
     let mut b = ObjectBuilder::with_capacity(records.iter().map(|r| RECORD_HEAD_V2 + r.1.len()).sum());
     for (seq, bytes) in records {
@@ -134,58 +136,118 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8"))
 }
 
+/// A checked object: its length, CRC, header and whole record table were validated
+/// before the first record is handed out, so a reader never applies part of a bad object.
+/// Records are then decompressed one at a time into the caller's buffer (memory: the
+/// object plus one record).
+pub struct ObjectRecords<'a> {
+    body: &'a [u8],
+    version: u16,
+    at: usize,
+    left: u32,
+}
+
+/// One record's place in an object's table.
+struct TableEntry<'a> {
+    seq: u64,
+    codec: Codec,
+    logical_len: usize,
+    stored: &'a [u8],
+}
+
+fn table_entry(body: &[u8], version: u16, at: usize) -> Result<(TableEntry<'_>, usize), ObjectError> {
+    let head_len = if version == 1 { RECORD_HEAD_V1 } else { RECORD_HEAD_V2 };
+    let head = body.get(at..at + head_len).ok_or(ObjectError::Records("truncated record header"))?;
+    let seq = u64_at(head, 0);
+    let (codec, logical_len, stored_len) = if version == 1 {
+        let len = u32_at(head, 8) as usize;
+        (Codec::Raw, len, len)
+    } else {
+        let codec = match head[8] {
+            0 => Codec::Raw,
+            1 => Codec::Lz4,
+            _ => return Err(ObjectError::Records("unknown codec")),
+        };
+        if head[9..12] != [0, 0, 0] {
+            return Err(ObjectError::Records("reserved bytes are not zero"));
+        }
+        (codec, u32_at(head, 12) as usize, u32_at(head, 16) as usize)
+    };
+    if logical_len > RECORD_LEN_MAX || stored_len > RECORD_LEN_MAX {
+        return Err(ObjectError::Records("record too long"));
+    }
+    let stored = body.get(at + head_len..at + head_len + stored_len).ok_or(ObjectError::Records("truncated record"))?;
+    Ok((TableEntry { seq, codec, logical_len, stored }, at + head_len + stored_len))
+}
+
+impl<'a> ObjectRecords<'a> {
+    /// Validates the object whole (length, CRC, header, record table) without
+    /// decompressing anything.
+    pub fn check(b: &'a [u8]) -> Result<ObjectRecords<'a>, ObjectError> {
+        if b.len() < HEADER_LEN + 4 || b.len() > OBJECT_LEN_MAX {
+            return Err(ObjectError::Length(b.len()));
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
+            return Err(ObjectError::Checksum);
+        }
+        let version = u16::from_le_bytes([body[4], body[5]]);
+        if &body[..4] != MAGIC || !(version == 1 || version == 2) {
+            return Err(ObjectError::Header);
+        }
+        let count = u32_at(body, 8);
+        let (first, last) = (u64_at(body, 12), u64_at(body, 20));
+        let (mut at, mut prev) = (HEADER_LEN, None::<u64>);
+        let mut seen_first = None;
+        for _ in 0..count {
+            let (entry, next) = table_entry(body, version, at)?;
+            if prev.is_some_and(|p| p.checked_add(1) != Some(entry.seq)) {
+                return Err(ObjectError::Records("sequence numbers are not consecutive"));
+            }
+            seen_first.get_or_insert(entry.seq);
+            prev = Some(entry.seq);
+            at = next;
+        }
+        if at != body.len() || seen_first.unwrap_or(0) != first || prev.unwrap_or(0) != last {
+            return Err(ObjectError::Records("header disagrees with the records"));
+        }
+        Ok(ObjectRecords { body, version, at: HEADER_LEN, left: count })
+    }
+
+    /// Records not yet handed out.
+    pub fn remaining(&self) -> u32 {
+        self.left
+    }
+
+    /// The next record's sequence number, its logical bytes decoded into `out`.
+    pub fn next_into(&mut self, out: &mut Vec<u8>) -> Option<Result<u64, ObjectError>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        // The table was validated by `check`: this cannot fail, but is not trusted to.
+        let (entry, next) = match table_entry(self.body, self.version, self.at) {
+            Ok(e) => e,
+            Err(e) => return Some(Err(e)),
+        };
+        self.at = next;
+        let seq = entry.seq;
+        Some(
+            decode_into(entry.codec, entry.stored, entry.logical_len, out)
+                .map(|()| seq)
+                .map_err(|what| ObjectError::Decompress { seq, what }),
+        )
+    }
+}
+
 /// Checks an object whole (length, CRC, header, record table) and returns its records,
 /// decompressed.
 pub fn decode(b: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, ObjectError> {
-    if b.len() < HEADER_LEN + 4 || b.len() > OBJECT_LEN_MAX {
-        return Err(ObjectError::Length(b.len()));
-    }
-    let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4")) {
-        return Err(ObjectError::Checksum);
-    }
-    let version = u16::from_le_bytes([body[4], body[5]]);
-    if &body[..4] != MAGIC || !(version == 1 || version == 2) {
-        return Err(ObjectError::Header);
-    }
-    let count = u32_at(body, 8) as usize;
-    let first = u64_at(body, 12);
-    let last = u64_at(body, 20);
-    let head_len = if version == 1 { RECORD_HEAD_V1 } else { RECORD_HEAD_V2 };
-    let mut at = HEADER_LEN;
-    let mut out: Vec<(u64, Vec<u8>)> = Vec::with_capacity(count.min(1 << 16));
-    for _ in 0..count {
-        let head = body.get(at..at + head_len).ok_or(ObjectError::Records("truncated record header"))?;
-        let seq = u64_at(head, 0);
-        let (codec, logical_len, stored_len) = if version == 1 {
-            let len = u32_at(head, 8) as usize;
-            (Codec::Raw, len, len)
-        } else {
-            let codec = match head[8] {
-                0 => Codec::Raw,
-                1 => Codec::Lz4,
-                _ => return Err(ObjectError::Records("unknown codec")),
-            };
-            if head[9..12] != [0, 0, 0] {
-                return Err(ObjectError::Records("reserved bytes are not zero"));
-            }
-            (codec, u32_at(head, 12) as usize, u32_at(head, 16) as usize)
-        };
-        if logical_len > RECORD_LEN_MAX || stored_len > RECORD_LEN_MAX {
-            return Err(ObjectError::Records("record too long"));
-        }
-        let stored =
-            body.get(at + head_len..at + head_len + stored_len).ok_or(ObjectError::Records("truncated record"))?;
-        if out.last().is_some_and(|(prev, _)| *prev + 1 != seq) {
-            return Err(ObjectError::Records("sequence numbers are not consecutive"));
-        }
-        let mut data = Vec::new();
-        decode_into(codec, stored, logical_len, &mut data).map_err(|what| ObjectError::Decompress { seq, what })?;
-        out.push((seq, data));
-        at += head_len + stored_len;
-    }
-    if at != body.len() || out.first().map_or(0, |r| r.0) != first || out.last().map_or(0, |r| r.0) != last {
-        return Err(ObjectError::Records("header disagrees with the records"));
+    let mut records = ObjectRecords::check(b)?;
+    let mut out = Vec::with_capacity(records.remaining().min(1 << 16) as usize);
+    let mut data = Vec::new();
+    while let Some(seq) = records.next_into(&mut data) {
+        out.push((seq?, std::mem::take(&mut data)));
     }
     Ok(out)
 }

@@ -1,0 +1,245 @@
+//! One process server: the cache, the TLS ingest server in front of it and the drain
+//! behind it, started and stopped together in the only order that loses nothing. `ps
+//! run`, the demo, `bench e2e` and the end-to-end tests all run this one wiring; its
+//! [`ProcessServer::status`] is what an operator (and, later, the configuration server's
+//! heartbeat) sees.
+//!
+//! Start: open (recover) the cache, then listen, then drain. Stop: the drain first (its
+//! acknowledgements are in META), then the ingest server (every session winds down, so no
+//! task still holds the cache), then close the cache (the open segment is sealed).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cache::{Cache, CloseError, OpenError, Options, SpaceReport};
+use crate::drain::{DrainConfig, Drainer, DRAIN_TAIL_CACHE_BYTES};
+use crate::ingest::{IngestConfig, IngestError, IngestServer, IngestStats};
+use crate::protocol::RECORD_BYTES_MAX;
+use crate::store::Target;
+
+/// Everything a process server is started with.
+#[derive(Clone, Debug)]
+pub struct ProcessServerConfig {
+    pub cache_dir: PathBuf,
+    pub cache: Options,
+    pub ingest: IngestConfig,
+    pub target: Target,
+    pub drain: DrainConfig,
+}
+
+impl ProcessServerConfig {
+    /// A process server with the defaults for everything but where it keeps its cache,
+    /// how large that may grow, how agents reach it and where it drains to.
+    pub fn new(cache_dir: PathBuf, cache_size_bytes: u64, ingest: IngestConfig, target: Target) -> Self {
+        ProcessServerConfig {
+            cache_dir,
+            cache: Self::cache_options(cache_size_bytes),
+            ingest,
+            target,
+            drain: DrainConfig::default(),
+        }
+    }
+
+    /// The cache options a process server needs: records as large as the protocol's
+    /// largest, and a tail cache the drain reads from.
+    pub fn cache_options(capacity_bytes: u64) -> Options {
+        Options {
+            capacity_bytes,
+            record_size_max: RECORD_BYTES_MAX as u32,
+            tail_cache_bytes: DRAIN_TAIL_CACHE_BYTES,
+            ..Options::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessServerError {
+    #[error("open the cache in {dir}: {source}")]
+    Open { dir: PathBuf, source: OpenError },
+    #[error("ingest server: {0}")]
+    Ingest(#[from] IngestError),
+    #[error("close the cache: {0}")]
+    Close(#[from] CloseError),
+    #[error("the cache is still held elsewhere ({holders} holders) after the server stopped")]
+    CacheStillShared { holders: usize },
+    #[error("a background task panicked: {0}")]
+    Panicked(String),
+}
+
+/// A running process server.
+pub struct ProcessServer {
+    /// Where agents connect.
+    pub local_addr: SocketAddr,
+    /// The server's certificate, for agents to trust.
+    pub cert_pem: String,
+    /// The ingest server's counters.
+    pub stats: Arc<IngestStats>,
+    cache: Arc<Cache>,
+    ingest: IngestServer,
+    target: Target,
+    drain_config: DrainConfig,
+    drain: Option<DrainTask>,
+    started: Instant,
+}
+
+struct DrainTask {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl DrainTask {
+    fn start(cache: Arc<Cache>, target: Target, cfg: DrainConfig) -> DrainTask {
+        let (stop, stopped) = watch::channel(false);
+        DrainTask { stop, task: tokio::spawn(Drainer::new(cache, target, cfg).run(stopped)) }
+    }
+
+    async fn stop(self) -> Result<(), ProcessServerError> {
+        let _ = self.stop.send(true);
+        self.task.await.map_err(|e| ProcessServerError::Panicked(format!("drain: {e}")))
+    }
+}
+
+impl ProcessServer {
+    /// Opens (recovers) the cache, starts listening, starts draining.
+    pub async fn start(cfg: ProcessServerConfig) -> Result<ProcessServer, ProcessServerError> {
+        let ProcessServerConfig { cache_dir, cache: options, ingest, target, drain } = cfg;
+        // Recovery reads the whole cache directory: off the runtime's worker threads.
+        let dir = cache_dir.clone();
+        let cache = tokio::task::spawn_blocking(move || Cache::open(&dir, options))
+            .await
+            .map_err(|e| ProcessServerError::Panicked(format!("cache open: {e}")))?
+            .map_err(|source| ProcessServerError::Open { dir: cache_dir, source })?;
+        let cache = Arc::new(cache);
+        let ingest = IngestServer::start(cache.clone(), ingest).await?;
+        let drain_task = DrainTask::start(cache.clone(), target.clone(), drain.clone());
+        Ok(ProcessServer {
+            local_addr: ingest.local_addr,
+            cert_pem: ingest.cert_pem.clone(),
+            stats: ingest.stats.clone(),
+            cache,
+            ingest,
+            target,
+            drain_config: drain,
+            drain: Some(drain_task),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Stops the drain (records stay in the cache until [`ProcessServer::resume_drain`]).
+    pub async fn pause_drain(&mut self) -> Result<(), ProcessServerError> {
+        match self.drain.take() {
+            Some(d) => d.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the drain again after [`ProcessServer::pause_drain`].
+    pub fn resume_drain(&mut self) {
+        if self.drain.is_none() {
+            self.drain = Some(DrainTask::start(self.cache.clone(), self.target.clone(), self.drain_config.clone()));
+        }
+    }
+
+    /// What the server holds and does now.
+    pub fn status(&self) -> ProcessServerStatus {
+        let streams = self.cache.streams();
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        ProcessServerStatus {
+            version: env!("CARGO_PKG_VERSION"),
+            listen: self.local_addr,
+            target: self.target.url.clone(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            cache_id: format!("{:016x}", self.cache.cache_id()),
+            poisoned: self.cache.is_poisoned(),
+            space: self.cache.space(),
+            streams: streams.len(),
+            streams_needing_resync: streams.iter().filter(|s| s.resync_required).count(),
+            records_not_uploaded: streams.iter().map(|s| s.durable_upto - s.uploaded_upto).sum(),
+            stored_bytes_cached: streams.iter().map(|s| s.stored_bytes).sum(),
+            draining: self.drain.as_ref().is_some_and(|d| !d.task.is_finished()),
+            connections: count(&s.connections),
+            sessions: count(&s.sessions),
+            auth_failures: count(&s.auth_failures),
+            protocol_errors: count(&s.protocol_errors),
+            writes: count(&s.writes),
+            write_bytes: count(&s.write_bytes),
+        }
+    }
+
+    /// Stops in order (drain, ingest, cache) and closes the cache: once this returns, the
+    /// cache directory may be opened again.
+    pub async fn stop(self) -> Result<(), ProcessServerError> {
+        let ProcessServer { cache, ingest, drain, .. } = self;
+        let drained = match drain {
+            Some(d) => d.stop().await,
+            None => Ok(()),
+        };
+        ingest.stop().await;
+        drained?;
+        let cache = Arc::try_unwrap(cache)
+            .map_err(|shared| ProcessServerError::CacheStillShared { holders: Arc::strong_count(&shared) })?;
+        tokio::task::spawn_blocking(move || cache.close())
+            .await
+            .map_err(|e| ProcessServerError::Panicked(format!("cache close: {e}")))??;
+        Ok(())
+    }
+}
+
+/// A process server's state, as `ps run` logs it and the control plane will collect it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProcessServerStatus {
+    pub version: &'static str,
+    pub listen: SocketAddr,
+    pub target: String,
+    pub uptime_seconds: f64,
+    pub cache_id: String,
+    /// A failed fsync poisoned the cache: it acknowledges nothing more until restarted.
+    pub poisoned: bool,
+    pub space: SpaceReport,
+    pub streams: usize,
+    pub streams_needing_resync: usize,
+    /// Durable records the drain has not uploaded yet, and their stored bytes.
+    pub records_not_uploaded: u64,
+    pub stored_bytes_cached: u64,
+    pub draining: bool,
+    pub connections: u64,
+    pub sessions: u64,
+    pub auth_failures: u64,
+    pub protocol_errors: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+}
+
+impl std::fmt::Display for ProcessServerStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "listening on {}, draining to {}{}; cache {:.1}% used ({:?}){}, {} stream(s), {} record(s) not yet uploaded; {} session(s), {} auth failure(s)",
+            self.listen,
+            self.target,
+            if self.draining { "" } else { " (drain paused)" },
+            self.space.usage_ratio * 100.0,
+            self.space.state,
+            if self.poisoned { ", POISONED" } else { "" },
+            self.streams,
+            self.records_not_uploaded,
+            self.sessions,
+            self.auth_failures,
+        )
+    }
+}
