@@ -1,7 +1,8 @@
 //! The data path against real object-store servers on 127.0.0.1: Azure Blob through
 //! Azurite and S3 through moto, each started by the test on a port it picks and stopped
 //! when the test ends. `.ci/run` installs both (`.ci/node_modules`, `.ci/venv`); outside CI
-//! a missing server skips its test with a message, under CI (`CI` set) it fails.
+//! a missing server skips its test with a message, under CI (`CI` set) it fails. Each
+//! target (a local directory too) also shows that nothing in it is overwritten silently.
 
 mod common;
 
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use churnlog::protocol::PointKind;
 use churnlog::restore::{restore, PointSelector};
+use churnlog::store::{Manifest, StoreError, Target};
 use common::rig::{churn, image, Rig};
 use hmac::{Hmac, Mac};
 
@@ -152,7 +154,47 @@ async fn replicate_and_restore_inner(dir: tempfile::TempDir, url: &str) {
         restore(&rig.target, "cloud-vm", "d0", PointSelector::Id(*point), &out, |_, _| {}).await.unwrap();
         assert!(std::fs::read(&out).unwrap() == *want, "point {point} from {url} differs");
     }
+    // (Before the rig stops: its directory holds Azurite's storage.)
+    conditional_writes_refuse_lost_updates(&rig.target).await;
     rig.stop().await;
+}
+
+/// Nothing in the store is overwritten silently: a manifest written from a stale version
+/// is a conflict (and the newer one stays), a data object is create-only (the same bytes
+/// again are accepted, other bytes are a conflict and the first stay).
+async fn conditional_writes_refuse_lost_updates(target: &Target) {
+    let (machine, disk) = ("writer-test", "d9");
+    let (none, absent) = target.load_manifest_versioned(machine, disk).await.unwrap();
+    assert!(none.is_none());
+    let mut m = Manifest { machine: machine.into(), disk: disk.into(), recorded_upto: 1, ..Manifest::default() };
+    let v1 = target.put_manifest(&m, &absent).await.unwrap();
+    // A second writer that also saw no manifest loses.
+    let err = target.put_manifest(&m, &absent).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    // The first writer goes on from its version; a writer still at v1 then loses.
+    m.recorded_upto = 2;
+    let v2 = target.put_manifest(&m, &v1).await.unwrap();
+    m.recorded_upto = 99;
+    let err = target.put_manifest(&m, &v1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    let (now, v_now) = target.load_manifest_versioned(machine, disk).await.unwrap();
+    assert_eq!(now.unwrap().recorded_upto, 2, "the stale write must not have landed");
+    assert_eq!(v_now, v2);
+
+    let path = target.object_path(machine, disk, 1, 2);
+    target.put_object(&path, bytes::Bytes::from_static(b"first bytes")).await.unwrap();
+    target.put_object(&path, bytes::Bytes::from_static(b"first bytes")).await.unwrap();
+    let err = target.put_object(&path, bytes::Bytes::from_static(b"other bytes")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    let kept = target.store.get(&path).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&kept[..], b"first bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_directory_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    replicate_and_restore(dir, &url).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use futures::FutureExt;
-use object_store::PutPayload;
 
 use super::throttle::{BandwidthSchedule, Throttle};
 use super::DrainError;
 use crate::cache::format::Codec;
 use crate::cache::{compress, Cache, ReadError, StreamId, StreamInfo};
 use crate::protocol::StreamRecord;
-use crate::store::{object, GapEntry, Manifest, ObjectEntry, PointEntry, Target};
+use crate::store::{object, GapEntry, Manifest, ManifestVersion, ObjectEntry, PointEntry, StoreError, Target};
 
 /// Upload acknowledgements wait at most this long to share one META write with others
 /// (the cache frees space only once acknowledged, so the wait is kept short).
@@ -53,7 +52,8 @@ pub struct Drainer {
     cache: Arc<Cache>,
     target: Target,
     cfg: DrainConfig,
-    manifests: HashMap<StreamId, Manifest>,
+    /// Each stream's manifest as last read or written, and its version there.
+    manifests: HashMap<StreamId, (Manifest, ManifestVersion)>,
     throttle: Throttle,
     /// Uploads recorded in their manifests but not yet acknowledged to the cache, and
     /// when the oldest of them was recorded: a pass acknowledges them together.
@@ -136,7 +136,8 @@ impl Drainer {
             return Ok(());
         }
         let cache_id = self.cache.cache_id();
-        let mut m = self.target.load_manifest(&info.machine, &info.disk).await?.unwrap_or_else(|| Manifest {
+        let (loaded, mut version) = self.target.load_manifest_versioned(&info.machine, &info.disk).await?;
+        let mut m = loaded.unwrap_or_else(|| Manifest {
             machine: info.machine.clone(),
             disk: info.disk.clone(),
             cache_id,
@@ -161,9 +162,9 @@ impl Drainer {
                 // Nothing here can be restored without a full copy after the junction.
                 self.cache.evict_stream(info.id, "the target holds this disk's history from another cache")?;
             }
-            self.put_manifest(&m).await?;
+            version = self.target.put_manifest(&m, &version).await?;
         }
-        self.manifests.insert(info.id, m);
+        self.manifests.insert(info.id, (m, version));
         Ok(())
     }
 
@@ -200,23 +201,39 @@ impl Drainer {
         }
     }
 
-    async fn put_manifest(&self, m: &Manifest) -> Result<(), DrainError> {
-        Ok(self.target.put_manifest(m).await?)
+    /// Writes the stream's manifest as held here, conditional on the version last seen.
+    /// On any failure the copy held here is dropped, to be reloaded: the write may or may
+    /// not have landed, or another writer changed it.
+    async fn put_manifest(&mut self, stream: StreamId) -> Result<(), DrainError> {
+        let (m, version) = self.manifests.get(&stream).expect("loaded before it is written");
+        match self.target.put_manifest(m, version).await {
+            Ok(new_version) => {
+                self.manifests.get_mut(&stream).expect("still loaded").1 = new_version;
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, StoreError::Conflict { .. }) {
+                    tracing::error!(machine = %m.machine, disk = %m.disk, error = %e,
+                        "another writer changed this disk's manifest: is a second process server draining it?");
+                }
+                self.manifests.remove(&stream);
+                Err(e.into())
+            }
+        }
     }
 
     async fn drain_stream(&mut self, info: &StreamInfo) -> Result<usize, DrainError> {
         self.manifest(info).await?;
         let info = &self.cache.stream_info(info.id).ok_or(DrainError::StreamVanished(info.id.0))?;
-        let offset = self.manifests[&info.id].seq_offset;
+        let offset = self.manifests[&info.id].0.seq_offset;
         {
             // Records dropped before upload become a gap, before anything after them.
-            let m = self.manifests.get_mut(&info.id).expect("loaded above");
+            let m = &mut self.manifests.get_mut(&info.id).expect("loaded above").0;
             let evicted = info.evicted_upto + offset;
             if info.evicted_upto > 0 && evicted > m.recorded_upto {
                 m.gaps.push(GapEntry { first_seq: m.recorded_upto + 1, last_seq: evicted });
                 m.recorded_upto = evicted;
-                let m = m.clone();
-                self.put_manifest(&m).await?;
+                self.put_manifest(info.id).await?;
             }
         }
         if info.durable_upto <= info.uploaded_upto {
@@ -234,10 +251,9 @@ impl Drainer {
                 };
                 next = built.last - offset + 1;
                 let path = self.target.object_path(&info.machine, &info.disk, built.first, built.last);
-                let store = self.target.store.clone();
-                let payload = PutPayload::from(built.body.clone());
+                let target = self.target.clone();
                 inflight.push_back(async move {
-                    store.put(&path, payload).await?;
+                    target.put_object(&path, built.body.clone()).await?;
                     Ok::<_, DrainError>((path, built))
                 });
             }
@@ -247,7 +263,7 @@ impl Drainer {
             while let Some(Some(more)) = inflight.next().now_or_never() {
                 completed.push(more?);
             }
-            let manifest = self.manifests.get_mut(&info.id).expect("loaded above");
+            let manifest = &mut self.manifests.get_mut(&info.id).expect("loaded above").0;
             let mut bytes = 0;
             let mut last = 0;
             for (path, built) in completed {
@@ -269,8 +285,7 @@ impl Drainer {
                 uploaded += built.records;
                 last = built.last;
             }
-            let manifest = manifest.clone();
-            self.put_manifest(&manifest).await?;
+            self.put_manifest(info.id).await?;
             // Only now is the run safe in the cloud: let the cache reclaim it (with the
             // other streams' acknowledgements of this pass, in one META write).
             self.ack_later(info.id, last - offset);
