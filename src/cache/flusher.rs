@@ -5,10 +5,11 @@
 //! the next batch: that overlap is the group commit (`commit.rs`).
 //!
 //! Segments rotate when the next batch and the summary that must follow it would not fit:
-//! the old one is sealed with its summary and trailer ([`seal_segment`], in `segment.rs`),
-//! then the next file is taken from the [`super::preparer`], which made it (created or
-//! recycled, directory synced) while the old one filled; when it is not ready it is made here. If that fails for want of space the
-//! batch fails and the next one tries again; the log stays valid in between.
+//! the old one is sealed with its summary and trailer (`segment::seal_segment`), then the
+//! next file is taken from the [`super::preparer`], which made it (created or recycled,
+//! directory synced) while the old one filled; when it is not ready it is made here. If
+//! that fails for want of space the batch fails and the next one tries again; the log stays
+//! valid in between.
 //!
 //! Failures: a failed write or allocation fails the in-flight and pending batches with a
 //! typed error and rolls every stream's next sequence back to its last durable record, so

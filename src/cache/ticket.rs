@@ -2,7 +2,7 @@
 //! allocates nothing per record: threads block on a condition variable and tasks leave a
 //! waker, both chosen by the parity of the record's batch, so the flusher wakes only the
 //! waiters of the batch it has just resolved. The group commit itself (enqueueing,
-//! resolving, outcomes) is in `commit.rs`; [`Inner::enqueue`] here wraps a record's place
+//! resolving, outcomes) is in `commit.rs`; `Inner::enqueue` here wraps a record's place
 //! in a batch into the ticket that waits for it.
 
 use std::future::Future;
