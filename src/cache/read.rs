@@ -5,6 +5,11 @@
 //! `Cache::read*` methods and verification call these; compaction uses [`check_record`]
 //! on what it copies. Kept apart from the write side: a reader takes only the log's
 //! read lock and the tail cache's lock, never the append lock.
+//!
+//! Because the read happens after the lock is released, the segment read may meanwhile be
+//! compacted, recycled and overwritten. The checks keep wrong bytes from being served; a
+//! failed check is reported as corruption only if the record is still where it was read
+//! (`moved_since_read`), otherwise it is read again from its new place.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -63,7 +68,8 @@ pub(crate) fn read_stored_run(
     const RUN_GAP_MAX: u64 = 64 << 10;
     let mut seq = from;
     let mut accepted = 0;
-    while seq <= upto {
+    let mut rereads = 0;
+    'runs: while seq <= upto {
         // The run: locations gathered under the lock, read after it is released.
         let (file, segment, locs) = {
             let log = inner.log.read();
@@ -95,21 +101,30 @@ pub(crate) fn read_stored_run(
         let end = u64::from(last.offset) + RECORD_HEADER_LEN as u64 + u64::from(last.stored_len);
         scratch.clear();
         scratch.resize((end - start) as usize, 0);
-        read_span(inner, u64::from(segment), &*file, start, scratch).map_err(|source| ReadError::Io {
-            stream,
-            seq,
-            source,
-        })?;
+        if let Err(source) = read_span(inner, u64::from(segment), &*file, start, scratch) {
+            // A recycled file may have been cut or removed under the reader.
+            if moved_since_read(inner, stream, seq, &locs[0], &mut rereads) {
+                continue 'runs;
+            }
+            return Err(ReadError::Io { stream, seq, source });
+        }
         for loc in &locs {
             let at = (u64::from(loc.offset) - start) as usize;
             let raw = &scratch[at..at + RECORD_HEADER_LEN + loc.stored_len as usize];
-            let header = check_record(raw, stream.0, seq, loc).map_err(|what| ReadError::Corruption {
-                stream,
-                seq,
-                segment: u64::from(segment),
-                offset: u64::from(loc.offset),
-                what,
-            })?;
+            let header = match check_record(raw, stream.0, seq, loc) {
+                Ok(header) => header,
+                // Records from `seq` on are read again from where the index says now.
+                Err(_) if moved_since_read(inner, stream, seq, loc, &mut rereads) => continue 'runs,
+                Err(what) => {
+                    return Err(ReadError::Corruption {
+                        stream,
+                        seq,
+                        segment: u64::from(segment),
+                        offset: u64::from(loc.offset),
+                        what,
+                    })
+                }
+            };
             let stored = StoredRecord {
                 codec: header.codec,
                 logical_len: header.logical_len,
@@ -124,6 +139,31 @@ pub(crate) fn read_stored_run(
         }
     }
     Ok(accepted)
+}
+
+/// Re-reads allowed in one call because a record moved while it was being read. Each one
+/// needs that record to have been compacted away (and its old segment freed) during the
+/// read, so more than one is rare; the bound only keeps a pathological case finite.
+const MOVED_REREADS_MAX: u32 = 4;
+
+/// Whether record `seq`, read at `read_at` with a failed check, has since left that place
+/// (compacted elsewhere, or acknowledged or evicted), within the re-read budget. A reader
+/// holds no lock while it reads, so the segment it read can meanwhile be compacted,
+/// recycled and overwritten: what failed then is the read, not the record, and the
+/// caller reads again from the index's current location (or reports what a fresh read
+/// would: not available). Segment ids are never reused, so an unchanged location means
+/// the segment was not recycled and the bytes there are really damaged.
+fn moved_since_read(inner: &Inner, stream: StreamId, seq: u64, read_at: &Loc, rereads: &mut u32) -> bool {
+    if *rereads >= MOVED_REREADS_MAX {
+        return false;
+    }
+    let now = inner.log.read().streams.get(stream.0 as usize).and_then(|st| st.index.get(seq));
+    let moved = now.is_none_or(|l| (l.segment, l.offset) != (read_at.segment, read_at.offset));
+    if moved {
+        *rereads += 1;
+        tracing::debug!(?stream, seq, segment = read_at.segment, "record moved while read: reading it again");
+    }
+    moved
 }
 
 /// A corruption found after the checks of [`read_stored_with`] (decompression),
