@@ -3,7 +3,8 @@
 //! batch (`append`), what is durable and where (`log`: streams, indexes, segments), ticket
 //! resolution (`commit`) — plus counters, events and the space arithmetic the watermarks
 //! use. Only data and the small helpers every role needs live here; each role's own
-//! methods live in that role's file, so this file imports no role and no role loop forms.
+//! methods live in that role's file. This file imports only leaf modules and `commit`
+//! (whose types it holds), so no role can form a loop through it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
