@@ -4,8 +4,8 @@
 use std::io;
 use std::path::PathBuf;
 
-use super::recover::RecoveryReport;
-use super::StreamId;
+use super::recovery_report::RecoveryReport;
+use super::types::StreamId;
 
 /// An I/O failure reduced to what can be cloned to every waiter of a failed batch.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

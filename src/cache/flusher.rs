@@ -1,14 +1,15 @@
 //! The flusher: the log's single writer. It takes the pending batch the moment it is idle
 //! (a lone write is never held back to grow a batch), writes it with one positioned write
 //! at the segment's end, makes it durable with one `fdatasync`, updates the index and only
-//! then resolves the batch's tickets. While it writes, producers fill the next batch:
-//! that overlap is the group commit.
+//! then resolves the batch's tickets (`commit::resolve`). While it writes, producers fill
+//! the next batch: that overlap is the group commit (`commit.rs`).
 //!
 //! Segments rotate when the next batch and the summary that must follow it would not fit:
-//! the old one is sealed with its summary and trailer, then the next file is taken from the
-//! [`super::preparer`], which made it (created or recycled, directory synced) while the old
-//! one filled; when it is not ready it is made here. If that fails for want of space the
-//! batch fails and the next one tries again; the log stays valid in between.
+//! the old one is sealed with its summary and trailer (`segment::seal_segment`), then the
+//! next file is taken from the [`super::preparer`], which made it (created or recycled,
+//! directory synced) while the old one filled; when it is not ready it is made here. If
+//! that fails for want of space the batch fails and the next one tries again; the log stays
+//! valid in between.
 //!
 //! Failures: a failed write or allocation fails the in-flight and pending batches with a
 //! typed error and rolls every stream's next sequence back to its last durable record, so
@@ -20,37 +21,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::commit::{self, AppendState, PendingRecord};
 use super::effort::EffortController;
-use super::error::{is_no_space, CloseError, IoFailure};
-use super::format::RecordKind;
+use super::error::{is_no_space, AppendError, CloseError, IoFailure};
 use super::format::{
-    align_up, batch_crc_start, seal_batch_crc, segment_seed, trailer_offset, BatchHeader, BatchKind, SummaryEntry,
-    Trailer, BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN,
+    align_up, batch_crc_start, seal_batch_crc, segment_seed, trailer_offset, BatchHeader, BatchKind, RecordKind,
+    SummaryEntry, BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN,
 };
 use super::index::Loc;
 use super::io::aligned::AlignedBuf;
 use super::io::StorageFile;
-use super::preparer::{make_segment_file, PrepareError, Preparer};
-use super::{AppendError, AppendState, CacheEvent, CommitState, Inner, PendingRecord, SegmentState};
-
-pub(crate) fn segment_name(id: u64) -> String {
-    format!("seg-{id:016x}.log")
-}
-
-pub(crate) fn recycle_name(id: u64) -> String {
-    format!("recycle-{id:016x}.log")
-}
-
-/// The segment being appended to.
-pub(crate) struct OpenSegment {
-    pub id: u64,
-    pub file: Arc<dyn StorageFile>,
-    pub seed: u32,
-    /// Where the next batch goes; everything before it is durable.
-    pub write_offset: u64,
-    pub summary: Vec<SummaryEntry>,
-    pub last_batch_no: u64,
-}
+use super::preparer::Preparer;
+use super::segment::{make_segment_file, recycle_name, seal_segment, segment_name, OpenSegment, PrepareError};
+use super::state::{Inner, SegmentState};
+use super::types::CacheEvent;
 
 /// A failure while writing, and whether it poisons the engine.
 struct WriteFailure {
@@ -69,44 +53,6 @@ fn write_error(op: &'static str, e: &std::io::Error) -> WriteFailure {
 
 fn sync_error(op: &'static str, e: &std::io::Error) -> WriteFailure {
     WriteFailure { error: AppendError::Poisoned(format!("{op}: {e}")), poison: true }
-}
-
-/// Seals `seg`: writes its summary batch at the end of its data and its trailer in its
-/// last block, then syncs. Used by the flusher on rotation and close, and by recovery for
-/// a segment left open by a crash.
-pub(crate) fn seal_segment(seg: &OpenSegment, segment_size: u64) -> Result<(), (bool, std::io::Error)> {
-    let summary_len = BATCH_HEADER_LEN + seg.summary.len() * SUMMARY_ENTRY_LEN;
-    let aligned = align_up(summary_len as u64, BLOCK_SIZE) as usize;
-    assert!(seg.write_offset + aligned as u64 <= trailer_offset(segment_size), "summary space was reserved");
-    let mut buf = vec![0u8; aligned];
-    let header = BatchHeader {
-        kind: BatchKind::Summary,
-        batch_len: summary_len as u32,
-        segment_id: seg.id,
-        batch_no: seg.last_batch_no,
-        offset: seg.write_offset as u32,
-        durable_end: seg.write_offset as u32,
-        count: seg.summary.len() as u32,
-    };
-    header.encode(&mut buf);
-    for (i, e) in seg.summary.iter().enumerate() {
-        e.encode(&mut buf[BATCH_HEADER_LEN + i * SUMMARY_ENTRY_LEN..]);
-    }
-    let mut crc = batch_crc_start(seg.seed, &buf);
-    crc.update(&buf[BATCH_HEADER_LEN..summary_len]);
-    seal_batch_crc(&mut buf, crc.finalize());
-    seg.file.write_all_at(&buf, seg.write_offset).map_err(|e| (false, e))?;
-    let mut block = vec![0u8; BLOCK_SIZE as usize];
-    Trailer {
-        summary_offset: seg.write_offset as u32,
-        summary_len: summary_len as u32,
-        count: seg.summary.len() as u32,
-        segment_id: seg.id,
-        last_batch_no: seg.last_batch_no,
-    }
-    .encode(seg.seed, &mut block);
-    seg.file.write_all_at(&block, trailer_offset(segment_size)).map_err(|e| (false, e))?;
-    seg.file.sync_data().map_err(|e| (true, e))
 }
 
 pub(crate) struct Writer {
@@ -357,7 +303,7 @@ impl Writer {
         c.records.fetch_add(records.len() as u64, Ordering::Relaxed);
         c.logical_bytes.fetch_add(logical, Ordering::Relaxed);
         c.stored_bytes.fetch_add(stored, Ordering::Relaxed);
-        self.resolve(batch_no);
+        commit::resolve(&inner.commit, &inner.commit_cv, batch_no);
     }
 
     fn fail(&mut self, batch_no: u64, f: WriteFailure) {
@@ -389,32 +335,7 @@ impl Writer {
         };
         inner.room_cv.notify_all();
         inner.commit.lock().note_failure(batch_no, hi, f.error);
-        self.resolve(hi);
-    }
-
-    /// Marks every batch up to `upto` resolved and wakes their waiters. One batch wakes
-    /// the waiters of its parity only; a jump of two or more wakes both lists.
-    fn resolve(&self, upto: u64) {
-        let now = Instant::now();
-        let (parities, wakers) = {
-            let mut c = self.inner.commit.lock();
-            debug_assert!(upto > c.completed || c.completed == 0);
-            let parities =
-                if upto == c.completed + 1 { CommitState::parity(upto)..=CommitState::parity(upto) } else { 0..=1 };
-            c.completed = c.completed.max(upto);
-            c.note_resolution(upto, now);
-            let mut wakers = Vec::new();
-            for p in parities.clone() {
-                wakers.append(&mut c.wakers[p]);
-            }
-            (parities, wakers)
-        };
-        for p in parities {
-            self.inner.commit_cv[p].notify_all();
-        }
-        for w in wakers {
-            w.wake();
-        }
+        commit::resolve(&inner.commit, &inner.commit_cv, hi);
     }
 
     /// On close: seal the open segment so the next open reads summaries only.

@@ -9,6 +9,8 @@
 
 /// Every batch starts at a multiple of this; writes are padded to it (O_DIRECT-ready).
 pub const BLOCK_SIZE: u64 = 4096;
+// Batches are written straight from aligned buffers: the I/O layer's alignment must be it.
+const _: () = assert!(BLOCK_SIZE == super::io::aligned::BLOCK_LEN);
 /// Version written in every batch header, trailer and meta file.
 pub const FORMAT_VERSION: u16 = 2;
 

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::format::{BLOCK_SIZE, RECORD_SIZE_CAP, SEGMENT_SIZE_CAP, SEGMENT_SIZE_MIN};
+pub use super::io::IoBackend;
 
 /// What recovery does with damage it finds on open. Compare RocksDB's WAL recovery modes.
 ///
@@ -36,24 +37,6 @@ pub enum EvictionPolicy {
     Never,
     /// Evict the stream holding the most unuploaded bytes and mark it resync required.
     LargestBacklog,
-}
-
-/// Which I/O path the cache uses on a real directory.
-#[non_exhaustive]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum IoBackend {
-    /// `Direct`, else `Std` (io_uring only when asked for: see [`IoBackend::Uring`]).
-    #[default]
-    Auto,
-    /// Buffered `pwrite` + `fdatasync`: works everywhere.
-    Std,
-    /// O_DIRECT writes from aligned buffers + `fdatasync`.
-    Direct,
-    /// io_uring: O_DIRECT writes of a batch in flight together, ranged `IORING_OP_FSYNC`.
-    /// Falls back like `Auto` where io_uring or O_DIRECT is unavailable. Slower than
-    /// `Direct` on the machine measured (docs/performance.md, "Backends"), so `Auto`
-    /// does not choose it.
-    Uring,
 }
 
 #[derive(Clone, Debug)]

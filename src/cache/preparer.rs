@@ -6,7 +6,8 @@
 //! meanwhile waiting. The flusher now asks for segment `n + 1` as soon as it opens segment
 //! `n`; this thread makes that file and syncs the directory, and the next rotation only
 //! takes it. When the file is not ready (or could not be made) the flusher makes it itself,
-//! exactly as before, so errors surface where they always did.
+//! exactly as before, so errors surface where they always did. Both make it with
+//! `segment::make_segment_file`, which is why neither imports the other.
 //!
 //! On disk a prepared file is `seg-<n+1>.log` holding no batch of its own (zeros, or a
 //! recycled file's old bytes, whose headers name another segment). Recovery recognises it
@@ -17,69 +18,9 @@ use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::flusher::segment_name;
 use super::io::StorageFile;
-use super::Inner;
-
-/// Why a segment file could not be made.
-pub(crate) enum PrepareError {
-    NoSpace(String),
-    Io(&'static str, std::io::Error),
-    /// The directory sync failed: whether the name is durable is unknown.
-    DirSync(std::io::Error),
-}
-
-impl std::fmt::Display for PrepareError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PrepareError::NoSpace(why) => write!(f, "no space: {why}"),
-            PrepareError::Io(op, e) => write!(f, "{op}: {e}"),
-            PrepareError::DirSync(e) => write!(f, "fsync directory: {e}"),
-        }
-    }
-}
-
-/// Makes the file of segment `id`: a recycled file renamed, or a new one allocated, then
-/// the directory synced so the name survives a crash.
-pub(crate) fn make_segment_file(inner: &Inner, id: u64) -> Result<Arc<dyn StorageFile>, PrepareError> {
-    if id >= u64::from(u32::MAX) {
-        return Err(PrepareError::NoSpace("segment id space exhausted".into()));
-    }
-    let (in_use, recycled) = {
-        let mut log = inner.log.write();
-        (log.segments.len() as u64, log.recycled.pop())
-    };
-    // `in_use` counts the open segment; this file becomes the next one.
-    if in_use + 1 > inner.opts.segment_count_max() {
-        if let Some(r) = recycled {
-            inner.log.write().recycled.push(r);
-        }
-        return Err(PrepareError::NoSpace(format!(
-            "capacity of {} segments is in use",
-            inner.opts.segment_count_max()
-        )));
-    }
-    let name = segment_name(id);
-    let file = match recycled {
-        Some(old) => {
-            if let Err(e) = inner.storage.rename(&old, &name) {
-                inner.log.write().recycled.push(old);
-                return Err(PrepareError::Io("rename recycled segment", e));
-            }
-            inner.storage.open(&name, false).map_err(|e| PrepareError::Io("open segment", e))?
-        }
-        None => {
-            let file = inner.storage.open(&name, true).map_err(|e| PrepareError::Io("create segment", e))?;
-            if let Err(e) = file.allocate(inner.opts.segment_size) {
-                let _ = inner.storage.remove(&name);
-                return Err(PrepareError::Io("allocate segment", e));
-            }
-            file
-        }
-    };
-    inner.storage.sync_dir().map_err(PrepareError::DirSync)?;
-    Ok(file)
-}
+use super::segment::{make_segment_file, PrepareError};
+use super::state::Inner;
 
 #[derive(Default)]
 struct State {

@@ -2,19 +2,22 @@
 //! freed (recycled for reuse, or deleted). Once usage passes `compact_usage_min`, old
 //! sealed segments that are mostly dead are compacted: their few live records are copied
 //! to the head of the log (same stream, sequence and bytes) so a slow stream cannot pin
-//! the disk. At the hard watermark, and only under `EvictionPolicy::LargestBacklog`, the
-//! stream with the largest backlog is evicted and marked resync required — loudly.
+//! the disk. At the hard watermark the eviction policy may drop a stream (`eviction.rs`);
+//! what it shared with others is then compacted and freed here.
 //! [`blockers`] tells an operator which streams hold the oldest segments.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::error::{IoFailure, ReclaimError, StreamError};
-use super::flusher::{recycle_name, segment_name};
+use super::commit::Encoded;
+use super::error::{IoFailure, ReclaimError};
+use super::eviction;
 use super::format::RECORD_HEADER_LEN;
-use super::options::EvictionPolicy;
-use super::{check_record, CacheEvent, Encoded, EvictReport, Inner, StreamId};
+use super::read::check_record;
+use super::segment::{recycle_name, segment_name};
+use super::state::Inner;
+use super::types::StreamId;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReclaimReport {
@@ -81,31 +84,14 @@ pub(crate) fn reclaim_pass(inner: &Arc<Inner>) -> Result<ReclaimReport, ReclaimE
         compact(inner, &mut report)?;
         report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
     }
-    if inner.space_state().1 == super::SpaceState::Full && inner.opts.eviction == EvictionPolicy::LargestBacklog {
-        let victim = {
-            let log = inner.log.read();
-            log.streams
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| !s.index.is_empty())
-                .max_by_key(|(_, s)| s.index.stored_bytes())
-                .map(|(i, _)| StreamId(i as u32))
-        };
-        if let Some(stream) = victim {
-            evict(
-                inner,
-                stream,
-                "hard watermark reached and reclaim could not free space (eviction policy LargestBacklog)",
-            )
-            .map_err(|e| {
-                ReclaimError::Io(IoFailure { op: "evict", kind: std::io::ErrorKind::Other, message: e.to_string() })
-            })?;
-            report.streams_evicted.push(stream);
-            report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
-            // What the evicted stream shared with others is now sparse: move it on.
-            compact(inner, &mut report)?;
-            report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
-        }
+    if let Some(stream) = eviction::evict_for_space(inner).map_err(|e| {
+        ReclaimError::Io(IoFailure { op: "evict", kind: std::io::ErrorKind::Other, message: e.to_string() })
+    })? {
+        report.streams_evicted.push(stream);
+        report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
+        // What the evicted stream shared with others is now sparse: move it on.
+        compact(inner, &mut report)?;
+        report.segments_freed += free_dead_segments(inner).map_err(ReclaimError::Io)?;
     }
     Ok(report)
 }
@@ -184,53 +170,6 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
         report.records_rewritten += live.len() as u64;
     }
     Ok(())
-}
-
-pub(crate) fn evict(inner: &Arc<Inner>, stream: StreamId, reason: &str) -> Result<EvictReport, StreamError> {
-    if inner.opts.read_only {
-        return Err(StreamError::ReadOnly);
-    }
-    let mut generation = inner.meta_lock.lock();
-    let (report, machine, disk) = {
-        let log = inner.log.read();
-        let st = log.streams.get(stream.0 as usize).ok_or(StreamError::UnknownStream(stream))?;
-        let report = EvictReport {
-            stream,
-            first_seq: st.index.uploaded_upto() + 1,
-            last_seq: st.index.durable_upto(),
-            records: st.index.len() as u64,
-            logical_bytes: st.index.logical_bytes(),
-        };
-        (report, st.machine.clone(), st.disk.clone())
-    };
-    inner
-        .write_meta(&mut generation, |m| {
-            let s = &mut m.streams[stream.0 as usize];
-            s.uploaded_upto = report.last_seq;
-            s.resync_required = true;
-            s.evicted_upto = s.evicted_upto.max(report.last_seq);
-        })
-        .map_err(StreamError::Io)?;
-    {
-        let mut log = inner.log.write();
-        log.release_upto(stream.0, report.last_seq);
-        let st = &mut log.streams[stream.0 as usize];
-        st.resync_required = true;
-        st.evicted_upto = st.evicted_upto.max(report.last_seq);
-    }
-    drop(generation);
-    inner.counters.evictions.fetch_add(1, Ordering::Relaxed);
-    inner.push_event(CacheEvent::StreamEvicted {
-        stream,
-        machine,
-        disk,
-        first_seq: report.first_seq,
-        last_seq: report.last_seq,
-        logical_bytes: report.logical_bytes,
-        reason: reason.to_string(),
-    });
-    inner.wake_reclaimer();
-    Ok(report)
 }
 
 pub(crate) fn blockers(inner: &Inner, segments_max: usize) -> Vec<SegmentBlockers> {

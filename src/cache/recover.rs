@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::error::OpenError;
-use super::flusher::{seal_segment, OpenSegment};
 use super::format::{
     align_up, batch_crc_start, crc32, segment_seed, trailer_offset, BatchHeader, BatchKind, RecordHeader, SummaryEntry,
     Trailer, BATCH_HEADER_LEN, BLOCK_SIZE, RECORD_HEADER_LEN, SUMMARY_ENTRY_LEN, TRAILER_LEN,
@@ -32,47 +31,11 @@ use super::index::{Loc, StreamIndex};
 use super::io::{read_all, write_atomic, Storage, StorageFile};
 use super::meta::{Meta, META_FILE};
 use super::options::{Options, RecoveryMode};
-use super::{CacheEvent, LogState, SegmentState, StreamId, StreamState};
+use super::segment::{parse_recycle_name, parse_segment_name, recycle_name, seal_segment, segment_name, OpenSegment};
+use super::state::{LogState, SegmentState, StreamState};
+use super::types::{CacheEvent, StreamId};
 
-/// What recovery found and did. Returned inside `OpenError::Corruption` when it refuses.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct RecoveryReport {
-    pub segments: usize,
-    /// Sealed segments indexed from their summary alone.
-    pub segments_from_summary: usize,
-    /// Segments whose batches had to be read (the one left open, or a damaged trailer).
-    pub segments_scanned: Vec<u64>,
-    pub metadata_bytes_read: u64,
-    pub scanned_bytes_read: u64,
-    pub records: u64,
-    pub torn_tail: Option<TornTail>,
-    /// Acknowledged bytes that no longer validate.
-    pub damage: Vec<Damage>,
-    /// Problems with redundant metadata only (no record lost), e.g. a bad trailer.
-    pub notes: Vec<String>,
-    pub damaged_streams: Vec<DamagedStream>,
-    /// The newest segment file held no batch: a spare made ahead of rotation, recycled.
-    pub spare_segment: Option<u64>,
-    pub open_seconds: f64,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct TornTail {
-    pub segment: u64,
-    /// Offset of the first byte discarded (the start of the first invalid batch).
-    pub offset: u64,
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct Damage {
-    pub segment: u64,
-    pub offset: u64,
-    pub what: String,
-    /// Streams whose records the damaged bytes seem to hold, read from record headers the
-    /// checksum no longer vouches for; `None` when even that failed (any stream may be hit).
-    pub suspect_streams: Option<Vec<u32>>,
-}
+pub use super::recovery_report::{Damage, DamagedStream, RecoveryReport, TornTail};
 
 /// Best effort: the streams named by the record headers of the (invalid) batch at
 /// `offset`, parsed without trusting its checksum.
@@ -97,30 +60,6 @@ fn suspect_streams(file: &dyn StorageFile, segment_size: u64, offset: u64) -> Op
     Some(streams)
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct DamagedStream {
-    pub stream: StreamId,
-    pub machine: String,
-    pub disk: String,
-    /// Inclusive sequence ranges that are missing.
-    pub missing: Vec<(u64, u64)>,
-    /// Highest sequence number found after the hole.
-    pub last_seen: u64,
-}
-
-impl std::fmt::Display for RecoveryReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} damaged region(s)", self.damage.len())?;
-        for d in &self.damage {
-            write!(f, "; segment {} at {}: {}", d.segment, d.offset, d.what)?;
-        }
-        for s in &self.damaged_streams {
-            write!(f, "; stream {}/{} missing {:?}", s.machine, s.disk, s.missing)?;
-        }
-        Ok(())
-    }
-}
-
 pub(crate) struct Recovered {
     pub salt: u64,
     pub meta_generation: u64,
@@ -134,14 +73,6 @@ pub(crate) struct Recovered {
 
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> OpenError {
     move |source| OpenError::Io { op, source }
-}
-
-pub(crate) fn parse_name(name: &str, prefix: &str) -> Option<u64> {
-    let hex = name.strip_prefix(prefix)?.strip_suffix(".log")?;
-    if hex.len() != 16 {
-        return None;
-    }
-    u64::from_str_radix(hex, 16).ok()
 }
 
 /// A record found on disk.
@@ -399,7 +330,7 @@ fn read_summaries(
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&id) = ids.get(i) else { break };
-                let result = storage.open(&super::flusher::segment_name(id), false).map(|file| {
+                let result = storage.open(&segment_name(id), false).map(|file| {
                     let mut bytes_read = 0;
                     let summary = read_summary(&*file, id, segment_seed(salt, id), segment_size, &mut bytes_read);
                     (file, summary, bytes_read)
@@ -434,7 +365,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             // Segments without META: the salt that validates them is gone. Starting a new
             // cache here would silently treat acknowledged data as garbage.
             let names = storage.list().map_err(io_err("list cache directory"))?;
-            if names.iter().any(|n| parse_name(n, "seg-").is_some()) {
+            if names.iter().any(|n| parse_segment_name(n).is_some()) {
                 return Err(OpenError::MetaCorrupt(
                     "META is missing but segment files exist; refusing to start over".into(),
                 ));
@@ -463,9 +394,9 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
 
     // 2. Files.
     let names = storage.list().map_err(io_err("list cache directory"))?;
-    let mut segment_ids: Vec<u64> = names.iter().filter_map(|n| parse_name(n, "seg-")).collect();
+    let mut segment_ids: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
     segment_ids.sort_unstable();
-    let mut recycled: Vec<u64> = names.iter().filter_map(|n| parse_name(n, "recycle-")).collect();
+    let mut recycled: Vec<u64> = names.iter().filter_map(|n| parse_recycle_name(n)).collect();
     recycled.sort_unstable();
     if !opts.read_only {
         if names.iter().any(|n| n == "META.tmp") {
@@ -502,8 +433,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             report.metadata_bytes_read += bytes_read;
             report.spare_segment = Some(id);
             if !opts.read_only {
-                let name = super::flusher::segment_name(id);
-                storage.rename(&name, &super::flusher::recycle_name(id)).map_err(io_err("recycle spare segment"))?;
+                let name = segment_name(id);
+                storage.rename(&name, &recycle_name(id)).map_err(io_err("recycle spare segment"))?;
                 recycled.push(id);
             }
         } else {
@@ -746,12 +677,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     Ok(Recovered {
         salt: meta.salt,
         meta_generation,
-        log: LogState {
-            streams,
-            by_key,
-            segments,
-            recycled: recycled.into_iter().map(super::flusher::recycle_name).collect(),
-        },
+        log: LogState { streams, by_key, segments, recycled: recycled.into_iter().map(recycle_name).collect() },
         next_seq,
         last_batch_no,
         next_segment_id,

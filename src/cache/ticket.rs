@@ -1,7 +1,9 @@
 //! Append tickets: resolve when the record's batch is durable (or has failed). Waiting
 //! allocates nothing per record: threads block on a condition variable and tasks leave a
 //! waker, both chosen by the parity of the record's batch, so the flusher wakes only the
-//! waiters of the batch it has just resolved.
+//! waiters of the batch it has just resolved. The group commit itself (enqueueing,
+//! resolving, outcomes) is in `commit.rs`; `Inner::enqueue` here wraps a record's place
+//! in a batch into the ticket that waits for it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -9,7 +11,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use super::{AppendError, CommitState, Inner, StreamId};
+use super::commit::{self, CommitState, Encoded};
+use super::error::AppendError;
+use super::state::Inner;
+use super::types::StreamId;
 
 /// A record's claim on durability. `seq` is known at once; the result is not.
 #[must_use = "a record is acknowledged only once its ticket resolves"]
@@ -86,5 +91,33 @@ impl Future for AppendTicket {
                 Poll::Pending
             }
         }
+    }
+}
+
+impl Inner {
+    /// Copies an encoded record into the pending batch ([`commit::enqueue`]) and returns
+    /// the ticket that resolves with its batch. `rewrite`: (sequence, segment moved out of)
+    /// of a compaction copy; `None` assigns the stream's next sequence number.
+    pub(crate) fn enqueue(
+        self: &Arc<Self>,
+        stream: u32,
+        rewrite: Option<(u64, u32)>,
+        rec: Encoded<'_>,
+    ) -> Result<AppendTicket, AppendError> {
+        let enqueued = commit::enqueue(
+            &self.append,
+            &self.room_cv,
+            &self.work_cv,
+            self.opts.commit_bytes_max,
+            stream,
+            rewrite,
+            rec,
+        )?;
+        Ok(AppendTicket {
+            inner: self.clone(),
+            stream: StreamId(stream),
+            seq: enqueued.seq,
+            batch_no: enqueued.batch_no,
+        })
     }
 }

@@ -2,8 +2,10 @@
 //! the index, payload CRC, decompressed length), on top of the summary and tail checks
 //! recovery already did. Used by `churnlog cache verify`.
 
-use super::recover::RecoveryReport;
-use super::{Cache, StreamId};
+use super::read;
+use super::recovery_report::RecoveryReport;
+use super::state::Inner;
+use super::types::StreamId;
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct StreamVerify {
@@ -39,15 +41,13 @@ impl VerifyReport {
     }
 }
 
-pub(crate) fn verify(cache: &Cache) -> VerifyReport {
-    let mut out = VerifyReport {
-        recovery: cache.recovery_report().clone(),
-        streams: Vec::new(),
-        records_checked: 0,
-        bytes_checked: 0,
-    };
+pub(crate) fn verify(inner: &Inner) -> VerifyReport {
+    let mut out =
+        VerifyReport { recovery: inner.recovery.clone(), streams: Vec::new(), records_checked: 0, bytes_checked: 0 };
     let mut buf = Vec::new();
-    for info in cache.streams() {
+    // Taken under the lock, which is released before any record is read.
+    let infos = inner.log.read().stream_infos();
+    for info in infos {
         let mut sv = StreamVerify {
             stream: info.id,
             machine: info.machine.clone(),
@@ -62,7 +62,7 @@ pub(crate) fn verify(cache: &Cache) -> VerifyReport {
             first_error: None,
         };
         for seq in info.uploaded_upto + 1..=info.durable_upto {
-            match cache.read_into(info.id, seq, &mut buf) {
+            match read::read_into(inner, info.id, seq, &mut buf) {
                 Ok(()) => out.bytes_checked += buf.len() as u64,
                 Err(e) => {
                     match sv.corrupt_ranges.last_mut() {

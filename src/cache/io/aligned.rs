@@ -1,4 +1,4 @@
-//! A byte buffer whose contents start at a [`BLOCK_SIZE`]-aligned address, as O_DIRECT
+//! A byte buffer whose contents start at a [`BLOCK_LEN`]-aligned address, as O_DIRECT
 //! needs, without `unsafe`: an anonymous memory mapping (zero-filled by the kernel, so
 //! every byte is initialized) used from its first aligned byte. It never grows past its
 //! capacity, so it never moves.
@@ -17,9 +17,11 @@ use std::ops::{Deref, DerefMut};
 
 use memmap2::{Advice, MmapMut};
 
-use crate::cache::format::BLOCK_SIZE;
-
-const ALIGN: usize = BLOCK_SIZE as usize;
+/// The alignment O_DIRECT asks of addresses, lengths and offsets: the format's block size
+/// (`format::BLOCK_SIZE`, asserted equal there), stated here so I/O imports nothing from
+/// the engine above it.
+pub const BLOCK_LEN: u64 = 4096;
+const ALIGN: usize = BLOCK_LEN as usize;
 /// Size (and alignment) of a transparent huge page on x86-64 and most arm64 kernels.
 pub const HUGE_PAGE_LEN: usize = 2 << 20;
 const PAGE_LEN: usize = 4096;
@@ -132,9 +134,7 @@ impl DerefMut for AlignedBuf {
 
 /// True when `buf` and `offset` satisfy O_DIRECT: address, length and offset aligned.
 pub fn is_direct_io_aligned(buf: &[u8], offset: u64) -> bool {
-    (buf.as_ptr() as usize).is_multiple_of(ALIGN)
-        && buf.len().is_multiple_of(ALIGN)
-        && offset.is_multiple_of(BLOCK_SIZE)
+    (buf.as_ptr() as usize).is_multiple_of(ALIGN) && buf.len().is_multiple_of(ALIGN) && offset.is_multiple_of(BLOCK_LEN)
 }
 
 #[cfg(test)]

@@ -73,7 +73,13 @@ struct State {
     powered_off: bool,
     rules: Vec<FailRule>,
     syncs: u64,
+    read_hook: Option<ReadHook>,
 }
+
+/// Called at the start of every positioned read (offset, length), on the reading thread
+/// and with no lock held, before any byte is copied: lets a test hold a reader between
+/// "location taken" and "bytes read" to force an interleaving.
+pub type ReadHook = Arc<dyn Fn(u64, usize) + Send + Sync>;
 
 impl State {
     fn used_bytes(&self) -> u64 {
@@ -203,6 +209,11 @@ impl FaultStorage {
         self.state.lock().syncs
     }
 
+    /// Installs (or, with `None`, removes) the hook every file read calls first.
+    pub fn set_read_hook(&self, hook: Option<ReadHook>) {
+        self.state.lock().read_hook = hook;
+    }
+
     /// Simulates power loss and restart: volatile state is lost or partly persisted as
     /// described in the module docs, every open handle dies, the lock is released.
     pub fn crash(&self, seed: u64) {
@@ -322,6 +333,11 @@ struct FaultFile {
 
 impl StorageFile for FaultFile {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // Outside the lock: the hook may block while other threads use the device.
+        let hook = self.state.lock().read_hook.clone();
+        if let Some(hook) = hook {
+            hook(offset, buf.len());
+        }
         let mut s = self.state.lock();
         s.check(Op::Read, Some(self.epoch))?;
         let inode = s.inodes.get(&self.ino).ok_or_else(|| io::Error::other("fault: stale inode"))?;

@@ -13,6 +13,25 @@ pub mod std_fs;
 #[allow(unsafe_code)] // io_uring entries point at our buffers: see the SAFETY notes inside.
 pub mod uring;
 
+/// Which I/O path the cache uses on a real directory (chosen in `Options::io_backend`;
+/// defined here, beside [`open_backend`], so the I/O layer imports nothing from the engine).
+#[non_exhaustive]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IoBackend {
+    /// `Direct`, else `Std` (io_uring only when asked for: see [`IoBackend::Uring`]).
+    #[default]
+    Auto,
+    /// Buffered `pwrite` + `fdatasync`: works everywhere.
+    Std,
+    /// O_DIRECT writes from aligned buffers + `fdatasync`.
+    Direct,
+    /// io_uring: O_DIRECT writes of a batch in flight together, ranged `IORING_OP_FSYNC`.
+    /// Falls back like `Auto` where io_uring or O_DIRECT is unavailable. Slower than
+    /// `Direct` on the machine measured (docs/performance.md, "Backends"), so `Auto`
+    /// does not choose it.
+    Uring,
+}
+
 /// One open file. Implementations must be safe to share between threads; positioned
 /// calls never move a shared cursor.
 pub trait StorageFile: Send + Sync {
@@ -61,8 +80,7 @@ pub trait Storage: Send + Sync + 'static {
 /// time, the ring adds thread hand-offs (its fsync always runs on an io-wq worker, and so
 /// do O_DIRECT writes into not-yet-written extents) and was slower in every configuration
 /// measured (docs/performance.md, "Backends").
-pub fn open_backend(dir: &std::path::Path, choice: crate::cache::IoBackend) -> io::Result<Arc<dyn Storage>> {
-    use crate::cache::IoBackend;
+pub fn open_backend(dir: &std::path::Path, choice: IoBackend) -> io::Result<Arc<dyn Storage>> {
     match choice {
         IoBackend::Std => Ok(Arc::new(std_fs::StdStorage::new(dir)?)),
         IoBackend::Direct => Ok(Arc::new(direct::DirectStorage::probe(dir)?)),
