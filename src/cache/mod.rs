@@ -55,7 +55,9 @@ pub mod flusher_test_support {
     pub use super::segment::segment_file_name;
 }
 
+pub use compress::decode_into as decode_stored;
 pub use error::{AppendError, CloseError, IoFailure, OpenError, ReadError, ReclaimError, StreamError};
+pub use format::Codec;
 pub use options::{EvictionPolicy, IoBackend, Options, RecoveryMode};
 pub use reclaimer::{ReclaimReport, SegmentBlockers};
 pub use recover::RecoveryReport;
@@ -276,6 +278,15 @@ impl Cache {
     /// was dropped, logs it, and records a [`CacheEvent::StreamEvicted`].
     pub fn evict_stream(&self, stream: StreamId, reason: &str) -> Result<EvictReport, StreamError> {
         eviction::evict(&self.inner, stream, reason)
+    }
+
+    /// The engine's answer to a record of `stream` that failed its checks on read (a
+    /// [`ReadError::Corruption`]): such a record can never be served or uploaded, so the
+    /// stream's unuploaded records are dropped and a resync is required, loudly (as
+    /// [`Cache::evict_stream`]). Readers report corruption; this decides what follows.
+    pub fn quarantine_corrupt(&self, stream: StreamId, error: &ReadError) -> Result<EvictReport, StreamError> {
+        tracing::error!(stream = stream.0, %error, "corrupt cached record: the stream's cached records are dropped and a resync is required");
+        eviction::evict(&self.inner, stream, &format!("corrupt record: {error}"))
     }
 
     /// Records that a resync of `stream` began with its record `base_seq` (which must be

@@ -15,6 +15,13 @@ pub struct StoredRecord<'a> {
     pub crc: u32,
 }
 
+impl StoredRecord<'_> {
+    /// The record's logical bytes, decompressed into `out` (replacing its contents).
+    pub fn decode_into(&self, out: &mut Vec<u8>) -> Result<(), String> {
+        super::compress::decode_into(self.codec, self.bytes, self.logical_len as usize, out)
+    }
+}
+
 /// One stream: one disk of one protected machine. Numbered densely from 0 in creation order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct StreamId(pub u32);

@@ -11,8 +11,7 @@ use futures::FutureExt;
 
 use super::throttle::{BandwidthSchedule, Throttle};
 use super::DrainError;
-use crate::cache::format::Codec;
-use crate::cache::{compress, Cache, ReadError, StreamId, StreamInfo};
+use crate::cache::{Cache, Codec, ReadError, StreamId, StreamInfo};
 use crate::protocol::StreamRecord;
 use crate::store::{object, GapEntry, Manifest, ManifestVersion, ObjectEntry, PointEntry, StoreError, Target};
 
@@ -318,9 +317,7 @@ impl Drainer {
                 let record = match stored.codec {
                     Codec::Raw => Some(StreamRecord::decode(stored.bytes)),
                     Codec::Lz4 if (stored.logical_len as usize) < SMALL_RECORD_LEN => {
-                        if let Err(what) =
-                            compress::decode_into(stored.codec, stored.bytes, stored.logical_len as usize, &mut small)
-                        {
+                        if let Err(what) = stored.decode_into(&mut small) {
                             bad = Some((seq, what));
                             return false;
                         }
@@ -347,8 +344,7 @@ impl Drainer {
         let records = match read {
             Ok(_) => object.count() as usize,
             Err(e @ ReadError::Corruption { .. }) => {
-                tracing::error!(error = %e, machine = %info.machine, disk = %info.disk, "corrupt cached record: evicting the stream");
-                self.cache.evict_stream(info.id, &format!("drain: {e}"))?;
+                self.cache.quarantine_corrupt(info.id, &e)?;
                 return Ok(None);
             }
             Err(e) => return Err(e.into()),

@@ -10,8 +10,7 @@
 //!
 //! Version 1 objects (`seq u64 | len u32 | bytes[len]`, always uncompressed) are still read.
 
-use crate::cache::compress::decode_into;
-use crate::cache::format::Codec;
+use crate::cache::{decode_stored as decode_into, Codec};
 use crate::protocol::WRITE_DATA_MAX;
 
 const MAGIC: &[u8; 4] = b"CLO1";
