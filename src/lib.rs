@@ -16,6 +16,7 @@ pub mod process_server;
 pub mod protocol;
 pub mod proxy;
 pub mod restore;
+pub mod secrets;
 pub mod size;
 pub mod store;
 pub mod tls;

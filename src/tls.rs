@@ -16,6 +16,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("PEM: {0}")]
     Pem(String),
+    #[error("TLS directory {dir} holds {has} but not {lacks}: restore it, or remove both to create a new identity")]
+    Incomplete { dir: std::path::PathBuf, has: &'static str, lacks: &'static str },
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -27,16 +29,27 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Loads `cert.pem` + `key.pem` from `dir`, creating a self-signed pair for `localhost`
 /// and 127.0.0.1 (plus `names`) when the directory holds none.
 pub fn server_config(dir: &Path, names: &[String]) -> Result<(Arc<rustls::ServerConfig>, String), TlsError> {
-    std::fs::create_dir_all(dir)?;
+    crate::secrets::create_private_dir(dir)?;
     let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    if !cert_path.exists() || !key_path.exists() {
+    match (cert_path.exists(), key_path.exists()) {
+        (true, true) | (false, false) => {}
+        (cert, _) => {
+            return Err(TlsError::Incomplete {
+                dir: dir.to_path_buf(),
+                has: if cert { "cert.pem" } else { "key.pem" },
+                lacks: if cert { "key.pem" } else { "cert.pem" },
+            })
+        }
+    }
+    if !cert_path.exists() {
         let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         sans.extend(names.iter().cloned());
         let ck = rcgen::generate_simple_self_signed(sans)?;
-        write_private(&key_path, ck.key_pair.serialize_pem().as_bytes())?;
+        crate::secrets::create_private(&key_path, ck.key_pair.serialize_pem().as_bytes())?;
         std::fs::write(&cert_path, ck.cert.pem())?;
         tracing::info!(dir = %dir.display(), "created a self-signed TLS identity");
     }
+    crate::secrets::warn_if_exposed(&key_path);
     let cert_pem = std::fs::read_to_string(&cert_path)?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -47,13 +60,6 @@ pub fn server_config(dir: &Path, names: &[String]) -> Result<(Arc<rustls::Server
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     Ok((Arc::new(config), cert_pem))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(bytes)
 }
 
 /// A client configuration that trusts exactly the certificates in `cert_pem`.

@@ -34,6 +34,15 @@ pub struct AgentConfig {
     pub window: usize,
     /// Give up when the server stays unreachable this long.
     pub reconnect_timeout: Duration,
+    /// Time allowed for one connection attempt: TCP connect, TLS and every step of the
+    /// login. A server that goes silent in between counts as unreachable.
+    pub handshake_timeout: Duration,
+    /// With frames waiting for acknowledgement, a connection on which the server says
+    /// nothing for this long is dropped and the frames resent on a new one.
+    pub ack_timeout: Duration,
+    /// Connections dropped that way in a row before the agent gives up: the server
+    /// accepts logins but acknowledges nothing.
+    pub silent_connections_max: u32,
 }
 
 impl AgentConfig {
@@ -46,6 +55,9 @@ impl AgentConfig {
             block_size: 64 << 10,
             window: 256,
             reconnect_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(15),
+            ack_timeout: Duration::from_secs(120),
+            silent_connections_max: 3,
         }
     }
 }
@@ -60,6 +72,12 @@ pub enum AgentError {
     Refused(String),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("the process server at {0} is not the one trusted (its certificate does not match --ps-cert): {1}")]
+    NotTrusted(String, String),
+    #[error("the process server broke the protocol: {0}")]
+    BadServer(String),
+    #[error("the process server acknowledged nothing on {0} connections in a row ({1:?} each)")]
+    Unresponsive(u32, Duration),
     #[error("recovery point {0} was lost on the process server (records dropped before upload), {1} times in a row")]
     PointLost(u64, usize),
 }
@@ -130,6 +148,8 @@ pub struct Agent {
     last_point: Option<Frame>,
     last_point_id: u64,
     reconnects: u64,
+    /// Connections in a row dropped because the server acknowledged nothing.
+    silent_connections: u32,
 }
 
 impl Agent {
@@ -164,6 +184,7 @@ impl Agent {
             last_point: None,
             last_point_id: 0,
             reconnects: 0,
+            silent_connections: 0,
         })
     }
 
@@ -363,8 +384,24 @@ impl Agent {
     }
 
     async fn next_event(&mut self) -> Result<(), AgentError> {
+        let ack_timeout = self.cfg.ack_timeout;
         let conn = self.connected().await?;
-        match conn.events.recv().await {
+        let event = match tokio::time::timeout(ack_timeout, conn.events.recv()).await {
+            Ok(event) => {
+                self.silent_connections = 0;
+                event
+            }
+            Err(_) => {
+                self.silent_connections += 1;
+                if self.silent_connections >= self.cfg.silent_connections_max {
+                    return Err(AgentError::Unresponsive(self.silent_connections, ack_timeout));
+                }
+                tracing::warn!(timeout = ?ack_timeout, "the process server acknowledged nothing; reconnecting");
+                self.conn = None; // resent by the next connection
+                return Ok(());
+            }
+        };
+        match event {
             Some(Event::Durable(upto)) => {
                 while self.unacked.front().is_some_and(|u| u.tag <= upto) {
                     self.unacked.pop_front();
@@ -407,7 +444,10 @@ impl Agent {
             let mut conn = loop {
                 match self.connect().await {
                     Ok(c) => break c,
-                    Err(AgentError::Refused(why)) => return Err(AgentError::Refused(why)),
+                    // Neither a wrong server nor a broken protocol mends by retrying.
+                    Err(e @ (AgentError::Refused(_) | AgentError::NotTrusted(..) | AgentError::BadServer(_))) => {
+                        return Err(e)
+                    }
                     Err(e) if Instant::now() >= deadline => {
                         return Err(AgentError::Unreachable(self.cfg.reconnect_timeout, e.to_string()))
                     }
@@ -431,13 +471,38 @@ impl Agent {
         Ok(self.conn.as_mut().expect("connected"))
     }
 
+    /// One connection attempt, bounded by `handshake_timeout` as a whole.
     async fn connect(&self) -> Result<Conn, AgentError> {
+        let limit = self.cfg.handshake_timeout;
+        match tokio::time::timeout(limit, self.connect_unbounded()).await {
+            Ok(r) => r,
+            Err(_) => Err(AgentError::Unreachable(Duration::ZERO, format!("no complete login within {limit:?}"))),
+        }
+    }
+
+    async fn connect_unbounded(&self) -> Result<Conn, AgentError> {
         let unreachable = |e: String| AgentError::Unreachable(Duration::ZERO, e);
+        // A frame from the server that cannot be read is a broken protocol; a connection
+        // that ends is a network matter, retried.
+        let frame_error = |e: FrameError| match e {
+            FrameError::Closed | FrameError::Io(_) | FrameError::Truncated => unreachable(e.to_string()),
+            other => AgentError::BadServer(other.to_string()),
+        };
         let tcp = tokio::net::TcpStream::connect(&self.cfg.ps).await.map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
         let host = self.cfg.ps.rsplit_once(':').map_or(self.cfg.ps.as_str(), |(h, _)| h).trim_matches(['[', ']']);
         let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| unreachable(e.to_string()))?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|e| unreachable(e.to_string()))?;
+        let tls = self.tls.connect(name, tcp).await.map_err(|e| {
+            let certificate = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+            if certificate {
+                AgentError::NotTrusted(self.cfg.ps.clone(), e.to_string())
+            } else {
+                unreachable(e.to_string())
+            }
+        })?;
         let (mut rd, mut wr) = tokio::io::split(tls);
         let mut buf = Vec::new();
         let client_nonce = nonce();
@@ -449,8 +514,8 @@ impl Agent {
         let server_nonce = match read_frame(&mut rd, &mut buf).await {
             Ok(Frame::Challenge { server_nonce, .. }) => server_nonce,
             Ok(Frame::Error { message, .. }) => return Err(AgentError::Refused(message)),
-            Ok(other) => return Err(AgentError::Refused(format!("unexpected {other:?}"))),
-            Err(e) => return Err(unreachable(e.to_string())),
+            Ok(other) => return Err(AgentError::BadServer(format!("expected a challenge, got {other:?}"))),
+            Err(e) => return Err(frame_error(e)),
         };
         let mac = self.key.client_mac(&client_nonce, &server_nonce, &machine);
         write_frame(&mut wr, &Frame::Auth { mac }).await.map_err(|e| unreachable(e.to_string()))?;
@@ -458,11 +523,11 @@ impl Agent {
         match read_frame(&mut rd, &mut buf).await {
             Ok(Frame::AuthOk { mac }) if self.key.verify_server(&client_nonce, &server_nonce, &machine, &mac) => {}
             Ok(Frame::AuthOk { .. }) => {
-                return Err(AgentError::Refused("the server did not prove the passphrase".into()))
+                return Err(AgentError::BadServer("the server did not prove it knows the passphrase".into()))
             }
             Ok(Frame::Error { message, .. }) => return Err(AgentError::Refused(message)),
-            Ok(other) => return Err(AgentError::Refused(format!("unexpected {other:?}"))),
-            Err(e) => return Err(unreachable(e.to_string())),
+            Ok(other) => return Err(AgentError::BadServer(format!("expected the login's answer, got {other:?}"))),
+            Err(e) => return Err(frame_error(e)),
         }
         for (i, (id, _)) in self.cfg.disks.iter().enumerate() {
             write_frame(&mut wr, &Frame::OpenDisk { disk: i as u16, name: id.clone() })

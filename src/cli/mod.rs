@@ -86,6 +86,7 @@ fn print_report(report: &(impl serde::Serialize + std::fmt::Display), json: bool
 }
 
 fn read_passphrase(path: &Path) -> anyhow::Result<String> {
+    churnlog::secrets::warn_if_exposed(path);
     let p = std::fs::read_to_string(path).with_context(|| format!("read passphrase file {}", path.display()))?;
     anyhow::ensure!(!p.trim().is_empty(), "passphrase file {} is empty", path.display());
     Ok(p.trim().to_string())
@@ -93,6 +94,7 @@ fn read_passphrase(path: &Path) -> anyhow::Result<String> {
 
 fn read_proxy(path: Option<PathBuf>) -> anyhow::Result<Option<ProxySettings>> {
     path.map(|p| {
+        churnlog::secrets::warn_if_exposed(&p);
         let text = std::fs::read_to_string(&p).with_context(|| format!("read proxy file {}", p.display()))?;
         Ok(ProxySettings::parse(&text)?)
     })
