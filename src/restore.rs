@@ -47,6 +47,8 @@ pub enum RestoreError {
     PastEnd { seq: u64, what: &'static str, offset: u64, len: u64, disk_size: u64 },
     #[error("output {path}: {source}")]
     Output { path: PathBuf, source: std::io::Error },
+    #[error("output {0} is not a regular file: restore writes an image file (copy it to a device afterwards)")]
+    OutputNotAFile(PathBuf),
 }
 
 /// Which recovery point to restore.
@@ -147,6 +149,10 @@ pub async fn restore(
         gap,
     })?;
     let output_error = |source| RestoreError::Output { path: out.to_path_buf(), source };
+    // The image is renamed over the output: a device node there would be replaced.
+    if std::fs::symlink_metadata(out).is_ok_and(|m| !m.file_type().is_file()) {
+        return Err(RestoreError::OutputNotAFile(out.to_path_buf()));
+    }
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

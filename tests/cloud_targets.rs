@@ -167,15 +167,15 @@ async fn conditional_writes_refuse_lost_updates(target: &Target) {
     let (none, absent) = target.load_manifest_versioned(machine, disk).await.unwrap();
     assert!(none.is_none());
     let mut m = Manifest { machine: machine.into(), disk: disk.into(), recorded_upto: 1, ..Manifest::default() };
-    let v1 = target.put_manifest(&m, &absent).await.unwrap();
+    let v1 = target.put_manifest(&mut m, &absent).await.unwrap();
     // A second writer that also saw no manifest loses.
-    let err = target.put_manifest(&m, &absent).await.unwrap_err();
+    let err = target.put_manifest(&mut m, &absent).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     // The first writer goes on from its version; a writer still at v1 then loses.
     m.recorded_upto = 2;
-    let v2 = target.put_manifest(&m, &v1).await.unwrap();
+    let v2 = target.put_manifest(&mut m, &v1).await.unwrap();
     m.recorded_upto = 99;
-    let err = target.put_manifest(&m, &v1).await.unwrap_err();
+    let err = target.put_manifest(&mut m, &v1).await.unwrap_err();
     assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
     let (now, v_now) = target.load_manifest_versioned(machine, disk).await.unwrap();
     assert_eq!(now.unwrap().recorded_upto, 2, "the stale write must not have landed");

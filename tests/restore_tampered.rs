@@ -184,4 +184,7 @@ async fn no_manifest_and_no_point_are_their_own_errors() {
     let err = restore(&target, "vm", "d0", PointSelector::Id(999_999), &out, |_, _| {}).await.unwrap_err();
     assert!(matches!(err, RestoreError::NoPoint { point: PointSelector::Id(999_999), .. }), "{err:?}");
     assert!(!out.exists());
+    // A device (or anything but a regular file) under the output's name is never replaced.
+    let err = restore(&target, "vm", "d0", PointSelector::Latest, Path::new("/dev/null"), |_, _| {}).await.unwrap_err();
+    assert!(matches!(err, RestoreError::OutputNotAFile(_)), "{err:?}");
 }

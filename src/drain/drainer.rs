@@ -161,7 +161,7 @@ impl Drainer {
                 // Nothing here can be restored without a full copy after the junction.
                 self.cache.evict_stream(info.id, "the target holds this disk's history from another cache")?;
             }
-            version = self.target.put_manifest(&m, &version).await?;
+            version = self.target.put_manifest(&mut m, &version).await?;
         }
         self.manifests.insert(info.id, (m, version));
         Ok(())
@@ -204,10 +204,10 @@ impl Drainer {
     /// On any failure the copy held here is dropped, to be reloaded: the write may or may
     /// not have landed, or another writer changed it.
     async fn put_manifest(&mut self, stream: StreamId) -> Result<(), DrainError> {
-        let (m, version) = self.manifests.get(&stream).expect("loaded before it is written");
+        let (m, version) = self.manifests.get_mut(&stream).expect("loaded before it is written");
         match self.target.put_manifest(m, version).await {
             Ok(new_version) => {
-                self.manifests.get_mut(&stream).expect("still loaded").1 = new_version;
+                *version = new_version;
                 Ok(())
             }
             Err(e) => {

@@ -1,6 +1,14 @@
 //! A disk's manifest: which data objects, recovery points, resync bases and gaps exist
 //! in the object store for it. Restore trusts nothing else; the drain rewrites it after
 //! every run of uploads it acknowledges to the cache.
+//!
+//! So that a long history (or a flood of recovery points) does not make every rewrite
+//! longer, the manifest is checkpointed: once its head holds more than
+//! [`HEAD_ENTRIES_MAX`] entries, everything but the newest [`HEAD_ENTRIES_KEPT`] moves
+//! into an immutable part object (`manifest-parts/{first:020}-{upto:020}.json`, written
+//! create-only) that the head lists. A rewrite then costs at most the head, and the total
+//! uploaded grows linearly with the history. In memory a [`Manifest`] always holds every
+//! entry, parts merged in.
 
 /// A data object holding positions `first_seq..=last_seq`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,7 +59,34 @@ pub struct Manifest {
     pub bases: Vec<u64>,
     #[serde(default)]
     pub gaps: Vec<GapEntry>,
+    /// Sealed parts holding the older entries, oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<PartEntry>,
 }
+
+/// A sealed part of a manifest: every entry at or below position `upto` (and above the
+/// previous part's) lives in the part object `name`, not in the head.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartEntry {
+    pub name: String,
+    pub first_seq: u64,
+    pub upto: u64,
+}
+
+/// The body of a part object.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ManifestPart {
+    pub objects: Vec<ObjectEntry>,
+    pub points: Vec<PointEntry>,
+    pub bases: Vec<u64>,
+    pub gaps: Vec<GapEntry>,
+}
+
+/// A head with more entries than this is checkpointed into a part.
+pub const HEAD_ENTRIES_MAX: usize = 2048;
+/// Entries a checkpoint leaves in the head (the newest: a re-upload after a crash
+/// rewrites only recent ones).
+pub const HEAD_ENTRIES_KEPT: usize = 256;
 
 impl Manifest {
     /// The position restore starts after to build `point`: the latest resync base before
@@ -64,6 +99,90 @@ impl Manifest {
         }
     }
 
+    /// Position up to which entries live in sealed parts (0: none).
+    pub fn sealed_upto(&self) -> u64 {
+        self.parts.last().map_or(0, |p| p.upto)
+    }
+
+    /// Entries the head would hold (those above the sealed parts).
+    pub fn head_entries(&self) -> usize {
+        let sealed = self.sealed_upto();
+        self.objects.iter().filter(|o| o.last_seq > sealed).count()
+            + self.points.iter().filter(|p| p.seq > sealed).count()
+            + self.bases.iter().filter(|&&b| b > sealed).count()
+            + self.gaps.iter().filter(|g| g.last_seq > sealed).count()
+    }
+
+    /// The head as stored: the manifest without the entries its parts hold.
+    pub fn head(&self) -> Manifest {
+        let sealed = self.sealed_upto();
+        Manifest {
+            objects: self.objects.iter().filter(|o| o.last_seq > sealed).cloned().collect(),
+            points: self.points.iter().filter(|p| p.seq > sealed).cloned().collect(),
+            bases: self.bases.iter().copied().filter(|&b| b > sealed).collect(),
+            gaps: self.gaps.iter().filter(|g| g.last_seq > sealed).cloned().collect(),
+            ..self.clone()
+        }
+    }
+
+    /// When the head has grown past [`HEAD_ENTRIES_MAX`]: the next part to seal (its
+    /// entry and body), leaving the newest [`HEAD_ENTRIES_KEPT`] entries in the head.
+    /// `name` makes the part object's name from its first and last positions.
+    pub fn next_part(&self, name: impl Fn(u64, u64) -> String) -> Option<(PartEntry, ManifestPart)> {
+        if self.head_entries() <= HEAD_ENTRIES_MAX {
+            return None;
+        }
+        let sealed = self.sealed_upto();
+        // Every position an entry of the head ends at, newest last.
+        let mut ends: Vec<u64> = self
+            .objects
+            .iter()
+            .map(|o| o.last_seq)
+            .chain(self.points.iter().map(|p| p.seq))
+            .chain(self.bases.iter().copied())
+            .chain(self.gaps.iter().map(|g| g.last_seq))
+            .filter(|&e| e > sealed)
+            .collect();
+        ends.sort_unstable();
+        let upto = ends[ends.len() - HEAD_ENTRIES_KEPT - 1];
+        let part = ManifestPart {
+            objects: self.objects.iter().filter(|o| o.last_seq > sealed && o.last_seq <= upto).cloned().collect(),
+            points: self.points.iter().filter(|p| p.seq > sealed && p.seq <= upto).cloned().collect(),
+            bases: self.bases.iter().copied().filter(|&b| b > sealed && b <= upto).collect(),
+            gaps: self.gaps.iter().filter(|g| g.last_seq > sealed && g.last_seq <= upto).cloned().collect(),
+        };
+        Some((PartEntry { name: name(sealed + 1, upto), first_seq: sealed + 1, upto }, part))
+    }
+
+    /// Merges a part's entries into this manifest (an entry already here wins: the head
+    /// is newer).
+    pub fn merge_part(&mut self, part: ManifestPart) {
+        for o in part.objects {
+            if !self.objects.iter().any(|h| h.name == o.name) {
+                self.objects.push(o);
+            }
+        }
+        for p in part.points {
+            if !self.points.iter().any(|h| h.point_id == p.point_id) {
+                self.points.push(p);
+            }
+        }
+        for b in part.bases {
+            if !self.bases.contains(&b) {
+                self.bases.push(b);
+            }
+        }
+        for g in part.gaps {
+            if !self.gaps.contains(&g) {
+                self.gaps.push(g);
+            }
+        }
+        self.objects.sort_by_key(|o| (o.first_seq, o.last_seq));
+        self.points.sort_by_key(|p| p.seq);
+        self.bases.sort_unstable();
+        self.gaps.sort_by_key(|g| g.first_seq);
+    }
+
     /// The highest position this manifest mentions anywhere.
     pub fn highest_position(&self) -> u64 {
         self.objects
@@ -72,8 +191,53 @@ impl Manifest {
             .chain(self.points.iter().map(|p| p.seq))
             .chain(self.bases.iter().copied())
             .chain(self.gaps.iter().map(|g| g.last_seq))
+            .chain(self.parts.iter().map(|p| p.upto))
             .chain([self.recorded_upto])
             .max()
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_with(objects: u64) -> Manifest {
+        Manifest {
+            machine: "m".into(),
+            disk: "d".into(),
+            objects: (1..=objects).map(|i| ObjectEntry { name: format!("o{i}"), first_seq: i, last_seq: i }).collect(),
+            points: (1..=objects)
+                .step_by(2)
+                .map(|i| PointEntry {
+                    point_id: i,
+                    kind: crate::protocol::PointKind::CrashConsistent,
+                    unix_ms: i,
+                    seq: i,
+                    disk_size: 1,
+                })
+                .collect(),
+            recorded_upto: objects,
+            ..Manifest::default()
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_the_head_small_and_loses_nothing() {
+        let mut m = manifest_with(3000);
+        assert!(m.head_entries() > HEAD_ENTRIES_MAX);
+        let (entry, part) = m.next_part(|a, b| format!("p{a}-{b}")).expect("due");
+        m.parts.push(entry.clone());
+        assert_eq!(m.head_entries(), HEAD_ENTRIES_KEPT);
+        assert!(m.next_part(|a, b| format!("p{a}-{b}")).is_none());
+        // The stored head plus the part give back the whole manifest.
+        let mut rebuilt = m.head();
+        assert_eq!(rebuilt.objects.len() + rebuilt.points.len(), HEAD_ENTRIES_KEPT);
+        rebuilt.merge_part(part);
+        let mut want = m.clone();
+        want.merge_part(ManifestPart::default());
+        assert_eq!(rebuilt, want);
+        assert_eq!(entry.first_seq, 1);
+        assert!(entry.upto < 3000);
     }
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion};
 
-pub use manifest::{GapEntry, Manifest, ObjectEntry, PointEntry};
+pub use manifest::{GapEntry, Manifest, ManifestPart, ObjectEntry, PartEntry, PointEntry};
 
 use crate::proxy::ProxySettings;
 
@@ -162,8 +162,11 @@ impl Target {
                 let version =
                     ManifestVersion::At(UpdateVersion { e_tag: r.meta.e_tag.clone(), version: r.meta.version.clone() });
                 let bytes = r.bytes().await?;
-                let m = serde_json::from_slice(&bytes)
+                let mut m: Manifest = serde_json::from_slice(&bytes)
                     .map_err(|source| StoreError::ManifestJson { path: path.to_string(), source })?;
+                for part in m.parts.clone() {
+                    m.merge_part(self.load_part(&part.name).await?);
+                }
                 Ok((Some(m), version))
             }
             Err(object_store::Error::NotFound { .. }) => Ok((None, ManifestVersion::Absent)),
@@ -171,12 +174,42 @@ impl Target {
         }
     }
 
-    /// Writes the disk's manifest (whole) if the stored one is still at `expected`;
-    /// returns the new version. [`StoreError::Conflict`] when another writer got there
-    /// first: reload before trying again.
-    pub async fn put_manifest(&self, m: &Manifest, expected: &ManifestVersion) -> Result<ManifestVersion, StoreError> {
+    /// One sealed part of a manifest (its size checked before it is read whole).
+    async fn load_part(&self, name: &str) -> Result<ManifestPart, StoreError> {
+        let bad_name = |why: String| StoreError::Url { url: name.to_string(), why };
+        let path = StorePath::parse(name).map_err(|e| bad_name(e.to_string()))?;
+        let r = self.store.get(&path).await?;
+        if r.meta.size > MANIFEST_LEN_MAX {
+            return Err(StoreError::ManifestTooLarge {
+                path: name.to_string(),
+                len: r.meta.size,
+                max: MANIFEST_LEN_MAX,
+            });
+        }
+        let bytes = r.bytes().await?;
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::ManifestJson { path: name.to_string(), source })
+    }
+
+    /// Writes the disk's manifest if the stored one is still at `expected`; returns the
+    /// new version. A head grown too long is first checkpointed into a part (recorded in
+    /// `m.parts`). [`StoreError::Conflict`] when another writer got there first: reload
+    /// before trying again.
+    pub async fn put_manifest(
+        &self,
+        m: &mut Manifest,
+        expected: &ManifestVersion,
+    ) -> Result<ManifestVersion, StoreError> {
+        let dir = self.stream_dir(&m.machine, &m.disk);
+        while let Some((entry, part)) = m.next_part(|first, upto| {
+            dir.child("manifest-parts").child(format!("{first:020}-{upto:020}.json")).to_string()
+        }) {
+            let path = StorePath::parse(&entry.name).expect("a name made from a store path");
+            let body = serde_json::to_vec(&part).expect("a manifest part always serializes");
+            self.put_object(&path, bytes::Bytes::from(body)).await?;
+            m.parts.push(entry);
+        }
         let path = self.manifest_path(&m.machine, &m.disk);
-        let json = PutPayload::from(serde_json::to_vec_pretty(m).expect("a manifest always serializes"));
+        let json = PutPayload::from(serde_json::to_vec_pretty(&m.head()).expect("a manifest always serializes"));
         let conflict = || StoreError::Conflict { path: path.to_string() };
         let Some(root) = &self.local_root else {
             let mode = match expected {
