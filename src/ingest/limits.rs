@@ -32,6 +32,8 @@ pub struct LoginSlots {
     per_address_max: usize,
     total_max: usize,
     held: Mutex<(HashMap<IpAddr, usize>, usize)>,
+    /// `logging_in` mirrors the total held.
+    stats: Arc<IngestStats>,
 }
 
 /// One unauthenticated connection's slot; released on drop.
@@ -41,8 +43,8 @@ pub struct LoginSlot {
 }
 
 impl LoginSlots {
-    pub fn new(per_address_max: usize, total_max: usize) -> Arc<LoginSlots> {
-        Arc::new(LoginSlots { per_address_max, total_max, held: Mutex::new((HashMap::new(), 0)) })
+    pub fn new(per_address_max: usize, total_max: usize, stats: Arc<IngestStats>) -> Arc<LoginSlots> {
+        Arc::new(LoginSlots { per_address_max, total_max, held: Mutex::new((HashMap::new(), 0)), stats })
     }
 
     pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<LoginSlot, AdmissionRefusal> {
@@ -57,6 +59,7 @@ impl LoginSlots {
         }
         *mine += 1;
         held.1 += 1;
+        self.stats.logging_in.fetch_add(1, Ordering::Relaxed);
         Ok(LoginSlot { slots: self.clone(), ip })
     }
 
@@ -70,6 +73,7 @@ impl Drop for LoginSlot {
     fn drop(&mut self) {
         let mut held = self.slots.held.lock();
         held.1 -= 1;
+        self.slots.stats.logging_in.fetch_sub(1, Ordering::Relaxed);
         if let Some(n) = held.0.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -247,7 +251,7 @@ mod tests {
 
     #[test]
     fn login_slots_cap_each_address_and_the_total_and_come_back_on_drop() {
-        let slots = LoginSlots::new(2, 3);
+        let slots = LoginSlots::new(2, 3, Arc::new(IngestStats::default()));
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let a1 = slots.try_take(a).unwrap();
         let _a2 = slots.try_take(a).unwrap();

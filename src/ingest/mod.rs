@@ -102,6 +102,8 @@ pub struct IngestStats {
     pub backpressure_signals: AtomicU64,
     /// Failed `accept` calls (out of file descriptors, ...).
     pub accept_errors: AtomicU64,
+    /// Connections accepted and not yet logged in (a gauge).
+    pub logging_in: AtomicU64,
     /// Connections closed at accept: too many not logged in (per address or in total).
     pub admission_refusals: AtomicU64,
     /// Connections closed at accept: their address failed to log in too often.
@@ -154,7 +156,7 @@ impl IngestServer {
         let local_addr = listener.local_addr().map_err(|e| IngestError::Listen(cfg.listen, e))?;
         let stats = Arc::new(IngestStats::default());
         let (stop, stopped) = watch::channel(false);
-        let slots = LoginSlots::new(cfg.unauthenticated_per_address_max, cfg.unauthenticated_max);
+        let slots = LoginSlots::new(cfg.unauthenticated_per_address_max, cfg.unauthenticated_max, stats.clone());
         let shared = Arc::new(Shared {
             quota: StreamQuota::new(&cache, cfg.machine_streams_max),
             throttle: LoginThrottle::new(cfg.login_failures_free, cfg.login_block, cfg.login_block_max),
