@@ -14,6 +14,16 @@ use parking_lot::Mutex;
 use super::IngestStats;
 use crate::cache::{Cache, StreamError, StreamId};
 
+/// The unit the per-address limits count: an IPv4 address (IPv4-mapped IPv6 included),
+/// or an IPv6 /64, because one IPv6 host is commonly given a whole /64 and could
+/// otherwise present itself as 2^64 addresses.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
 /// Why a connection was closed at accept, before TLS.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdmissionRefusal {
@@ -48,6 +58,7 @@ impl LoginSlots {
     }
 
     pub fn try_take(self: &Arc<Self>, ip: IpAddr) -> Result<LoginSlot, AdmissionRefusal> {
+        let ip = address_key(ip);
         let mut held = self.held.lock();
         // The total is checked first: a full server refuses everyone alike.
         if held.1 >= self.total_max {
@@ -112,7 +123,7 @@ impl LoginThrottle {
 
     /// `Err(remaining)` while `ip` is blocked.
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), AdmissionRefusal> {
-        match self.failures.lock().get(&ip).and_then(|f| f.blocked_until) {
+        match self.failures.lock().get(&address_key(ip)).and_then(|f| f.blocked_until) {
             Some(until) if until > now => Err(AdmissionRefusal::Throttled(until - now)),
             _ => Ok(()),
         }
@@ -120,6 +131,7 @@ impl LoginThrottle {
 
     /// Records a failed login; returns the address's failure count.
     pub fn failed(&self, ip: IpAddr, now: Instant) -> u32 {
+        let ip = address_key(ip);
         let mut failures = self.failures.lock();
         if failures.len() >= THROTTLED_ADDRESSES_MAX && !failures.contains_key(&ip) {
             failures.retain(|_, f| f.blocked_until.is_some_and(|u| u > now));
@@ -141,7 +153,7 @@ impl LoginThrottle {
     }
 
     pub fn succeeded(&self, ip: IpAddr) {
-        self.failures.lock().remove(&ip);
+        self.failures.lock().remove(&address_key(ip));
     }
 }
 
@@ -261,6 +273,15 @@ mod tests {
         drop(a1);
         assert_eq!(slots.held(), 2);
         let _b2 = slots.try_take(b).unwrap();
+    }
+
+    #[test]
+    fn addresses_count_per_ipv4_address_and_per_ipv6_64() {
+        let key = |s: &str| address_key(s.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:10.0.0.1"), key("10.0.0.1"));
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
     }
 
     #[test]
