@@ -404,12 +404,12 @@ impl Acknowledger {
                             return;
                         }
                         if let Some(point) = p.point {
-                            if points.len() >= self.points_max {
-                                let (dropped, _) = points.pop_front().expect("points_max > 0");
+                            points.push_back(point);
+                            while points.len() > self.points_max {
+                                let (dropped, _) = points.pop_front().expect("more than points_max");
                                 self.stats.points_unwatched.fetch_add(1, Ordering::Relaxed);
                                 tracing::debug!(point_id = dropped, "too many points waiting for upload; no longer watched");
                             }
-                            points.push_back(point);
                         }
                     }
                     None => open = false,
