@@ -216,3 +216,32 @@ async fn two_hundred_twenty_five_agents_at_once() {
     }
     rig.stop().await;
 }
+
+/// OpenDisk declares each disk's size and the server refuses data past it: a disk that
+/// grows is declared again before its new blocks are sent, one that shrinks is copied in
+/// full, and every point restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_that_grows_or_shrinks_keeps_replicating() {
+    let rig = Rig::start(Duration::from_secs(60)).await;
+    let work = rig.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let img = work.join("d.img");
+    image(&img, 2 << 20, 5);
+    let mut agent = rig.agent("elastic", vec![("d".into(), img.clone())]);
+    for (round, size) in [(0u64, 2u64 << 20), (1, 6 << 20), (2, 1 << 20), (3, 3 << 20)] {
+        if round > 0 {
+            let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            f.set_len(size).unwrap();
+            drop(f);
+            churn(&img, 3, round);
+        }
+        let r = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.expect("not refused");
+        let want_full = u64::from(round == 0 || round == 2);
+        assert_eq!(r.full_copies, want_full, "round {round}: only the first pass and a shrink copy in full");
+        let out = work.join(format!("r{round}.img"));
+        restore(&rig.target, "elastic", "d", PointSelector::Id(r.point_id), &out, |_, _| {}).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap(), "round {round} differs");
+    }
+    assert_eq!(rig.server.stats.sessions.load(Ordering::Relaxed), 1, "nothing was refused");
+    rig.stop().await;
+}

@@ -150,6 +150,9 @@ pub struct Agent {
     reconnects: u64,
     /// Connections in a row dropped because the server acknowledged nothing.
     silent_connections: u32,
+    /// Each disk's size as last declared to the server (OpenDisk); writes must end within
+    /// it. `None` until first read.
+    declared_bytes: Vec<Option<u64>>,
 }
 
 impl Agent {
@@ -171,6 +174,7 @@ impl Agent {
         let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&cfg.ps_cert_pem)?);
         let hashes = vec![None; cfg.disks.len()];
         let resync_requested = vec![false; cfg.disks.len()];
+        let declared_bytes = vec![None; cfg.disks.len()];
         Ok(Agent {
             key: AuthKey::from_passphrase(passphrase),
             cfg,
@@ -185,6 +189,7 @@ impl Agent {
             last_point_id: 0,
             reconnects: 0,
             silent_connections: 0,
+            declared_bytes,
         })
     }
 
@@ -286,8 +291,22 @@ impl Agent {
             let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
                 .map_err(|e| AgentError::Disk(id.clone(), e))?;
             sizes.push((d as u16, size));
+            // The server refuses data past the declared size: declare a changed size before
+            // sending anything of this pass. A shrunk disk is copied in full, because
+            // records past its new end would make the next point unrestorable.
+            let shrunk = self.declared_bytes[d].is_some_and(|old| size < old);
+            if self.declared_bytes[d] != Some(size) {
+                // Connected first: a reconnection declares the old size, under which the
+                // frames it resends were checked.
+                self.connected().await?;
+                self.declared_bytes[d] = Some(size);
+                let conn = self.conn.as_mut().expect("connected");
+                if conn.tx.send(Frame::OpenDisk { disk: d as u16, size_bytes: size, name: id.clone() }).await.is_err() {
+                    self.conn = None; // the next connection declares it
+                }
+            }
             let blocks = size.div_ceil(bs as u64) as usize;
-            let full = std::mem::take(&mut self.resync_requested[d]) || self.hashes[d].is_none();
+            let full = std::mem::take(&mut self.resync_requested[d]) || self.hashes[d].is_none() || shrunk;
             let previous = if full { None } else { self.hashes[d].take() };
             if full {
                 // Restore builds later points from here on: the full copy follows.
@@ -439,6 +458,14 @@ impl Agent {
     /// acknowledged, in its original order.
     async fn connected(&mut self) -> Result<&mut Conn, AgentError> {
         if self.conn.is_none() {
+            for (d, (id, path)) in self.cfg.disks.iter().enumerate() {
+                if self.declared_bytes[d].is_none() {
+                    let size = std::fs::File::open(path)
+                        .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                        .map_err(|e| AgentError::Disk(id.clone(), e))?;
+                    self.declared_bytes[d] = Some(size);
+                }
+            }
             let deadline = Instant::now() + self.cfg.reconnect_timeout;
             let mut delay = Duration::from_millis(50);
             let mut conn = loop {
@@ -530,7 +557,8 @@ impl Agent {
             Err(e) => return Err(frame_error(e)),
         }
         for (i, (id, _)) in self.cfg.disks.iter().enumerate() {
-            write_frame(&mut wr, &Frame::OpenDisk { disk: i as u16, name: id.clone() })
+            let size_bytes = self.declared_bytes[i].expect("connected() reads every size first");
+            write_frame(&mut wr, &Frame::OpenDisk { disk: i as u16, size_bytes, name: id.clone() })
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
         }

@@ -24,8 +24,11 @@ pub enum Frame {
     AuthOk {
         mac: [u8; MAC_LEN],
     },
+    /// Binds connection-local index `disk` to the stream (machine, `name`) and declares
+    /// the disk's size: writes and zero runs on it must end within `size_bytes`.
     OpenDisk {
         disk: u16,
+        size_bytes: u64,
         name: String,
     },
     Write {
@@ -111,8 +114,8 @@ pub enum FrameError {
     Closed,
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
-    #[error("frame length {0} out of range (1..={FRAME_LEN_MAX})")]
-    Length(u32),
+    #[error("frame length {len} out of range (1..={max})")]
+    Length { len: u32, max: u32 },
     #[error("unknown frame type {0:#04x}")]
     UnknownType(u8),
     #[error("frame truncated")]
@@ -128,6 +131,27 @@ fn put_name(out: &mut Vec<u8>, s: &str) {
 }
 
 impl Frame {
+    /// The frame type's name, for messages (a frame's contents may be long).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Challenge { .. } => "Challenge",
+            Frame::Auth { .. } => "Auth",
+            Frame::AuthOk { .. } => "AuthOk",
+            Frame::OpenDisk { .. } => "OpenDisk",
+            Frame::Write { .. } => "Write",
+            Frame::Zero { .. } => "Zero",
+            Frame::Point { .. } => "Point",
+            Frame::Resync { .. } => "Resync",
+            Frame::Durable { .. } => "Durable",
+            Frame::Uploaded { .. } => "Uploaded",
+            Frame::ResyncRequired { .. } => "ResyncRequired",
+            Frame::PointLost { .. } => "PointLost",
+            Frame::Backpressure { .. } => "Backpressure",
+            Frame::Error { .. } => "Error",
+        }
+    }
+
     /// Appends `len | type | body` to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
@@ -152,9 +176,10 @@ impl Frame {
                 out.push(T_AUTH_OK);
                 out.extend_from_slice(mac);
             }
-            Frame::OpenDisk { disk, name } => {
+            Frame::OpenDisk { disk, size_bytes, name } => {
                 out.push(T_OPEN_DISK);
                 out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&size_bytes.to_le_bytes());
                 put_name(out, name);
             }
             Frame::Write { disk, tag, offset, data } => {
@@ -229,7 +254,7 @@ impl Frame {
             T_CHALLENGE => Frame::Challenge { version: r.u16()?, server_nonce: r.array()? },
             T_AUTH => Frame::Auth { mac: r.array()? },
             T_AUTH_OK => Frame::AuthOk { mac: r.array()? },
-            T_OPEN_DISK => Frame::OpenDisk { disk: r.u16()?, name: r.name()? },
+            T_OPEN_DISK => Frame::OpenDisk { disk: r.u16()?, size_bytes: r.u64()?, name: r.name()? },
             T_WRITE => {
                 let (disk, tag, offset) = (r.u16()?, r.u64()?, r.u64()?);
                 let data = r.rest().to_vec();
@@ -336,6 +361,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> R
 /// Reads one frame's type and body into `buf` (length checked, nothing decoded), for a
 /// caller that handles some frame types in place (see `super::write_frame_as_record`).
 pub async fn read_frame_bytes<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), FrameError> {
+    read_frame_bytes_max(r, buf, FRAME_LEN_MAX).await
+}
+
+/// As [`read_frame_bytes`], refusing a frame longer than `len_max` before allocating for
+/// it: before login a peer may only send the small login frames
+/// ([`super::LOGIN_FRAME_LEN_MAX`]), so an unauthenticated connection never costs a
+/// megabyte.
+pub async fn read_frame_bytes_max<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    len_max: u32,
+) -> Result<(), FrameError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -343,8 +380,8 @@ pub async fn read_frame_bytes<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>
         Err(e) => return Err(e.into()),
     }
     let len = u32::from_le_bytes(len);
-    if len == 0 || len > FRAME_LEN_MAX {
-        return Err(FrameError::Length(len));
+    if len == 0 || len > len_max {
+        return Err(FrameError::Length { len, max: len_max });
     }
     buf.resize(len as usize, 0);
     r.read_exact(buf).await.map_err(|e| {
@@ -394,7 +431,11 @@ mod tests {
             (any::<u16>(), any::<[u8; 32]>())
                 .prop_map(|(version, server_nonce)| Frame::Challenge { version, server_nonce }),
             any::<[u8; 32]>().prop_map(|mac| Frame::Auth { mac }),
-            (any::<u16>(), name()).prop_map(|(disk, name)| Frame::OpenDisk { disk, name }),
+            (any::<u16>(), any::<u64>(), name()).prop_map(|(disk, size_bytes, name)| Frame::OpenDisk {
+                disk,
+                size_bytes,
+                name
+            }),
             (any::<u16>(), any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 1..3000))
                 .prop_map(|(disk, tag, offset, data)| Frame::Write { disk, tag, offset, data }),
             (any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec((any::<u16>(), any::<u64>()), 1..10))
@@ -415,6 +456,35 @@ mod tests {
             any::<u32>().prop_map(|retry_after_ms| Frame::Backpressure { retry_after_ms }),
             (any::<u16>(), "[ -~]{0,100}").prop_map(|(code, message)| Frame::Error { code, message }),
         ]
+    }
+
+    #[test]
+    fn a_frame_longer_than_the_cap_is_refused_before_any_allocation() {
+        for len in [super::super::LOGIN_FRAME_LEN_MAX + 1, FRAME_LEN_MAX, u32::MAX] {
+            let mut wire = len.to_le_bytes().to_vec();
+            wire.push(T_HELLO);
+            let mut buf = Vec::new();
+            let r = futures::executor::block_on(read_frame_bytes_max(
+                &mut wire.as_slice(),
+                &mut buf,
+                super::super::LOGIN_FRAME_LEN_MAX,
+            ));
+            assert!(matches!(r, Err(FrameError::Length { len: l, .. }) if l == len), "{r:?}");
+            assert_eq!(buf.capacity(), 0, "nothing allocated for a {len}-byte frame");
+        }
+        // The largest login message fits.
+        let hello = Frame::Hello { version: 1, machine: "m".repeat(NAME_LEN_MAX), client_nonce: [7; NONCE_LEN] };
+        let mut wire = Vec::new();
+        hello.encode(&mut wire);
+        assert_eq!(wire.len() - 4, super::super::LOGIN_FRAME_LEN_MAX as usize);
+        let mut buf = Vec::new();
+        futures::executor::block_on(read_frame_bytes_max(
+            &mut wire.as_slice(),
+            &mut buf,
+            super::super::LOGIN_FRAME_LEN_MAX,
+        ))
+        .unwrap();
+        assert_eq!(Frame::decode(buf[0], &buf[1..]).unwrap(), hello);
     }
 
     proptest! {
