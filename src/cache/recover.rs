@@ -9,7 +9,7 @@
 //! | sealed segment             | a batch does not validate                  | damage (acknowledged data)  |
 //! | newest file, no trailer    | no batch of its own at all                 | the preparer's spare: recycled; the file before it is the newest |
 //! | newest segment, no trailer | batches validate to offset X, then invalid | torn tail at X, truncated … |
-//! |                            | … unless a valid later batch says X was durable (`durable_end > X`) | damage |
+//! |                            | … unless a valid batch anywhere later says X was durable (`durable_end > X`) | damage |
 //! | any                        | a stream's sequence has a hole             | damaged stream (missing range) |
 //!
 //! Damage fails the open under [`RecoveryMode::FailOnCorruption`] and evicts the affected
