@@ -9,7 +9,7 @@
 //! | sealed segment             | a batch does not validate                  | damage (acknowledged data)  |
 //! | newest file, no trailer    | no batch of its own at all                 | the preparer's spare: recycled; the file before it is the newest |
 //! | newest segment, no trailer | batches validate to offset X, then invalid | torn tail at X, truncated … |
-//! |                            | … unless a valid later batch says X was durable (`durable_end > X`) | damage |
+//! |                            | … unless a valid batch anywhere later says X was durable (`durable_end > X`) | damage |
 //! | any                        | a stream's sequence has a hole             | damaged stream (missing range) |
 //!
 //! Damage fails the open under [`RecoveryMode::FailOnCorruption`] and evicts the affected
@@ -219,21 +219,7 @@ impl Scan {
     }
 }
 
-/// How far past a bad offset to look for a batch that proves it durable. The flusher
-/// issues batch k+1 only once batch k is durable, so the nearest later batch starts at
-/// most one batch length away; four lengths cover up to three damaged batches in a row.
-fn proof_window(commit_bytes_max: u32) -> u64 {
-    4 * (u64::from(commit_bytes_max) + BLOCK_SIZE)
-}
-
-fn scan_segment(
-    file: &dyn StorageFile,
-    id: u64,
-    seed: u32,
-    segment_size: u64,
-    commit_bytes_max: u32,
-    bytes_read: &mut u64,
-) -> Scan {
+fn scan_segment(file: &dyn StorageFile, id: u64, seed: u32, segment_size: u64, bytes_read: &mut u64) -> Scan {
     // A file cut short (truncated, or never fully allocated) ends the search early.
     let limit = trailer_offset(segment_size).min(file.size().unwrap_or(0));
     let mut scan = Scan {
@@ -274,15 +260,19 @@ fn scan_segment(
             }
         }
     }
-    // Past the first invalid batch, look at every block boundary for valid batches: they
-    // tell a torn tail (nothing later claims the bad bytes were durable) from damage.
+    // Past the first invalid batch, look at every block boundary up to the trailer block
+    // for valid batches: they tell a torn tail (nothing later claims the bad bytes were
+    // durable) from damage. The search is not bounded by any option (batch sizes can
+    // change between runs, and a run of bad batches can be any length), and it follows the
+    // chain from each batch it finds, skipping further bad stretches the same way, up to
+    // the segment's summary (its last link) or its end. A clean open never gets here: it
+    // only happens once a chain has stopped short (a crash or damage).
     let Some((bad, _)) = scan.stopped else {
         return scan;
     };
     let mut at = bad + BLOCK_SIZE;
-    let limit = limit.min(bad + proof_window(commit_bytes_max));
     let mut chunk = vec![0u8; 1 << 20];
-    while at < limit {
+    'search: while at < limit {
         let len = chunk.len().min((limit - at) as usize) / BLOCK_SIZE as usize * BLOCK_SIZE as usize;
         if len == 0 {
             break;
@@ -291,22 +281,29 @@ fn scan_segment(
             break; // a short (truncated) file: nothing more to find
         }
         *bytes_read += len as u64;
-        let mut next = at + len as u64;
-        for block in (0..len).step_by(BLOCK_SIZE as usize) {
+        let end = at + len as u64;
+        let mut off = at;
+        while off < end {
+            let block = (off - at) as usize;
             if chunk[block..block + 4] != super::format::BATCH_MAGIC {
+                off += BLOCK_SIZE;
                 continue;
             }
-            let off = at + block as u64;
-            if let Ok(b) = read_batch(file, id, seed, segment_size, off, bytes_read) {
-                if b.header.kind == BatchKind::Records {
-                    scan.last_batch_no = scan.last_batch_no.max(b.header.batch_no);
-                    next = off + align_up(u64::from(b.header.batch_len), BLOCK_SIZE);
-                    scan.later.push((off, u64::from(b.header.durable_end), next, b.found));
-                    break;
-                }
+            let Ok(b) = read_batch(file, id, seed, segment_size, off, bytes_read) else {
+                off += BLOCK_SIZE;
+                continue;
+            };
+            if b.header.kind == BatchKind::Summary {
+                // The chain's last link: nothing past it is part of the segment.
+                break 'search;
             }
+            scan.last_batch_no = scan.last_batch_no.max(b.header.batch_no);
+            let next = off + align_up(u64::from(b.header.batch_len), BLOCK_SIZE);
+            scan.later.push((off, u64::from(b.header.durable_end), next, b.found));
+            // Follow the chain: the next batch, if any, starts where this one ends.
+            off = next;
         }
-        at = next;
+        at = off;
     }
     scan
 }
@@ -419,14 +416,7 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
     // acknowledged is in it). A spare goes back to the recycled files.
     let mut newest_scan = None;
     if let (Some(&id), Some((file, Err(_), _))) = (segment_ids.last(), summaries.last()) {
-        let scan = scan_segment(
-            &**file,
-            id,
-            segment_seed(meta.salt, id),
-            segment_size,
-            opts.commit_bytes_max,
-            &mut report.scanned_bytes_read,
-        );
+        let scan = scan_segment(&**file, id, segment_seed(meta.salt, id), segment_size, &mut report.scanned_bytes_read);
         if scan.is_empty_spare() {
             segment_ids.pop();
             let (_, _, bytes_read) = summaries.pop().expect("one result per segment");
@@ -455,9 +445,8 @@ pub(crate) fn recover(storage: &dyn Storage, opts: &mut Options) -> Result<Recov
             Err(why) => {
                 report.segments_scanned.push(id);
                 let scanned_already = if Some(id) == newest { newest_scan.take() } else { None };
-                let scan = scanned_already.unwrap_or_else(|| {
-                    scan_segment(&*file, id, seed, segment_size, opts.commit_bytes_max, &mut report.scanned_bytes_read)
-                });
+                let scan = scanned_already
+                    .unwrap_or_else(|| scan_segment(&*file, id, seed, segment_size, &mut report.scanned_bytes_read));
                 last_batch_no = last_batch_no.max(scan.last_batch_no);
                 if Some(id) == newest && !scan.hit_summary {
                     let mut tail_found = scan.found.clone();
