@@ -40,7 +40,9 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
     };
     // Up to three crash/recover cycles per seed, each cutting power at a random call.
     for cycle in 0..3 {
-        let cut = rng.below(120);
+        // Most cuts land early (open, recovery, the first batches); one in three may
+        // land anywhere in the cycle's work.
+        let cut = if rng.below(3) == 0 { rng.below(600) } else { rng.below(120) };
         st.power_cut_after(cut);
         let cache = match open(&st, opts) {
             Ok(c) => c,

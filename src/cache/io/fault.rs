@@ -362,7 +362,17 @@ impl StorageFile for FaultFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::Sync, Some(self.epoch))?;
+        if let Err(e) = s.check(Op::Sync, Some(self.epoch)) {
+            // As Linux does after a failed fsync: the dirty pages are marked clean and
+            // their data is lost to the disk, and the error is reported once (a later
+            // sync succeeds without them). Reads still see them until a crash.
+            if !s.powered_off {
+                if let Some(inode) = s.inodes.get_mut(&self.ino) {
+                    inode.pending.clear();
+                }
+            }
+            return Err(e);
+        }
         s.syncs += 1;
         let inode = s.inodes.get_mut(&self.ino).ok_or_else(|| io::Error::other("fault: stale inode"))?;
         for op in std::mem::take(&mut inode.pending) {
