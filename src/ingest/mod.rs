@@ -237,7 +237,9 @@ enum SessionEnd {
     #[error("refused: {0}")]
     Refused(#[from] session::Refusal),
     #[error("cache: {0}")]
-    Cache(String),
+    Stream(#[from] crate::cache::StreamError),
+    #[error("cache: {0}")]
+    Append(#[from] crate::cache::AppendError),
     #[error("not durable: {0}")]
     NotDurable(String),
     #[error("the peer read nothing for {0:?}")]

@@ -317,7 +317,7 @@ impl Session<'_> {
             Err(StreamQuotaError::MachineFull { machine, max }) => {
                 return Err(Refusal::MachineStreams { machine, max }.into())
             }
-            Err(StreamQuotaError::Cache(e)) => return Err(SessionEnd::Cache(e.to_string())),
+            Err(StreamQuotaError::Cache(e)) => return Err(e.into()),
         };
         disks.names.insert(name);
         disks.by_index.insert(disk, OpenDisk { stream, size_bytes });
@@ -341,7 +341,7 @@ impl Session<'_> {
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Err(e) => return Err(SessionEnd::Cache(e.to_string())),
+                Err(e) => return Err(e.into()),
             }
         }
     }
