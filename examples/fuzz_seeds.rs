@@ -148,15 +148,8 @@ work_days = \"mon-fri\"\nwork_mbps = 10.0\nutc_offset_min = 60\n",
 
     // Decision streams for the engine: appends, acknowledgements, reclaims, evictions.
     for (name, seed) in [("ops-a", 1u64), ("ops-b", 2), ("ops-c", 3)] {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let bytes: Vec<u8> = (0..600)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut bytes = vec![0u8; 600];
+        churnlog::bench::fill_random(&mut bytes, seed);
         put("engine_ops", name, &bytes);
     }
 }

@@ -30,15 +30,9 @@ fn small_batch_options() -> Options {
 
 /// Incompressible bytes, so every record is stored raw and fills its batch.
 fn noise(stream: u32, seq: u64, len: usize) -> Vec<u8> {
-    let mut x = (u64::from(stream) << 32 | seq).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut out = vec![0u8; len];
+    churnlog::bench::fill_random(&mut out, u64::from(stream) << 32 | seq);
+    out
 }
 
 struct Written {

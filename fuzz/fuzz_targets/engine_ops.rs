@@ -58,15 +58,9 @@ fn options() -> Options {
 }
 
 fn bytes(stream: u32, seq: u64, salt: u64, len: usize) -> Vec<u8> {
-    let mut x = (u64::from(stream) << 48) ^ seq ^ (salt << 32) ^ 0x9E37_79B9_7F4A_7C15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    let mut out = vec![0u8; len];
+    churnlog::bench::fill_random(&mut out, (u64::from(stream) << 48) ^ seq ^ (salt << 32));
+    out
 }
 
 fn open(st: &FaultStorage) -> Result<Cache, churnlog::cache::OpenError> {

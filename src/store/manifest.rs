@@ -157,21 +157,13 @@ impl Manifest {
     /// Merges a part's entries into this manifest (an entry already here wins: the head
     /// is newer).
     pub fn merge_part(&mut self, part: ManifestPart) {
-        for o in part.objects {
-            if !self.objects.iter().any(|h| h.name == o.name) {
-                self.objects.push(o);
-            }
-        }
-        for p in part.points {
-            if !self.points.iter().any(|h| h.point_id == p.point_id) {
-                self.points.push(p);
-            }
-        }
-        for b in part.bases {
-            if !self.bases.contains(&b) {
-                self.bases.push(b);
-            }
-        }
+        // Sets, not scans: a reader merges every part of a long history.
+        let names: std::collections::HashSet<String> = self.objects.iter().map(|o| o.name.clone()).collect();
+        let ids: std::collections::HashSet<u64> = self.points.iter().map(|p| p.point_id).collect();
+        let bases: std::collections::HashSet<u64> = self.bases.iter().copied().collect();
+        self.objects.extend(part.objects.into_iter().filter(|o| !names.contains(&o.name)));
+        self.points.extend(part.points.into_iter().filter(|p| !ids.contains(&p.point_id)));
+        self.bases.extend(part.bases.into_iter().filter(|b| !bases.contains(b)));
         for g in part.gaps {
             if !self.gaps.contains(&g) {
                 self.gaps.push(g);
