@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bench;
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod drain;
 pub mod ingest;
 pub mod process_server;

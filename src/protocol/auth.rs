@@ -31,6 +31,17 @@ impl AuthKey {
         AuthKey(mac.finalize().into_bytes().into())
     }
 
+    /// A key that is a random credential of its own (a machine's, issued by the
+    /// configuration server) rather than derived from the passphrase.
+    pub fn from_bytes(bytes: [u8; 32]) -> AuthKey {
+        AuthKey(bytes)
+    }
+
+    /// The key's bytes, for MACs of other messages (the control plane's request signing).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     fn state(
         &self,
         label: &[u8],
