@@ -139,6 +139,11 @@ impl ProcessServer {
         &self.target
     }
 
+    /// Machines being handed over to another process server (see [`crate::drain::Handoffs`]).
+    pub fn handoffs(&self) -> &crate::drain::Handoffs {
+        &self.drain_config.handoffs
+    }
+
     /// Stops the drain (records stay in the cache until [`ProcessServer::resume_drain`]).
     pub async fn pause_drain(&mut self) -> Result<(), ProcessServerError> {
         match self.drain.take() {
