@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod book;
 pub mod client;
 
 /// This build's version, compared by the version rule (a process server newer than the

@@ -11,7 +11,7 @@ pub mod throttle;
 use crate::cache::{ReadError, StreamError};
 use crate::store::StoreError;
 
-pub use drainer::{DrainConfig, Drainer};
+pub use drainer::{DrainConfig, DrainStats, Drainer};
 pub use throttle::{BandwidthSchedule, WorkHours};
 
 /// Tail cache for a cache that a drain reads from: the drain follows the writer by its
