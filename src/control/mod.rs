@@ -11,6 +11,13 @@ pub mod api;
 pub mod auth;
 pub mod book;
 pub mod client;
+pub mod health;
+pub mod heartbeat;
+pub mod metrics;
+pub mod monitor;
+pub mod ps_link;
+pub mod status_http;
+pub mod sysinfo;
 
 /// This build's version, compared by the version rule (a process server newer than the
 /// CS is refused).
