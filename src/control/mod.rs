@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod book;
 pub mod client;
+pub mod decommission;
 pub mod health;
 pub mod heartbeat;
 pub mod metrics;
