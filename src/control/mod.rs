@@ -10,8 +10,17 @@
 
 pub mod api;
 pub mod auth;
+pub mod book;
 pub mod client;
 pub mod cs;
+pub mod decommission;
+pub mod health;
+pub mod heartbeat;
+pub mod metrics;
+pub mod monitor;
+pub mod ps_link;
+pub mod status_http;
+pub mod sysinfo;
 
 /// This build's version, compared by the version rule (a process server newer than the
 /// CS is refused).

@@ -50,7 +50,28 @@ impl Default for DrainConfig {
     }
 }
 
+/// What the drain has done, for health, heartbeats and metrics: shared with the process
+/// server, kept across pauses of the drain.
+#[derive(Debug, Default)]
+pub struct DrainStats {
+    /// Object bytes uploaded (as stored: compressed where it paid).
+    pub uploaded_bytes: std::sync::atomic::AtomicU64,
+    /// Per (machine, disk): the `unix_ms` of the newest recovery point recorded in the
+    /// stream's manifest (the agent stamps it when it tags the point, after the point's
+    /// last write).
+    pub newest_point_ms: parking_lot::Mutex<HashMap<(String, String), u64>>,
+}
+
+impl DrainStats {
+    /// The newest uploaded point of `machine` in every disk that has one: the oldest of
+    /// its disks' newest points (a point covers every disk). None before the first.
+    pub fn machine_point_ms(&self, machine: &str) -> Option<u64> {
+        self.newest_point_ms.lock().iter().filter(|((m, _), _)| m == machine).map(|(_, &ms)| ms).min()
+    }
+}
+
 pub struct Drainer {
+    stats: Arc<DrainStats>,
     cache: Arc<Cache>,
     target: Target,
     cfg: DrainConfig,
@@ -65,8 +86,14 @@ pub struct Drainer {
 
 impl Drainer {
     pub fn new(cache: Arc<Cache>, target: Target, cfg: DrainConfig) -> Drainer {
+        Drainer::with_stats(cache, target, cfg, Arc::default())
+    }
+
+    /// A drainer that counts into `stats` (shared with whoever reports them).
+    pub fn with_stats(cache: Arc<Cache>, target: Target, cfg: DrainConfig, stats: Arc<DrainStats>) -> Drainer {
         let throttle = Throttle::new(cfg.bandwidth.clone());
         Drainer {
+            stats,
             cache,
             target,
             cfg,
@@ -319,7 +346,9 @@ impl Drainer {
             let manifest = &mut self.manifests.get_mut(&info.id).expect("loaded above").0;
             let mut bytes = 0;
             let mut last = 0;
+            let mut newest_point: Option<u64> = None;
             for (path, built) in completed {
+                newest_point = built.points.iter().map(|p| p.unix_ms).chain(newest_point).max();
                 manifest.objects.retain(|o| o.name != path.to_string());
                 manifest.objects.push(ObjectEntry {
                     name: path.to_string(),
@@ -341,6 +370,13 @@ impl Drainer {
                 last = built.last;
             }
             self.put_manifest(info.id).await?;
+            self.stats.uploaded_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(newest) = newest_point {
+                let key = (info.machine.clone(), info.disk.clone());
+                let mut points = self.stats.newest_point_ms.lock();
+                let at = points.entry(key).or_insert(newest);
+                *at = (*at).max(newest);
+            }
             // Only now is the run safe in the cloud: let the cache reclaim it (with the
             // other streams' acknowledgements of this pass, in one META write).
             self.ack_later(info.id, last - offset);

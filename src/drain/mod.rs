@@ -12,7 +12,7 @@ pub mod throttle;
 use crate::cache::{ReadError, StreamError};
 use crate::store::StoreError;
 
-pub use drainer::{DrainConfig, Drainer};
+pub use drainer::{DrainConfig, DrainStats, Drainer};
 pub use handoff::Handoffs;
 pub use throttle::{BandwidthSchedule, WorkHours};
 
