@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod drain;
 pub mod ingest;
+pub mod plan;
 pub mod process_server;
 pub mod protocol;
 pub mod proxy;

@@ -7,6 +7,14 @@
 //! restore can build later points from it alone. Frames stay queued until the server acknowledges them durable;
 //! after a lost connection the agent reconnects and resends exactly those, in order, so
 //! nothing acknowledged is lost and nothing unacknowledged is skipped.
+//!
+//! Where the process server is comes from a [`Locator`]: a fixed address (a standalone
+//! server and the passphrase) or the configuration server, asked before every connection
+//! attempt ([`credential`]). When the CS moves the machine, the old server closes the
+//! session once it has drained, and the agent reconnects to the new one, resends what is
+//! unacknowledged and goes on with its in-memory block hashes: a move costs no full copy.
+
+pub mod credential;
 
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
@@ -17,15 +25,25 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
+use crate::control::api::Assignment;
+use crate::control::client::{ClientError, CsClient};
 use crate::protocol::auth::{nonce, AuthKey};
 use crate::protocol::{read_frame, write_frame, Frame, FrameError, PointKind, PROTOCOL_VERSION, ZERO_LEN_MAX};
 
+/// Where the agent finds its process server.
+#[derive(Clone, Debug)]
+pub enum Locator {
+    /// A standalone process server: host:port and its certificate (PEM), the only one
+    /// trusted.
+    Fixed { address: String, cert_pem: String },
+    /// Ask the configuration server before every connection attempt; the client signs as
+    /// the machine with its credential ([`credential::load_or_register`]).
+    Cs { client: CsClient },
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
-    /// host:port of the process server.
-    pub ps: String,
-    /// The process server's certificate (PEM): the only one trusted.
-    pub ps_cert_pem: String,
+    pub locator: Locator,
     pub machine: String,
     /// (disk id, path of the image file or block device).
     pub disks: Vec<(String, PathBuf)>,
@@ -43,13 +61,22 @@ pub struct AgentConfig {
     /// Connections dropped that way in a row before the agent gives up: the server
     /// accepts logins but acknowledges nothing.
     pub silent_connections_max: u32,
+    /// With the CS as locator: how long refusals (login refused, certificate not the one
+    /// the CS gave) are retried, asking the CS again each time, before the agent gives
+    /// up. A newly assigned server learns the machine's credential only at its next
+    /// heartbeat, and a moved-from one refuses, so a refusal alone is not final there.
+    pub refusal_grace: Duration,
 }
 
 impl AgentConfig {
+    /// A standalone process server at `ps` with certificate `ps_cert_pem`.
     pub fn new(ps: String, ps_cert_pem: String, machine: String, disks: Vec<(String, PathBuf)>) -> AgentConfig {
+        AgentConfig::with_locator(Locator::Fixed { address: ps, cert_pem: ps_cert_pem }, machine, disks)
+    }
+
+    pub fn with_locator(locator: Locator, machine: String, disks: Vec<(String, PathBuf)>) -> AgentConfig {
         AgentConfig {
-            ps,
-            ps_cert_pem,
+            locator,
             machine,
             disks,
             block_size: 64 << 10,
@@ -58,6 +85,7 @@ impl AgentConfig {
             handshake_timeout: Duration::from_secs(15),
             ack_timeout: Duration::from_secs(120),
             silent_connections_max: 3,
+            refusal_grace: Duration::from_secs(180),
         }
     }
 }
@@ -80,6 +108,14 @@ pub enum AgentError {
     Unresponsive(u32, Duration),
     #[error("recovery point {0} was lost on the process server (records dropped before upload), {1} times in a row")]
     PointLost(u64, usize),
+    #[error("configuration server: {0}")]
+    Cs(#[from] ClientError),
+    #[error("the configuration server refused machine {machine:?}: {detail}. The name is registered to another machine; if this machine replaces it, an operator runs `churnlog cs reassign --machine {machine}` on the configuration server, then start the agent again")]
+    NameTaken { machine: String, detail: String },
+    #[error("credential file {path}: {reason}")]
+    Credential { path: PathBuf, reason: String },
+    #[error("state directory {0}: {1}")]
+    StateDir(PathBuf, std::io::Error),
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -133,10 +169,29 @@ fn with_tag(frame: &Frame, tag: u64) -> Frame {
     f
 }
 
+/// The process server connections go to now, and the connector trusting exactly its
+/// certificate.
+struct Target {
+    address: String,
+    cert_pem: String,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl Target {
+    fn new(address: String, cert_pem: String) -> Result<Target, AgentError> {
+        let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&cert_pem)?);
+        Ok(Target { address, cert_pem, tls })
+    }
+}
+
 pub struct Agent {
     cfg: AgentConfig,
     key: AuthKey,
-    tls: tokio_rustls::TlsConnector,
+    /// None until the CS first answered (CS locator); then the last assignment, kept
+    /// while the CS is unreachable.
+    target: Option<Target>,
+    /// Since when connection attempts have been refused in a row (CS locator).
+    refused_since: Option<Instant>,
     conn: Option<Conn>,
     unacked: VecDeque<Unacked>,
     uploaded: HashSet<u64>,
@@ -156,7 +211,14 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// An agent logging in with the passphrase (a standalone process server).
     pub fn new(cfg: AgentConfig, passphrase: &str) -> Result<Agent, AgentError> {
+        Agent::with_key(cfg, AuthKey::from_passphrase(passphrase))
+    }
+
+    /// An agent logging in with `key`: with the CS as locator, the machine's credential
+    /// ([`credential::CsIdentity::key`]).
+    pub fn with_key(cfg: AgentConfig, key: AuthKey) -> Result<Agent, AgentError> {
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= crate::protocol::NAME_LEN_MAX
@@ -171,14 +233,18 @@ impl Agent {
                 crate::protocol::POINT_DISKS_MAX
             )));
         }
-        let tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&cfg.ps_cert_pem)?);
+        let target = match &cfg.locator {
+            Locator::Fixed { address, cert_pem } => Some(Target::new(address.clone(), cert_pem.clone())?),
+            Locator::Cs { .. } => None,
+        };
         let hashes = vec![None; cfg.disks.len()];
         let resync_requested = vec![false; cfg.disks.len()];
         let declared_bytes = vec![None; cfg.disks.len()];
         Ok(Agent {
-            key: AuthKey::from_passphrase(passphrase),
+            key,
             cfg,
-            tls,
+            target,
+            refused_since: None,
             conn: None,
             unacked: VecDeque::new(),
             uploaded: HashSet::new(),
@@ -195,12 +261,54 @@ impl Agent {
 
     /// Moves this agent to another process server (a scale-out hand-over): the current
     /// session ends, and what is not yet acknowledged is resent to the new server.
+    /// The agent then stays on that server (a fixed locator) with the same key.
     pub fn set_process_server(&mut self, ps: String, ps_cert_pem: String) -> Result<(), AgentError> {
-        self.tls = tokio_rustls::TlsConnector::from(crate::tls::client_config(&ps_cert_pem)?);
-        self.cfg.ps = ps;
-        self.cfg.ps_cert_pem = ps_cert_pem;
+        self.target = Some(Target::new(ps.clone(), ps_cert_pem.clone())?);
+        self.cfg.locator = Locator::Fixed { address: ps, cert_pem: ps_cert_pem };
         self.conn = None;
         Ok(())
+    }
+
+    /// The address of the process server the agent connects to now (None before the CS
+    /// first assigned one).
+    pub fn process_server(&self) -> Option<&str> {
+        self.target.as_ref().map(|t| t.address.as_str())
+    }
+
+    /// Before a connection attempt: with the CS as locator, asks it where to go. An
+    /// error here is retried by the caller (a CS refusal that cannot mend is final).
+    async fn locate(&mut self) -> Result<(), AgentError> {
+        let Locator::Cs { client } = &self.cfg.locator else { return Ok(()) };
+        let limit = self.cfg.handshake_timeout;
+        let answer = match tokio::time::timeout(limit, credential::assignment(client)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::BadReply(format!("no answer within {limit:?}"))),
+        };
+        match answer {
+            Ok(Assignment { ps, address, cert_pem }) => {
+                let same = self.target.as_ref().is_some_and(|t| t.address == address && t.cert_pem == cert_pem);
+                if !same {
+                    tracing::info!(ps, %address, "the configuration server assigns this machine to a process server");
+                    self.target = Some(Target::new(address, cert_pem)?);
+                }
+                Ok(())
+            }
+            // Moving between servers (or none can take it): the old server no longer
+            // takes the machine, so wait rather than fall back to it.
+            Err(e) if e.code() == Some("unavailable") => {
+                Err(AgentError::Unreachable(Duration::ZERO, format!("no process server for now: {e}")))
+            }
+            // The credential is not (or no longer) accepted: retrying will not help.
+            Err(ClientError::Refused(e)) if matches!(e.code.as_str(), "unauthorized" | "not_found" | "bad_request") => {
+                Err(AgentError::Cs(ClientError::Refused(e)))
+            }
+            // The CS is down or confused: replication goes on with the last assignment.
+            Err(e) if self.target.is_some() => {
+                tracing::warn!(error = %e, "cannot ask the configuration server; using the last assignment");
+                Ok(())
+            }
+            Err(e) => Err(AgentError::Unreachable(Duration::ZERO, e.to_string())),
+        }
     }
 
     /// One pass over every disk, then a recovery point of `kind`. Returns once the point
@@ -422,6 +530,7 @@ impl Agent {
         };
         match event {
             Some(Event::Durable(upto)) => {
+                self.refused_since = None;
                 while self.unacked.front().is_some_and(|u| u.tag <= upto) {
                     self.unacked.pop_front();
                 }
@@ -443,7 +552,11 @@ impl Agent {
                 }
             }
             Some(Event::Closed(why)) => {
-                if why.starts_with("refused") {
+                // Following the CS, a server that ends the session with a refusal may
+                // have handed the machine on: reconnecting asks the CS (within the
+                // refusal grace, reset by any acknowledgement).
+                let follows_cs = matches!(self.cfg.locator, Locator::Cs { .. });
+                if why.starts_with("refused") && (!follows_cs || self.refusal_grace_over()) {
                     return Err(AgentError::Refused(why));
                 }
                 tracing::warn!(%why, "connection to the process server lost; reconnecting");
@@ -468,13 +581,31 @@ impl Agent {
             }
             let deadline = Instant::now() + self.cfg.reconnect_timeout;
             let mut delay = Duration::from_millis(50);
+            let follows_cs = matches!(self.cfg.locator, Locator::Cs { .. });
             let mut conn = loop {
-                match self.connect().await {
+                let attempt = match self.locate().await {
+                    Ok(()) => self.connect().await,
+                    Err(e) => Err(e),
+                };
+                match attempt {
                     Ok(c) => break c,
-                    // Neither a wrong server nor a broken protocol mends by retrying.
-                    Err(e @ (AgentError::Refused(_) | AgentError::NotTrusted(..) | AgentError::BadServer(_))) => {
-                        return Err(e)
+                    // Following the CS, a refusal or a certificate that does not match
+                    // may be a move the agent has not seen yet: ask again, for a while.
+                    Err(e @ (AgentError::Refused(_) | AgentError::NotTrusted(..)))
+                        if follows_cs && !self.refusal_grace_over() =>
+                    {
+                        tracing::info!(error = %e, "refused; asking the configuration server again");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
                     }
+                    // Neither a wrong server nor a broken protocol mends by retrying.
+                    Err(
+                        e @ (AgentError::Refused(_)
+                        | AgentError::NotTrusted(..)
+                        | AgentError::BadServer(_)
+                        | AgentError::Cs(_)
+                        | AgentError::Tls(_)),
+                    ) => return Err(e),
                     Err(e) if Instant::now() >= deadline => {
                         return Err(AgentError::Unreachable(self.cfg.reconnect_timeout, e.to_string()))
                     }
@@ -498,6 +629,11 @@ impl Agent {
         Ok(self.conn.as_mut().expect("connected"))
     }
 
+    /// Starts (or continues) the refusal grace period; true once it is over.
+    fn refusal_grace_over(&mut self) -> bool {
+        self.refused_since.get_or_insert_with(Instant::now).elapsed() >= self.cfg.refusal_grace
+    }
+
     /// One connection attempt, bounded by `handshake_timeout` as a whole.
     async fn connect(&self) -> Result<Conn, AgentError> {
         let limit = self.cfg.handshake_timeout;
@@ -515,17 +651,19 @@ impl Agent {
             FrameError::Closed | FrameError::Io(_) | FrameError::Truncated => unreachable(e.to_string()),
             other => AgentError::BadServer(other.to_string()),
         };
-        let tcp = tokio::net::TcpStream::connect(&self.cfg.ps).await.map_err(|e| unreachable(e.to_string()))?;
+        let target = self.target.as_ref().ok_or_else(|| unreachable("no process server assigned yet".into()))?;
+        let address = &target.address;
+        let tcp = tokio::net::TcpStream::connect(address).await.map_err(|e| unreachable(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let host = self.cfg.ps.rsplit_once(':').map_or(self.cfg.ps.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+        let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h).trim_matches(['[', ']']);
         let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| unreachable(e.to_string()))?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|e| {
+        let tls = target.tls.connect(name, tcp).await.map_err(|e| {
             let certificate = e
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                 .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
             if certificate {
-                AgentError::NotTrusted(self.cfg.ps.clone(), e.to_string())
+                AgentError::NotTrusted(address.clone(), e.to_string())
             } else {
                 unreachable(e.to_string())
             }

@@ -1,27 +1,45 @@
 //! `churnlog agent`: replicate disk images or block devices to a process server, one
-//! pass (and recovery point) per interval; one JSON line per pass on stdout.
+//! pass (and recovery point) per interval; one JSON line per pass on stdout. With `--cs`
+//! the machine registers with the configuration server once and follows its assignment.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 
-use churnlog::agent::{Agent, AgentConfig};
+use std::time::Duration;
+
+use churnlog::agent::credential::{credential_path, load_or_register, CsSettings};
+use churnlog::agent::{Agent, AgentConfig, Locator};
 use churnlog::protocol::PointKind;
 
 use super::{progress_bar, read_passphrase, runtime, show_progress};
 
-/// Replicate disk images or block devices to a process server.
+/// Replicate disk images or block devices to a process server: a standalone one
+/// (`--ps`, `--ps-cert`, `--passphrase-file`) or the one the configuration server assigns
+/// (`--cs`, `--cs-cert`, `--state-dir`, and `--passphrase-file` for the first run).
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("locator").required(true).args(["ps", "cs"])))]
 pub struct AgentArgs {
-    /// host:port of the process server.
-    #[arg(long)]
-    ps: String,
+    /// host:port of a standalone process server.
+    #[arg(long, conflicts_with_all = ["cs", "cs_cert", "state_dir"], requires = "ps_cert")]
+    ps: Option<String>,
     /// The process server's certificate (its TLS directory's cert.pem).
+    #[arg(long, requires = "ps")]
+    ps_cert: Option<PathBuf>,
+    /// host:port of the configuration server: register there once, then ask it for the
+    /// process server before every connection.
+    #[arg(long, requires_all = ["cs_cert", "state_dir"])]
+    cs: Option<String>,
+    /// The configuration server's certificate.
+    #[arg(long, requires = "cs")]
+    cs_cert: Option<PathBuf>,
+    /// Where the machine's credential is kept (created 0700; `credential` inside, 0600).
+    #[arg(long, requires = "cs")]
+    state_dir: Option<PathBuf>,
+    /// The passphrase: always with --ps; with --cs only until the machine has registered.
     #[arg(long)]
-    ps_cert: PathBuf,
-    #[arg(long)]
-    passphrase_file: PathBuf,
+    passphrase_file: Option<PathBuf>,
     #[arg(long)]
     machine: String,
     /// ID=PATH, once per disk.
@@ -39,13 +57,28 @@ pub struct AgentArgs {
     /// Tag the points app-consistent (the application quiesced).
     #[arg(long)]
     app_consistent: bool,
+    /// Give up when no process server can be reached for this many seconds (default 60
+    /// with --ps; 3600 with --cs, where a move waits for the old server to drain).
+    #[arg(long)]
+    reconnect_timeout: Option<u64>,
 }
 
 pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let AgentArgs { ps, ps_cert, passphrase_file, machine, disks, once, wait_uploaded, interval, app_consistent } =
-        args;
-    let passphrase = read_passphrase(&passphrase_file)?;
-    let cert = std::fs::read_to_string(&ps_cert).with_context(|| format!("read {}", ps_cert.display()))?;
+    let AgentArgs {
+        ps,
+        ps_cert,
+        cs,
+        cs_cert,
+        state_dir,
+        passphrase_file,
+        machine,
+        disks,
+        once,
+        wait_uploaded,
+        interval,
+        app_consistent,
+        reconnect_timeout,
+    } = args;
     let disks = disks
         .iter()
         .map(|d| {
@@ -54,9 +87,44 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| anyhow::anyhow!("--disk takes ID=PATH, got {d:?}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let rt = runtime()?;
+    let mut agent = match (ps, cs) {
+        (Some(ps), None) => {
+            let ps_cert = ps_cert.context("--ps needs --ps-cert")?;
+            let passphrase_file = passphrase_file.context("--ps needs --passphrase-file")?;
+            let passphrase = read_passphrase(&passphrase_file)?;
+            let cert = std::fs::read_to_string(&ps_cert).with_context(|| format!("read {}", ps_cert.display()))?;
+            let mut cfg = AgentConfig::new(ps, cert, machine, disks);
+            cfg.reconnect_timeout = Duration::from_secs(reconnect_timeout.unwrap_or(60));
+            Agent::new(cfg, &passphrase)?
+        }
+        (None, Some(cs)) => {
+            let cs_cert = cs_cert.context("--cs needs --cs-cert")?;
+            let state_dir = state_dir.context("--cs needs --state-dir")?;
+            let cert = std::fs::read_to_string(&cs_cert).with_context(|| format!("read {}", cs_cert.display()))?;
+            let passphrase = passphrase_file.as_deref().map(read_passphrase).transpose()?;
+            let settings = CsSettings {
+                address: &cs,
+                cert_pem: &cert,
+                passphrase: passphrase.as_deref(),
+                machine: &machine,
+                state_dir: &state_dir,
+            };
+            let identity = rt.block_on(load_or_register(&settings))?;
+            if identity.registered_now {
+                eprintln!(
+                    "churnlog: registered machine {machine} with the configuration server; credential in {}",
+                    credential_path(&state_dir).display()
+                );
+            }
+            let mut cfg = AgentConfig::with_locator(Locator::Cs { client: identity.client }, machine, disks);
+            cfg.reconnect_timeout = Duration::from_secs(reconnect_timeout.unwrap_or(3600));
+            Agent::with_key(cfg, identity.key)?
+        }
+        _ => anyhow::bail!("give either --ps (a standalone process server) or --cs (a configuration server)"),
+    };
     let kind = if app_consistent { PointKind::AppConsistent } else { PointKind::CrashConsistent };
-    let mut agent = Agent::new(AgentConfig::new(ps, cert, machine, disks), &passphrase)?;
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         loop {
             let bar = progress_bar();
             let report = agent.pass(kind, wait_uploaded, |done, total| show_progress(&bar, done, total)).await?;

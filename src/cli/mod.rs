@@ -14,6 +14,7 @@ mod agent;
 mod bench;
 mod cache;
 mod demo;
+mod plan;
 mod ps;
 mod restore;
 mod torture;
@@ -49,6 +50,9 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Rebuild a disk image at a recovery point from the object store.
     Restore(restore::RestoreArgs),
+    /// Recommend the number and size of process servers (seed table, and a measurement
+    /// of this machine with --measure).
+    Plan(plan::PlanArgs),
     /// Crash-test child: appends forever and prints each durable acknowledgement.
     #[command(hide = true)]
     Torture(torture::TortureArgs),
@@ -62,6 +66,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ps { command } => ps::run(command),
         Command::Agent(args) => agent::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Torture(args) => torture::run(args),
     }
 }
