@@ -198,6 +198,7 @@ impl ProcessServer {
             ingest.stats.clone(),
             drain_stats.clone(),
             link.as_ref().map(|l| l.1.clone()),
+            drain.handoffs.clone(),
             control.thresholds.clone(),
             metrics.clone(),
         );

@@ -18,7 +18,7 @@ use super::health::{self, MachineSample, Sample, Thresholds};
 use super::metrics::{PsMetrics, Totals};
 use super::sysinfo::HostSampler;
 use crate::cache::Cache;
-use crate::drain::DrainStats;
+use crate::drain::{DrainStats, Handoffs};
 use crate::ingest::IngestStats;
 
 /// Rates are measured over this much recent history.
@@ -34,6 +34,9 @@ pub struct Monitor {
     pub ingest: Arc<IngestStats>,
     pub drain: Arc<DrainStats>,
     pub book: Option<Arc<MachineBook>>,
+    /// The drain's hand-overs: a machine moving away is released once its disks are
+    /// uploaded and marked handed over, so the next server continues their history.
+    pub handoffs: Handoffs,
     pub thresholds: Thresholds,
     pub metrics: Arc<PsMetrics>,
     host: HostSampler,
@@ -54,6 +57,7 @@ impl Monitor {
         ingest: Arc<IngestStats>,
         drain: Arc<DrainStats>,
         book: Option<Arc<MachineBook>>,
+        handoffs: Handoffs,
         thresholds: Thresholds,
         metrics: Arc<PsMetrics>,
     ) -> Monitor {
@@ -63,6 +67,7 @@ impl Monitor {
             ingest,
             drain,
             book,
+            handoffs,
             thresholds,
             metrics,
             host: HostSampler::default(),
@@ -155,20 +160,21 @@ impl Monitor {
             poisoned: self.cache.is_poisoned(),
         };
         let alerts = health::evaluate(&self.thresholds, &sample);
-        // A machine moving away is released once its sessions are closed and everything
-        // cached for it is uploaded.
-        let released = match &self.book {
-            Some(book) => assigned
-                .iter()
-                .filter(|(name, state)| {
-                    *state == MachineState::MovingAway
-                        && book.sessions_of(name) == 0
-                        && machines.get(name).is_none_or(|m| m.all_uploaded)
-                })
-                .map(|(name, _)| name.clone())
-                .collect(),
-            None => Vec::new(),
-        };
+        // A machine moving away is handed over once its sessions are closed (the drain
+        // then uploads everything cached for it and marks its disks), and released once
+        // the hand-over is done. A machine that stays (or came back) cancels it.
+        let mut released = Vec::new();
+        if let Some(book) = &self.book {
+            for (name, state) in &assigned {
+                if *state != MachineState::MovingAway {
+                    self.handoffs.cancel(name);
+                } else if self.handoffs.is_done(name) {
+                    released.push(name.clone());
+                } else if book.sessions_of(name) == 0 {
+                    self.handoffs.request(name);
+                }
+            }
+        }
         let hb = Heartbeat {
             id: self.id.clone(),
             version: super::VERSION.to_string(),

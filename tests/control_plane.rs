@@ -1,0 +1,366 @@
+//! The whole control plane on loopback: one configuration server (SQLite, and PostgreSQL
+//! when installed), process servers registered with it, agents that register their
+//! machines and learn their server from it. A machine moved while it writes, a whole
+//! server switched, a server decommissioned: every point restores byte for byte and no
+//! move costs a full copy. A process server killed with SIGKILL goes disconnected, is
+//! purged, and only its machines are reassigned and marked resync-required.
+
+mod common;
+mod cs_support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use churnlog::agent::credential::{load_or_register, CsSettings};
+use churnlog::agent::{Agent, AgentConfig, Locator, PassReport};
+use churnlog::control::api::{self, PsState};
+use churnlog::control::ps_link::LinkConfig;
+use churnlog::ingest::IngestConfig;
+use churnlog::process_server::{ControlConfig, ProcessServer, ProcessServerConfig};
+use churnlog::protocol::auth::AuthKey;
+use churnlog::protocol::PointKind;
+use churnlog::restore::{restore, PointSelector};
+use churnlog::store::Target;
+use common::rig::{churn, image};
+use cs_support::*;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    moves_switches_and_decommission_keep_every_point_without_a_full_copy,
+    a_killed_server_is_purged_and_only_its_machines_resync
+);
+
+/// An in-process process server registered with the CS, heartbeating every 200 ms.
+async fn start_ps(cs: &CsRig, id: &str, dir: &Path, url: &str) -> ProcessServer {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let mut ingest = IngestConfig::new(addr, dir.join(id).join("tls"), PASSPHRASE);
+    ingest.handshake_timeout = Duration::from_secs(5);
+    let target = Target::from_url(url, None).unwrap();
+    let mut cfg = ProcessServerConfig::new(dir.join(id).join("cache"), 1 << 30, ingest, target);
+    cfg.cache.segment_size = 16 << 20;
+    cfg.control = ControlConfig {
+        link: Some(LinkConfig {
+            cs_address: cs.address(),
+            cs_cert_pem: cs.cs.cert_pem.clone(),
+            ps_id: id.to_string(),
+            advertise_address: addr.to_string(),
+            heartbeat_interval: Duration::from_millis(200),
+            key: AuthKey::from_passphrase(PASSPHRASE),
+        }),
+        monitor_interval: Duration::from_millis(100),
+        ..ControlConfig::default()
+    };
+    ProcessServer::start(cfg).await.unwrap()
+}
+
+/// An agent in CS mode: registers its machine (credential in `state`), then follows
+/// the CS's assignment.
+async fn cs_agent(cs: &CsRig, machine: &str, state: &Path, disk: &Path) -> Agent {
+    let cert = cs.cs.cert_pem.clone();
+    let address = cs.address();
+    let settings =
+        CsSettings { address: &address, cert_pem: &cert, passphrase: Some(PASSPHRASE), machine, state_dir: state };
+    let identity = load_or_register(&settings).await.unwrap();
+    let mut cfg = AgentConfig::with_locator(
+        Locator::Cs { client: identity.client },
+        machine.to_string(),
+        vec![("disk0".to_string(), disk.to_path_buf())],
+    );
+    cfg.reconnect_timeout = Duration::from_secs(60);
+    Agent::with_key(cfg, identity.key).unwrap()
+}
+
+async fn where_is(cs: &CsRig, machine: &str) -> Option<String> {
+    status(&cs.client()).await.machines.into_iter().find(|m| m.name == machine).and_then(|m| m.ps)
+}
+
+async fn settled_on(cs: &CsRig, machine: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let st = status(&cs.client()).await;
+        let m = st.machines.iter().find(|m| m.name == machine).unwrap();
+        if let (Some(ps), None) = (&m.ps, &m.moving_to) {
+            return ps.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{machine} did not settle on a server: {st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A disk, its agent, and every point it took with the image at that point.
+struct Protected {
+    machine: String,
+    disk: PathBuf,
+    agent: Agent,
+    points: Vec<(u64, Vec<u8>)>,
+    reports: Vec<PassReport>,
+}
+
+impl Protected {
+    async fn new(cs: &CsRig, machine: &str, work: &Path, seed: u64) -> Protected {
+        let disk = work.join(format!("{machine}.img"));
+        image(&disk, 2 << 20, seed);
+        let agent = cs_agent(cs, machine, &work.join(format!("{machine}-state")), &disk).await;
+        Protected { machine: machine.into(), disk, agent, points: Vec::new(), reports: Vec::new() }
+    }
+
+    /// Changes `blocks` blocks, then one pass that waits for its point's upload.
+    async fn write_and_pass(&mut self, blocks: u64, seed: u64) -> PassReport {
+        if blocks > 0 {
+            churn(&self.disk, blocks, seed);
+        }
+        let report = self.agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+        self.points.push((report.point_id, std::fs::read(&self.disk).unwrap()));
+        self.reports.push(report.clone());
+        report
+    }
+
+    async fn check_every_point(&self, target: &Target, out: &Path) {
+        for (point, want) in &self.points {
+            let path = out.join(format!("{}-{point}", self.machine));
+            let rep = restore(target, &self.machine, "disk0", PointSelector::Id(*point), &path, |_, _| {}).await;
+            let rep = rep.unwrap_or_else(|e| panic!("{} point {point}: {e}", self.machine));
+            assert_eq!(rep.point.point_id, *point);
+            assert!(std::fs::read(&path).unwrap() == *want, "{} point {point} differs", self.machine);
+        }
+    }
+}
+
+async fn moves_switches_and_decommission_keep_every_point_without_a_full_copy(b: Backend) {
+    let _ = tracing_subscriber::fmt().with_env_filter("churnlog=info").with_test_writer().try_init();
+    let Some(cs) = CsRig::start(b, Duration::from_secs(600)).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let target = Target::from_url(&url, None).unwrap();
+    let ps_a = start_ps(&cs, "ps-a", dir.path(), &url).await;
+    let ps_b = start_ps(&cs, "ps-b", dir.path(), &url).await;
+    wait_until(WAIT, "both servers connected", || async {
+        let st = status(&cs.client()).await;
+        st.process_servers.iter().filter(|p| p.state == PsState::Connected).count() == 2
+    })
+    .await;
+
+    let mut m1 = Protected::new(&cs, "m1", dir.path(), 1).await;
+    let mut m2 = Protected::new(&cs, "m2", dir.path(), 2).await;
+    let first = m1.write_and_pass(0, 0).await;
+    assert_eq!(first.full_copies, 1, "a new disk is copied once: {first:?}");
+    m2.write_and_pass(0, 0).await;
+    let m1_home = settled_on(&cs, "m1").await;
+    let m2_home = settled_on(&cs, "m2").await;
+    assert_ne!(m1_home, m2_home, "new machines go to the least loaded server");
+
+    // Move m1 while it writes: a writer task keeps passing; the move happens meanwhile.
+    let other = if m1_home == "ps-a" { "ps-b" } else { "ps-a" };
+    let (moved_tx, mut moved_rx) = tokio::sync::oneshot::channel::<()>();
+    let writer = tokio::spawn(async move {
+        let mut seed = 100;
+        // Write until the move is done, then once more on the new server.
+        loop {
+            seed += 1;
+            m1.write_and_pass(4, seed).await;
+            if moved_rx.try_recv().is_ok() {
+                m1.write_and_pass(4, seed + 1000).await;
+                return m1;
+            }
+            assert!(seed < 400, "the move did not complete within 300 passes");
+        }
+    });
+    let migrated: api::Migrated = cs
+        .client()
+        .post(api::PATH_MIGRATE, &api::Migrate { machine: Some("m1".into()), all_from: None, to: other.into() })
+        .await
+        .unwrap();
+    assert_eq!(migrated.machines, vec!["m1".to_string()]);
+    assert_eq!(settled_on(&cs, "m1").await, other);
+    moved_tx.send(()).unwrap();
+    let mut m1 = writer.await.unwrap();
+    assert_eq!(m1.agent.process_server(), Some(ps_addr(&ps_a, &ps_b, other).as_str()), "the agent followed the move");
+
+    // Switch a whole server: everything on m2's server goes to the other.
+    let from = m2_home.clone();
+    let to = if from == "ps-a" { "ps-b" } else { "ps-a" };
+    let migrated: api::Migrated = cs
+        .client()
+        .post(api::PATH_MIGRATE, &api::Migrate { machine: None, all_from: Some(from.clone()), to: to.into() })
+        .await
+        .unwrap();
+    assert!(migrated.machines.contains(&"m2".to_string()), "{migrated:?}");
+    m2.write_and_pass(5, 7).await; // follows the move on its next connection
+    assert_eq!(settled_on(&cs, "m2").await, to);
+    m1.write_and_pass(3, 8).await;
+
+    // Decommission the server both now sit on: they move to the other, which is drained
+    // dry, then it is unregistered.
+    let doomed = to.to_string();
+    let (keep, gone) = if doomed == "ps-a" { (ps_b, ps_a) } else { (ps_a, ps_b) };
+    let client = cs.client();
+    let decommission = tokio::spawn(async move {
+        churnlog::control::decommission::decommission(
+            &client,
+            &doomed,
+            false,
+            WAIT,
+            Duration::from_millis(200),
+            |_| {},
+            |loss| panic!("a clean decommission loses nothing: {loss:?}"),
+        )
+        .await
+    });
+    // The agents keep writing through it and follow their machines.
+    for i in 0..3 {
+        m1.write_and_pass(2, 20 + i).await;
+        m2.write_and_pass(2, 30 + i).await;
+    }
+    decommission.await.unwrap().expect("decommission completes");
+    let st = status(&cs.client()).await;
+    assert_eq!(st.process_servers.len(), 1, "the decommissioned server is unregistered: {st:?}");
+    m1.write_and_pass(2, 40).await;
+    m2.write_and_pass(2, 41).await;
+    assert_eq!(where_is(&cs, "m1").await, where_is(&cs, "m2").await);
+
+    // No move cost a full copy: only each disk's first pass copied it.
+    for m in [&m1, &m2] {
+        let copies: u64 = m.reports.iter().map(|r| r.full_copies).sum();
+        assert_eq!(copies, 1, "{}: only the first pass copies the disk: {:?}", m.machine, m.reports);
+        let repeated: u64 = m.reports.iter().map(|r| r.repeated_passes).sum();
+        assert_eq!(repeated, 0, "{}: no point was lost: {:?}", m.machine, m.reports);
+    }
+    let out = tempfile::tempdir().unwrap();
+    m1.check_every_point(&target, out.path()).await;
+    m2.check_every_point(&target, out.path()).await;
+    drop((m1, m2));
+    gone.stop().await.unwrap();
+    keep.stop().await.unwrap();
+    cs.stop().await;
+}
+
+fn ps_addr(a: &ProcessServer, b: &ProcessServer, id: &str) -> String {
+    if id == "ps-a" { a.local_addr } else { b.local_addr }.to_string()
+}
+
+/// A `churnlog ps run` child registered with the CS; killed with SIGKILL on drop.
+struct ChildPs(std::process::Child);
+
+impl Drop for ChildPs {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_child_ps(cs: &CsRig, id: &str, dir: &Path, url: &str) -> ChildPs {
+    let home = dir.join(id);
+    std::fs::create_dir_all(&home).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    std::fs::write(home.join("cs.pem"), &cs.cs.cert_pem).unwrap();
+    churnlog::secrets::create_private(&home.join("passphrase"), PASSPHRASE.as_bytes()).unwrap();
+    let toml = format!(
+        "cache_dir = 'cache'\ncache_size = '1GiB'\nlisten = '{addr}'\ntarget = '{url}'\npassphrase_file = 'passphrase'\n\
+         tls_dir = 'tls'\ncs_address = '{}'\ncs_cert = 'cs.pem'\nps_id = '{id}'\nadvertise_address = '{addr}'\n\
+         heartbeat_interval_seconds = 1\n",
+        cs.address()
+    );
+    std::fs::write(home.join("ps.toml"), toml).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_churnlog"))
+        .args(["ps", "run", "--config"])
+        .arg(home.join("ps.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    ChildPs(child)
+}
+
+async fn a_killed_server_is_purged_and_only_its_machines_resync(b: Backend) {
+    let Some(cs) = CsRig::start(b, Duration::from_secs(3)).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let target = Target::from_url(&url, None).unwrap();
+    // The child first, so that the first machine lands on it.
+    let mut child = spawn_child_ps(&cs, "ps-doomed", dir.path(), &url);
+    wait_until(WAIT, "the child process server to connect", || async {
+        status(&cs.client()).await.process_servers.iter().any(|p| p.state == PsState::Connected)
+    })
+    .await;
+    let mut victim = Protected::new(&cs, "victim", dir.path(), 3).await;
+    victim.write_and_pass(0, 0).await;
+    assert_eq!(settled_on(&cs, "victim").await, "ps-doomed");
+    let ps = start_ps(&cs, "ps-ok", dir.path(), &url).await;
+    wait_until(WAIT, "both servers connected", || async {
+        let st = status(&cs.client()).await;
+        st.process_servers.iter().filter(|p| p.state == PsState::Connected).count() == 2
+    })
+    .await;
+    let mut bystander = Protected::new(&cs, "bystander", dir.path(), 4).await;
+    bystander.write_and_pass(0, 0).await;
+    assert_eq!(settled_on(&cs, "bystander").await, "ps-ok");
+
+    // SIGKILL: the server stops heartbeating and shows as disconnected.
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    wait_until(WAIT, "the killed server to show as disconnected", || async {
+        let st = status(&cs.client()).await;
+        let p = st.process_servers.iter().find(|p| p.id == "ps-doomed").unwrap();
+        p.state == PsState::Disconnected && p.alerts.iter().any(|a| a.kind == "heartbeat_missing")
+    })
+    .await;
+
+    let purged: api::Unregistered = cs
+        .client()
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-doomed".into(), purge: true })
+        .await
+        .unwrap();
+    assert_eq!(purged.moved, vec![("victim".to_string(), "ps-ok".to_string())]);
+    assert_eq!(purged.resync_required, vec!["victim".to_string()]);
+    let st = status(&cs.client()).await;
+    let m = |name: &str| st.machines.iter().find(|m| m.name == name).unwrap().clone();
+    assert!(m("victim").resync_required && m("victim").ps.as_deref() == Some("ps-ok"), "{st:?}");
+    assert!(!m("bystander").resync_required, "{st:?}");
+
+    // The victim's agent follows to the surviving server, which asks it for a full copy;
+    // the bystander goes on with changed blocks only.
+    let report = victim.write_and_pass(3, 50).await;
+    assert!(report.full_copies >= 1, "the purged machine is copied again: {report:?}");
+    let report = bystander.write_and_pass(3, 51).await;
+    assert_eq!(report.full_copies, 0, "{report:?}");
+    wait_until(WAIT, "the victim's resync to be applied", || async {
+        let st = status(&cs.client()).await;
+        !st.machines.iter().find(|m| m.name == "victim").unwrap().resync_required
+    })
+    .await;
+    let out = tempfile::tempdir().unwrap();
+    let (point, want) = victim.points.last().unwrap();
+    let path = out.path().join("victim-latest");
+    restore(&target, "victim", "disk0", PointSelector::Id(*point), &path, |_, _| {}).await.unwrap();
+    assert!(std::fs::read(&path).unwrap() == *want, "the victim's point after the resync differs");
+    bystander.check_every_point(&target, out.path()).await;
+    drop((victim, bystander));
+    ps.stop().await.unwrap();
+    cs.stop().await;
+}
