@@ -12,6 +12,7 @@ use churnlog::proxy::ProxySettings;
 
 mod agent;
 mod bench;
+mod bench_cs;
 mod cache;
 mod cs;
 mod demo;
