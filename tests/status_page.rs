@@ -5,7 +5,7 @@
 
 mod cs_support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ fn chromium() -> Option<PathBuf> {
 }
 
 /// The page's DOM after its script ran (Chromium killed if it takes over 90 s).
-fn dump_dom(chromium: &PathBuf, url: &str) -> String {
+fn dump_dom(chromium: &Path, url: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
     let mut child = Command::new(chromium)
         .args([
@@ -67,10 +67,10 @@ fn row_state(dom: &str, ps: &str) -> Option<String> {
 
 /// Dumps until the page shows what is expected (the script fetches asynchronously;
 /// a slow first fetch may miss one dump), at most a few tries.
-async fn dom_showing(chromium: &PathBuf, url: &str, expect: &[(&str, &str)]) -> String {
+async fn dom_showing(chromium: &Path, url: &str, expect: &[(&str, &str)]) -> String {
     let mut dom = String::new();
     for _ in 0..4 {
-        let (c, u) = (chromium.clone(), url.to_string());
+        let (c, u) = (chromium.to_path_buf(), url.to_string());
         dom = tokio::task::spawn_blocking(move || dump_dom(&c, &u)).await.unwrap();
         if expect.iter().all(|(ps, state)| row_state(&dom, ps).as_deref() == Some(*state)) {
             return dom;

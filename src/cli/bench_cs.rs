@@ -237,10 +237,12 @@ async fn load(args: &CsBenchArgs, client: CsClient, cert: String, pid: u32) -> a
             let hb = beat(&id, &share);
             let start = tokio::time::Instant::from_std(t0) + offset;
             let mut tick = tokio::time::interval_at(start, interval);
+            let end = tokio::time::Instant::from_std(t0) + phase;
             loop {
-                tick.tick().await;
-                if t0.elapsed() >= phase {
-                    return Ok::<(), anyhow::Error>(());
+                // The phase ends on time, not at each server's next tick (CPU is per wall).
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = tokio::time::sleep_until(end) => return Ok::<(), anyhow::Error>(()),
                 }
                 let s = Instant::now();
                 let _: HeartbeatReply = c.post(api::PATH_PS_HEARTBEAT, &hb).await?;

@@ -59,7 +59,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).no_proxy().build()?;
                 let r = http.get(&url).send().await.with_context(|| format!("GET {url}"))?;
                 anyhow::ensure!(r.status().is_success(), "GET {url}: HTTP {}", r.status());
-                Ok(r.json::<Heartbeat>().await.with_context(|| format!("GET {url}: not a status report"))?)
+                r.json::<Heartbeat>().await.with_context(|| format!("GET {url}: not a status report"))
             })?;
             if args.json {
                 print_json(&report)?;
