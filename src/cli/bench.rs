@@ -111,6 +111,8 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The configuration server under a simulated fleet of process servers and machines.
+    Cs(super::bench_cs::CsBenchArgs),
     /// Time opening (recovering) an existing cache.
     Recover {
         #[arg(long)]
@@ -243,6 +245,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             )?;
             print_report(&bench::compress::EffortTable(rows), json)?;
         }
+        BenchCommand::Cs(args) => return super::bench_cs::run(args),
         BenchCommand::Recover { dir, json } => {
             print_report(&bench::recover::run(&dir, options_for(0))?, json)?;
         }

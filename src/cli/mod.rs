@@ -12,11 +12,14 @@ use churnlog::proxy::ProxySettings;
 
 mod agent;
 mod bench;
+mod bench_cs;
 mod cache;
+mod cs;
 mod demo;
 mod plan;
 mod ps;
 mod restore;
+mod status;
 mod torture;
 
 #[derive(Parser)]
@@ -46,6 +49,13 @@ enum Command {
         #[command(subcommand)]
         command: ps::PsCommand,
     },
+    /// Configuration server commands: run it, make its passphrase, operate the fleet.
+    Cs {
+        #[command(subcommand)]
+        command: cs::CsCommand,
+    },
+    /// Health of the fleet (from the configuration server) or of one process server.
+    Status(status::StatusArgs),
     /// Replicate disk images or block devices to a process server.
     Agent(agent::AgentArgs),
     /// Rebuild a disk image at a recovery point from the object store.
@@ -64,6 +74,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench { command } => bench::run(command),
         Command::Demo(args) => demo::run(args),
         Command::Ps { command } => ps::run(command),
+        Command::Cs { command } => cs::run(command),
+        Command::Status(args) => status::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Restore(args) => restore::run(args),
         Command::Plan(args) => plan::run(args),
