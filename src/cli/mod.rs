@@ -16,6 +16,7 @@ mod cache;
 mod demo;
 mod ps;
 mod restore;
+mod setup;
 mod torture;
 
 #[derive(Parser)]
@@ -49,6 +50,8 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Rebuild a disk image at a recovery point from the object store.
     Restore(restore::RestoreArgs),
+    /// Unattended install of a process server or configuration server.
+    Setup(setup::SetupArgs),
     /// Crash-test child: appends forever and prints each durable acknowledgement.
     #[command(hide = true)]
     Torture(torture::TortureArgs),
@@ -62,6 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Ps { command } => ps::run(command),
         Command::Agent(args) => agent::run(args),
         Command::Restore(args) => restore::run(args),
+        Command::Setup(args) => setup::run(args),
         Command::Torture(args) => torture::run(args),
     }
 }
