@@ -482,7 +482,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         assert!(matches!(plan(params(d)), Ok(Plan::Ps(_))));
-        let cases: Vec<(&str, Box<dyn Fn(&mut SetupParams)>)> = vec![
+        type Edit = Box<dyn Fn(&mut SetupParams)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("server-mode", Box::new(|p| p.server_mode = Some("both".into()))),
             ("install-location", Box::new(|p| p.install_location = None)),
             ("cs-ip", Box::new(|p| p.cs_ip = Some("10.0.0.1".into()))),
