@@ -20,6 +20,7 @@ mod plan;
 mod ps;
 mod restore;
 mod status;
+mod setup;
 mod torture;
 
 #[derive(Parser)]
@@ -63,6 +64,8 @@ enum Command {
     /// Recommend the number and size of process servers (seed table, and a measurement
     /// of this machine with --measure).
     Plan(plan::PlanArgs),
+    /// Unattended install of a process server or configuration server.
+    Setup(setup::SetupArgs),
     /// Crash-test child: appends forever and prints each durable acknowledgement.
     #[command(hide = true)]
     Torture(torture::TortureArgs),
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Agent(args) => agent::run(args),
         Command::Restore(args) => restore::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Setup(args) => setup::run(args),
         Command::Torture(args) => torture::run(args),
     }
 }

@@ -19,6 +19,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod monitor;
 pub mod ps_link;
+pub mod setup;
 pub mod status_http;
 pub mod sysinfo;
 

@@ -206,15 +206,23 @@ struct Session<'a> {
     book: Option<Arc<MachineBook>>,
 }
 
-/// Waits for the next change of the machine book (forever without one).
-async fn book_changed(rx: &mut Option<watch::Receiver<u64>>) {
-    match rx {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await
-            }
+/// Resolves once the machine may no longer go on here (moved away or unassigned); never
+/// without a book. Only then does the session's select end the read: a read cancelled
+/// mid-frame would lose the frame's bytes, so a book change that leaves the machine in
+/// place must not interrupt it.
+async fn moved_away(
+    rx: &mut Option<watch::Receiver<u64>>,
+    book: Option<&MachineBook>,
+    machine: &str,
+) -> crate::control::book::Refused {
+    let (Some(rx), Some(book)) = (rx, book) else { return std::future::pending().await };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
         }
-        None => std::future::pending::<()>().await,
+        if let Err(why) = book.may_continue(machine) {
+            return why;
+        }
     }
 }
 
@@ -246,14 +254,9 @@ impl Session<'_> {
             let read = tokio::select! {
                 // The machine moved away (or was unassigned): end the session, so the
                 // drain can finish its data and the CS hand it on.
-                _ = book_changed(&mut moved) => {
-                    if let Some(book) = &self.book {
-                        if let Err(why) = book.may_continue(&self.machine) {
-                            tracing::info!(machine = %self.machine, "{why}: closing its session");
-                            return Err(SessionEnd::Moved(why));
-                        }
-                    }
-                    continue;
+                why = moved_away(&mut moved, self.book.as_deref(), &self.machine) => {
+                    tracing::info!(machine = %self.machine, "{why}: closing its session");
+                    return Err(SessionEnd::Moved(why));
                 }
                 r = tokio::time::timeout(cfg.idle_timeout, read_frame_bytes(rd, buf)) => match r {
                     Err(_) => {
