@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::control::health::Thresholds;
 use crate::drain::{BandwidthSchedule, WorkHours};
 use crate::size::parse_size;
 
@@ -72,6 +73,29 @@ pub struct PsRunConfig {
     pub utc_offset_min: Option<i32>,
     /// Highest LZ4 acceleration when the CPU is the bottleneck (1 = best ratio always).
     pub lz4_acceleration_max: Option<u32>,
+    /// host:port of the configuration server; unset: a standalone server.
+    pub cs_address: Option<String>,
+    /// The CS certificate (PEM file), the only one trusted for it.
+    pub cs_cert: Option<PathBuf>,
+    /// This server's id at the CS.
+    pub ps_id: Option<String>,
+    /// host:port agents use to reach this server (handed to them by the CS).
+    pub advertise_address: Option<String>,
+    pub heartbeat_interval_seconds: Option<u64>,
+    /// host:port for `GET /metrics` and `GET /status.json` (plain HTTP).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Health thresholds (`[health]` table); each key optional.
+    pub health: Option<Thresholds>,
+}
+
+/// The CS link as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsSettings {
+    pub cs_address: String,
+    pub cs_cert: PathBuf,
+    pub ps_id: String,
+    pub advertise_address: String,
+    pub heartbeat_interval_seconds: u64,
 }
 
 /// `ps run` settings after merging and checking: everything the server needs.
@@ -88,6 +112,10 @@ pub struct PsRunSettings {
     pub bandwidth: BandwidthSchedule,
     /// None: the engine's default.
     pub lz4_acceleration_max: Option<u32>,
+    /// None: standalone (passphrase-only logins).
+    pub cs: Option<CsSettings>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub health: Thresholds,
 }
 
 impl PsRunConfig {
@@ -118,9 +146,10 @@ impl PsRunConfig {
     }
 
     fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.cache_dir, &mut self.passphrase_file, &mut self.tls_dir, &mut self.proxy_file]
-            .into_iter()
-            .flatten()
+        for p in
+            [&mut self.cache_dir, &mut self.passphrase_file, &mut self.tls_dir, &mut self.proxy_file, &mut self.cs_cert]
+                .into_iter()
+                .flatten()
         {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -145,6 +174,13 @@ impl PsRunConfig {
             work_mbps: over.work_mbps.or(self.work_mbps),
             utc_offset_min: over.utc_offset_min.or(self.utc_offset_min),
             lz4_acceleration_max: over.lz4_acceleration_max.or(self.lz4_acceleration_max),
+            cs_address: over.cs_address.or(self.cs_address),
+            cs_cert: over.cs_cert.or(self.cs_cert),
+            ps_id: over.ps_id.or(self.ps_id),
+            advertise_address: over.advertise_address.or(self.advertise_address),
+            heartbeat_interval_seconds: over.heartbeat_interval_seconds.or(self.heartbeat_interval_seconds),
+            metrics_listen: over.metrics_listen.or(self.metrics_listen),
+            health: over.health.or(self.health),
         }
     }
 
@@ -179,6 +215,44 @@ impl PsRunConfig {
                 .map_err(|message| ConfigError::Invalid { key: "lz4_acceleration_max", message })?;
         }
         let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
+        let health = self.health.unwrap_or_default();
+        health.validate().map_err(|e| ConfigError::Invalid { key: "health", message: e.to_string() })?;
+        let cs = match self.cs_address {
+            None => {
+                for (key, set) in [
+                    ("cs_cert", self.cs_cert.is_some()),
+                    ("ps_id", self.ps_id.is_some()),
+                    ("advertise_address", self.advertise_address.is_some()),
+                ] {
+                    if set {
+                        return Err(ConfigError::Invalid { key, message: "given without cs_address".into() });
+                    }
+                }
+                None
+            }
+            Some(cs_address) => {
+                check_host_port("cs_address", &cs_address)?;
+                let advertise_address = need(self.advertise_address, "advertise_address", "advertise-address")?;
+                check_host_port("advertise_address", &advertise_address)?;
+                let ps_id = need(self.ps_id, "ps_id", "ps-id")?;
+                crate::control::api::check_name("ps_id", &ps_id)
+                    .map_err(|e| ConfigError::Invalid { key: "ps_id", message: e.error })?;
+                let heartbeat_interval_seconds = self.heartbeat_interval_seconds.unwrap_or(30);
+                if heartbeat_interval_seconds == 0 {
+                    return Err(ConfigError::Invalid {
+                        key: "heartbeat_interval_seconds",
+                        message: "must be at least 1".into(),
+                    });
+                }
+                Some(CsSettings {
+                    cs_address,
+                    cs_cert: need(self.cs_cert, "cs_cert", "cs-cert")?,
+                    ps_id,
+                    advertise_address,
+                    heartbeat_interval_seconds,
+                })
+            }
+        };
         Ok(PsRunSettings {
             cache_dir: need(self.cache_dir, "cache_dir", "cache-dir")?,
             cache_size_bytes,
@@ -194,8 +268,22 @@ impl PsRunConfig {
                 work_hours,
             },
             lz4_acceleration_max: self.lz4_acceleration_max,
+            cs,
+            metrics_listen: self.metrics_listen,
+            health,
         })
     }
+}
+
+/// `host:port` with a non-empty host and a port in 1..=65535.
+pub fn check_host_port(key: &'static str, value: &str) -> Result<(), ConfigError> {
+    let bad = || ConfigError::Invalid { key, message: format!("{value:?} is not host:port") };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || port == 0 || host.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -280,6 +368,38 @@ mod tests {
         let zero_effort =
             PsRunConfig::parse(&format!("{base}cache_size='1G'\nlz4_acceleration_max=0")).unwrap().settle();
         assert!(matches!(zero_effort, Err(ConfigError::Invalid { key: "lz4_acceleration_max", .. })));
+    }
+
+    #[test]
+    fn cs_keys_and_health_table_settle() {
+        let base = "cache_dir='/c'\ncache_size='1G'\ntarget='file:///t'\npassphrase_file='/p'\ntls_dir='/t'\n";
+        let standalone = PsRunConfig::parse(base).unwrap().settle().unwrap();
+        assert!(standalone.cs.is_none());
+        assert_eq!(standalone.health, Thresholds::default());
+        let text = format!(
+            "{base}cs_address='cs.example:8443'\ncs_cert='cs.pem'\nps_id='ps1'\nadvertise_address='10.0.0.5:9443'\nmetrics_listen='127.0.0.1:9464'\n[health]\ncache_free_warning_percent = 40.0\n"
+        );
+        let mut cfg = PsRunConfig::parse(&text).unwrap();
+        cfg.resolve_paths(Path::new("/srv"));
+        let s = cfg.settle().unwrap();
+        let cs = s.cs.unwrap();
+        assert_eq!(cs.cs_cert, PathBuf::from("/srv/cs.pem"));
+        assert_eq!(cs.heartbeat_interval_seconds, 30);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(s.health.cache_free_warning_percent, 40.0);
+        let no_advertise =
+            PsRunConfig::parse(&format!("{base}cs_address='cs:1'\ncs_cert='c'\nps_id='p'")).unwrap().settle();
+        assert!(matches!(no_advertise, Err(ConfigError::Missing { key: "advertise_address", .. })));
+        let bad_addr =
+            PsRunConfig::parse(&format!("{base}cs_address='cs'\ncs_cert='c'\nps_id='p'\nadvertise_address='a:1'"))
+                .unwrap()
+                .settle();
+        assert!(matches!(bad_addr, Err(ConfigError::Invalid { key: "cs_address", .. })));
+        let orphan = PsRunConfig::parse(&format!("{base}ps_id='p'")).unwrap().settle();
+        assert!(matches!(orphan, Err(ConfigError::Invalid { key: "ps_id", .. })));
+        let bad_health = PsRunConfig::parse(&format!("{base}[health]\ncpu_warning_percent = 101.0")).unwrap().settle();
+        assert!(matches!(bad_health, Err(ConfigError::Invalid { key: "health", .. })));
+        assert!(PsRunConfig::parse(&format!("{base}[health]\nnope = 1.0")).is_err());
     }
 
     #[test]

@@ -97,3 +97,45 @@ async fn a_new_cache_on_the_same_target_continues_the_history_after_a_resync() {
     }
     rig_b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_machine_handed_over_continues_on_the_new_server_without_a_full_copy() {
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", store.path().display());
+    let rig_a = Rig::start_with(tempfile::tempdir().unwrap(), &url, Duration::from_secs(60)).await;
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("d0.img");
+    image(&disk, 3 << 20, 19);
+    let mut agent = rig_a.agent("vm-1", vec![("disk0".into(), disk.clone())]);
+    let a1 = agent.pass(PointKind::CrashConsistent, false, |_, _| {}).await.unwrap();
+    let image_a1 = std::fs::read(&disk).unwrap();
+    churn(&disk, 8, 5);
+    let a2 = agent.pass(PointKind::CrashConsistent, false, |_, _| {}).await.unwrap();
+    let image_a2 = std::fs::read(&disk).unwrap();
+
+    // The old server uploads what it holds for the machine and marks the hand-over.
+    rig_a.server.handoffs().request("vm-1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !rig_a.server.handoffs().is_done("vm-1") {
+        assert!(std::time::Instant::now() < deadline, "the hand-over did not complete in 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rig_a.stop().await;
+
+    // The new server continues the disk's history right after it: only changed blocks.
+    let rig_b = Rig::start_with(tempfile::tempdir().unwrap(), &url, Duration::from_secs(60)).await;
+    agent.set_process_server(rig_b.server.local_addr.to_string(), rig_b.server.cert_pem.clone()).unwrap();
+    churn(&disk, 6, 6);
+    let b1 = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    let image_b1 = std::fs::read(&disk).unwrap();
+    assert_eq!(b1.full_copies, 0, "a hand-over needs no full copy: {b1:?}");
+    assert_eq!(b1.repeated_passes, 0, "{b1:?}");
+    assert!(b1.blocks_sent <= 6, "only the churned blocks are sent: {b1:?}");
+
+    let listed = list_points(&rig_b.target, "vm-1", "disk0").await.unwrap();
+    assert!(listed.iter().all(|p| p.restorable), "{listed:?}");
+    for (point, want) in [(a1.point_id, &image_a1), (a2.point_id, &image_a2), (b1.point_id, &image_b1)] {
+        restores_to(&rig_b, point, want, &work.path().join(format!("r{point}"))).await;
+    }
+    rig_b.stop().await;
+}

@@ -289,6 +289,13 @@ impl Cache {
         eviction::evict(&self.inner, stream, &format!("corrupt record: {error}"))
     }
 
+    /// Marks `stream` resync-required (crash-atomically in META) without dropping its
+    /// cached records: the agent will be asked for a full copy. For the control plane,
+    /// when the machine's data was lost elsewhere.
+    pub fn mark_resync_required(&self, stream: StreamId) -> Result<(), StreamError> {
+        streams::mark_resync_required(&self.inner, stream)
+    }
+
     /// Records that a resync of `stream` began with its record `base_seq` (which must be
     /// durable and later than every dropped record) and clears the resync-required mark.
     pub fn clear_resync(&self, stream: StreamId, base_seq: u64) -> Result<(), StreamError> {
@@ -317,6 +324,12 @@ impl Cache {
 
     pub fn space(&self) -> SpaceReport {
         self.inner.space_report()
+    }
+
+    /// Bytes of segments in use (one atomic load: cheap enough for every append, unlike
+    /// [`Cache::space`]).
+    pub fn used_bytes(&self) -> u64 {
+        self.inner.used_bytes()
     }
 
     /// LZ4 acceleration producers use now (cheaper than [`Cache::stats`]).

@@ -153,6 +153,28 @@ pub(crate) fn ack_many(inner: &Inner, acks: &[(StreamId, u64)]) -> Result<(), St
     Ok(())
 }
 
+/// Marks `stream` resync-required without dropping anything: what is cached still
+/// uploads, and the agent is asked for a full copy (the control plane asks for this when
+/// data for the machine was lost on another process server). A no-op when already marked.
+pub(crate) fn mark_resync_required(inner: &Inner, stream: StreamId) -> Result<(), StreamError> {
+    if inner.opts.read_only {
+        return Err(StreamError::ReadOnly);
+    }
+    let mut generation = inner.meta_lock.lock();
+    {
+        let log = inner.log.read();
+        let st = log.streams.get(stream.0 as usize).ok_or(StreamError::UnknownStream(stream))?;
+        if st.resync_required {
+            return Ok(());
+        }
+    }
+    inner
+        .write_meta(&mut generation, |m| m.streams[stream.0 as usize].resync_required = true)
+        .map_err(StreamError::Io)?;
+    inner.log.write().streams[stream.0 as usize].resync_required = true;
+    Ok(())
+}
+
 /// Records that a resync of `stream` began with its record `base_seq` (which must be
 /// durable and later than every dropped record) and clears the resync-required mark.
 pub(crate) fn clear_resync(inner: &Inner, stream: StreamId, base_seq: u64) -> Result<(), StreamError> {

@@ -1,15 +1,22 @@
 //! `churnlog ps run`: a process server from flags and/or a TOML file, until SIGINT or
 //! SIGTERM.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use clap::Subcommand;
 
 use churnlog::config::{PsRunConfig, PsRunSettings, SizeValue};
+use churnlog::control::decommission;
+use churnlog::control::ps_link::{self, LinkConfig};
 use churnlog::drain::DrainConfig;
 use churnlog::ingest::IngestConfig;
+use churnlog::process_server::ControlConfig;
 use churnlog::process_server::{ProcessServer, ProcessServerConfig};
+use churnlog::protocol::auth::AuthKey;
 use churnlog::size::parse_size;
 use churnlog::store::Target;
 
@@ -52,7 +59,50 @@ pub enum PsCommand {
         /// ratio; default 4).
         #[arg(long)]
         lz4_acceleration_max: Option<u32>,
+        #[command(flatten)]
+        cs: CsArgs,
     },
+    /// Register (again) with the configuration server: after a proxy change, a new
+    /// certificate or a new address. Reads the same ps.toml as `ps run`.
+    Register {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Move every machine off this process server, wait until everything cached is
+    /// uploaded, then unregister it from the configuration server.
+    Decommission {
+        #[arg(long)]
+        config: PathBuf,
+        /// Remove it even if cached data would be lost (says exactly what first).
+        #[arg(long)]
+        force: bool,
+        /// Longest wait for the machines to move and the backlog to drain.
+        #[arg(long, default_value_t = 3600)]
+        wait_seconds: u64,
+    },
+}
+
+/// The configuration server this process server registers with (all or none).
+#[derive(clap::Args)]
+pub struct CsArgs {
+    /// host:port of the configuration server (unset: a standalone server).
+    #[arg(long)]
+    cs_address: Option<String>,
+    /// The configuration server's certificate (PEM).
+    #[arg(long)]
+    cs_cert: Option<PathBuf>,
+    /// This server's id at the configuration server.
+    #[arg(long)]
+    ps_id: Option<String>,
+    /// host:port agents use to reach this server.
+    #[arg(long)]
+    advertise_address: Option<String>,
+    /// Seconds between heartbeats (default 30).
+    #[arg(long)]
+    heartbeat_interval_seconds: Option<u64>,
+    /// host:port for GET /metrics and GET /status.json (plain HTTP).
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Upload throttle: one limit, or one for work hours and one for the rest.
@@ -90,6 +140,7 @@ pub fn run(command: PsCommand) -> anyhow::Result<ExitCode> {
             bandwidth,
             tls_names,
             lz4_acceleration_max,
+            cs,
         } => {
             let file = match &config {
                 Some(path) => PsRunConfig::load(path)?,
@@ -110,10 +161,91 @@ pub fn run(command: PsCommand) -> anyhow::Result<ExitCode> {
                 work_mbps: bandwidth.work_mbps,
                 utc_offset_min: bandwidth.utc_offset_min,
                 lz4_acceleration_max,
+                cs_address: cs.cs_address,
+                cs_cert: cs.cs_cert,
+                ps_id: cs.ps_id,
+                advertise_address: cs.advertise_address,
+                heartbeat_interval_seconds: cs.heartbeat_interval_seconds,
+                metrics_listen: cs.metrics_listen,
+                health: None,
             };
             ps_run(file.overlay(flags).settle()?)
         }
+        PsCommand::Register { config } => ps_register(&config),
+        PsCommand::Decommission { config, force, wait_seconds } => {
+            ps_decommission(&config, force, Duration::from_secs(wait_seconds))
+        }
     }
+}
+
+/// The CS link from settled settings (None: standalone). With a CS the passphrase must
+/// be long enough.
+fn link_config(settings: &PsRunSettings, passphrase: &str) -> anyhow::Result<Option<LinkConfig>> {
+    let Some(cs) = &settings.cs else { return Ok(None) };
+    churnlog::control::check_passphrase(passphrase)?;
+    let cs_cert_pem =
+        std::fs::read_to_string(&cs.cs_cert).with_context(|| format!("read cs_cert {}", cs.cs_cert.display()))?;
+    Ok(Some(LinkConfig {
+        cs_address: cs.cs_address.clone(),
+        cs_cert_pem,
+        ps_id: cs.ps_id.clone(),
+        advertise_address: cs.advertise_address.clone(),
+        heartbeat_interval: Duration::from_secs(cs.heartbeat_interval_seconds),
+        key: AuthKey::from_passphrase(passphrase),
+    }))
+}
+
+/// Settings of a ps.toml that names a CS, with its link.
+fn load_linked(config: &Path) -> anyhow::Result<(PsRunSettings, LinkConfig)> {
+    let settings = PsRunConfig::load(config)?.settle()?;
+    let passphrase = read_passphrase(&settings.passphrase_file)?;
+    let link = link_config(&settings, &passphrase)?
+        .with_context(|| format!("{} names no configuration server (cs_address)", config.display()))?;
+    Ok((settings, link))
+}
+
+fn ps_register(config: &Path) -> anyhow::Result<ExitCode> {
+    let (settings, link) = load_linked(config)?;
+    let (_, cert_pem) = churnlog::tls::server_config(&settings.tls_dir, &settings.tls_names)?;
+    let registered = runtime()?.block_on(ps_link::register(&link, &cert_pem, settings.cache_size_bytes))?;
+    println!(
+        "registered {} ({}) with the configuration server at {} (version {})",
+        link.ps_id, link.advertise_address, link.cs_address, registered.cs_version
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ps_decommission(config: &Path, force: bool, wait: Duration) -> anyhow::Result<ExitCode> {
+    let (_, link) = load_linked(config)?;
+    let client = link.client()?;
+    let outcome = runtime()?.block_on(decommission::decommission(
+        &client,
+        &link.ps_id,
+        force,
+        wait,
+        Duration::from_secs(2),
+        |p| {
+            eprintln!(
+                "waiting: {} machine(s) still assigned, {} bytes not uploaded ({:.0} s)",
+                p.machines,
+                p.backlog_bytes,
+                p.elapsed.as_secs_f64()
+            )
+        },
+        |loss| eprintln!("--force: removing {} anyway: {loss}", link.ps_id),
+    ))?;
+    match outcome {
+        decommission::Outcome::Clean => {
+            println!("{} decommissioned: every machine moved, everything uploaded, unregistered", link.ps_id)
+        }
+        decommission::Outcome::Purged { lost, unregistered } => {
+            println!("{} removed with purge: {lost}", link.ps_id);
+            for (m, to) in unregistered.moved {
+                println!("  {m} -> {to}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
@@ -128,8 +260,12 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
         tls_names,
         bandwidth,
         lz4_acceleration_max,
-    } = settings;
+        cs: _,
+        metrics_listen,
+        health,
+    } = settings.clone();
     let passphrase = read_passphrase(&passphrase_file)?;
+    let link = link_config(&settings, &passphrase)?;
     let proxy = read_proxy(proxy_file)?;
     let target = Target::from_url(&target, proxy.as_ref())?;
     let ingest = IngestConfig { tls_names, ..IngestConfig::new(listen, tls_dir.clone(), &passphrase) };
@@ -138,6 +274,7 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
         cfg.cache.lz4_acceleration_max = a;
     }
     cfg.drain = DrainConfig { bandwidth, ..DrainConfig::default() };
+    cfg.control = ControlConfig { link, thresholds: health, metrics_listen, ..ControlConfig::default() };
     runtime()?.block_on(async move {
         let server = ProcessServer::start(cfg).await?;
         eprintln!(
@@ -145,6 +282,9 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
             server.local_addr,
             tls_dir.join("cert.pem").display()
         );
+        if let Some(addr) = server.metrics_addr {
+            eprintln!("metrics and status on http://{addr}/metrics and http://{addr}/status.json");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = tokio::signal::ctrl_c() => r?,

@@ -107,7 +107,8 @@ fn mac_of(
 /// The `Authorization` header value for a request.
 pub fn sign(principal: &Principal, key: &AuthKey, method: &str, path_and_query: &str, body: &[u8]) -> String {
     let ts = now_unix();
-    let nonce = hex::encode(crate::protocol::auth::nonce());
+    // 16 random bytes (32 hex digits), the length `parse` accepts.
+    let nonce = hex::encode(&crate::protocol::auth::nonce()[..16]);
     let mac = mac_of(key, method, path_and_query, ts, &nonce, body).finalize().into_bytes();
     format!("{SCHEME} {} {ts} {nonce} {}", principal.encode(), hex::encode(mac))
 }

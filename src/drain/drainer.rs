@@ -33,6 +33,8 @@ pub struct DrainConfig {
     pub bandwidth: BandwidthSchedule,
     pub poll_interval: Duration,
     pub retry_delay_max: Duration,
+    /// Machines to hand over to another process server once uploaded.
+    pub handoffs: super::Handoffs,
 }
 
 impl Default for DrainConfig {
@@ -43,11 +45,33 @@ impl Default for DrainConfig {
             bandwidth: BandwidthSchedule::unlimited(),
             poll_interval: Duration::from_millis(50),
             retry_delay_max: Duration::from_secs(5),
+            handoffs: super::Handoffs::default(),
         }
     }
 }
 
+/// What the drain has done, for health, heartbeats and metrics: shared with the process
+/// server, kept across pauses of the drain.
+#[derive(Debug, Default)]
+pub struct DrainStats {
+    /// Object bytes uploaded (as stored: compressed where it paid).
+    pub uploaded_bytes: std::sync::atomic::AtomicU64,
+    /// Per (machine, disk): the `unix_ms` of the newest recovery point recorded in the
+    /// stream's manifest (the agent stamps it when it tags the point, after the point's
+    /// last write).
+    pub newest_point_ms: parking_lot::Mutex<HashMap<(String, String), u64>>,
+}
+
+impl DrainStats {
+    /// The newest uploaded point of `machine` in every disk that has one: the oldest of
+    /// its disks' newest points (a point covers every disk). None before the first.
+    pub fn machine_point_ms(&self, machine: &str) -> Option<u64> {
+        self.newest_point_ms.lock().iter().filter(|((m, _), _)| m == machine).map(|(_, &ms)| ms).min()
+    }
+}
+
 pub struct Drainer {
+    stats: Arc<DrainStats>,
     cache: Arc<Cache>,
     target: Target,
     cfg: DrainConfig,
@@ -62,8 +86,14 @@ pub struct Drainer {
 
 impl Drainer {
     pub fn new(cache: Arc<Cache>, target: Target, cfg: DrainConfig) -> Drainer {
+        Drainer::with_stats(cache, target, cfg, Arc::default())
+    }
+
+    /// A drainer that counts into `stats` (shared with whoever reports them).
+    pub fn with_stats(cache: Arc<Cache>, target: Target, cfg: DrainConfig, stats: Arc<DrainStats>) -> Drainer {
         let throttle = Throttle::new(cfg.bandwidth.clone());
         Drainer {
+            stats,
             cache,
             target,
             cfg,
@@ -106,6 +136,15 @@ impl Drainer {
         let mut uploaded = 0;
         let mut first_error = None;
         for info in self.cache.streams() {
+            if self.cfg.handoffs.is_done(&info.machine) {
+                // The disk's history continues on another server now. Records that
+                // became durable here after the hand-over (an append in flight as the
+                // session closed; its agent resends it there) must never follow it.
+                if info.durable_upto > info.uploaded_upto {
+                    self.cache.evict_stream(info.id, "records arrived after the machine was handed over")?;
+                }
+                continue;
+            }
             if info.durable_upto > info.uploaded_upto {
                 match self.drain_stream(&info).await {
                     Ok(n) => uploaded += n,
@@ -120,6 +159,9 @@ impl Drainer {
         }
         // Whatever the pass uploaded is acknowledged, streams that failed or not.
         if let Err(e) = self.flush_acks() {
+            first_error.get_or_insert(e);
+        }
+        if let Err(e) = self.hand_over().await {
             first_error.get_or_insert(e);
         }
         match first_error {
@@ -142,8 +184,18 @@ impl Drainer {
             cache_id,
             ..Manifest::default()
         });
-        if m.cache_id != cache_id {
-            let high = m.highest_position();
+        let high = m.highest_position();
+        if m.cache_id != cache_id && m.handed_over_at == Some(high) && high >= info.uploaded_upto {
+            // The previous cache uploaded everything and handed the disk over: continue
+            // right after it.
+            tracing::info!(machine = %info.machine, disk = %info.disk, previous_cache = format!("{:016x}", m.cache_id),
+                from = high + 1, "taking over this disk's history from the process server that handed it over");
+            m.seq_offset = high - info.uploaded_upto;
+            m.recorded_upto = high;
+            m.cache_id = cache_id;
+            m.handed_over_at = None;
+            version = self.target.put_manifest(&mut m, &version).await?;
+        } else if m.cache_id != cache_id {
             // A gap stands for whatever the other cache never uploaded; this cache's
             // records continue after it, from its own upload cursor.
             let gap = GapEntry { first_seq: high + 1, last_seq: (high + 1).max(info.uploaded_upto) };
@@ -164,6 +216,35 @@ impl Drainer {
             version = self.target.put_manifest(&mut m, &version).await?;
         }
         self.manifests.insert(info.id, (m, version));
+        Ok(())
+    }
+
+    /// For each machine being handed over whose streams are all uploaded (and
+    /// acknowledged): marks every one of its disks' manifests handed over, then reports
+    /// the hand-over done. A machine with records still to upload waits for a later pass.
+    async fn hand_over(&mut self) -> Result<(), DrainError> {
+        let machines = self.cfg.handoffs.pending();
+        if machines.is_empty() {
+            return Ok(());
+        }
+        let streams = self.cache.streams();
+        for machine in machines {
+            let mine: Vec<_> = streams.iter().filter(|i| i.machine == machine).collect();
+            if mine.iter().any(|i| i.durable_upto > i.uploaded_upto) {
+                continue;
+            }
+            for info in mine {
+                self.manifest(info).await?;
+                let (m, _) = self.manifests.get_mut(&info.id).expect("loaded above");
+                let high = m.highest_position();
+                if m.handed_over_at != Some(high) {
+                    m.handed_over_at = Some(high);
+                    self.put_manifest(info.id).await?;
+                }
+            }
+            tracing::info!(machine = %machine, "every disk uploaded and handed over");
+            self.cfg.handoffs.mark_done(&machine);
+        }
         Ok(())
     }
 
@@ -265,7 +346,9 @@ impl Drainer {
             let manifest = &mut self.manifests.get_mut(&info.id).expect("loaded above").0;
             let mut bytes = 0;
             let mut last = 0;
+            let mut newest_point: Option<u64> = None;
             for (path, built) in completed {
+                newest_point = built.points.iter().map(|p| p.unix_ms).chain(newest_point).max();
                 manifest.objects.retain(|o| o.name != path.to_string());
                 manifest.objects.push(ObjectEntry {
                     name: path.to_string(),
@@ -280,11 +363,20 @@ impl Drainer {
                     }
                 }
                 manifest.recorded_upto = manifest.recorded_upto.max(built.last);
+                // New records here: whatever hand-over mark an earlier stint left is void.
+                manifest.handed_over_at = None;
                 bytes += built.body.len();
                 uploaded += built.records;
                 last = built.last;
             }
             self.put_manifest(info.id).await?;
+            self.stats.uploaded_bytes.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+            if let Some(newest) = newest_point {
+                let key = (info.machine.clone(), info.disk.clone());
+                let mut points = self.stats.newest_point_ms.lock();
+                let at = points.entry(key).or_insert(newest);
+                *at = (*at).max(newest);
+            }
             // Only now is the run safe in the cloud: let the cache reclaim it (with the
             // other streams' acknowledgements of this pass, in one META write).
             self.ack_later(info.id, last - offset);

@@ -6,12 +6,14 @@
 //! recorded there as gaps.
 
 pub mod drainer;
+pub mod handoff;
 pub mod throttle;
 
 use crate::cache::{ReadError, StreamError};
 use crate::store::StoreError;
 
-pub use drainer::{DrainConfig, Drainer};
+pub use drainer::{DrainConfig, DrainStats, Drainer};
+pub use handoff::Handoffs;
 pub use throttle::{BandwidthSchedule, WorkHours};
 
 /// Tail cache for a cache that a drain reads from: the drain follows the writer by its

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cache::Cache;
+use crate::control::book::{MachineBook, SessionGuard};
 use crate::protocol::auth::AuthKey;
 use crate::protocol::{FrameError, RECORD_BYTES_MAX};
 use limits::{accept_with_backoff, AcceptBackoff, LoginSlot, LoginSlots, LoginThrottle, StreamQuota};
@@ -62,6 +63,27 @@ pub struct IngestConfig {
     /// Extra DNS names or IPs for a generated certificate (localhost and 127.0.0.1 are
     /// always in it): the names agents use to reach this server.
     pub tls_names: Vec<String>,
+    /// With a configuration server: each machine logs in with its own credential from
+    /// this book, and only while assigned here. None: the passphrase-only login of a
+    /// standalone server.
+    pub book: Option<Arc<MachineBook>>,
+    /// Slowing of new writes when the cache runs short of free space.
+    pub throttle: IngestThrottle,
+}
+
+/// Below `free_percent_min` percent of free cache space each new record waits `delay`
+/// before it is appended (on top of the engine's own watermark throttling), so the drain
+/// gains on the writers; counted in [`IngestStats::throttled_records`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IngestThrottle {
+    pub free_percent_min: f64,
+    pub delay: Duration,
+}
+
+impl Default for IngestThrottle {
+    fn default() -> Self {
+        IngestThrottle { free_percent_min: 20.0, delay: Duration::from_millis(10) }
+    }
 }
 
 impl IngestConfig {
@@ -84,12 +106,14 @@ impl IngestConfig {
             login_block: Duration::from_secs(1),
             login_block_max: Duration::from_secs(60),
             tls_names: Vec::new(),
+            book: None,
+            throttle: IngestThrottle::default(),
         }
     }
 }
 
 /// Counters an operator (and the tests) can read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IngestStats {
     pub connections: AtomicU64,
     pub sessions: AtomicU64,
@@ -112,6 +136,44 @@ pub struct IngestStats {
     pub write_timeouts: AtomicU64,
     /// Recovery points no longer watched for upload (`points_watched_max`).
     pub points_unwatched: AtomicU64,
+    /// Records held back by [`IngestThrottle`] (the cache short of free space).
+    pub throttled_records: AtomicU64,
+    /// Logins refused because the machine is not (or no longer) assigned here.
+    pub logins_unassigned: AtomicU64,
+    /// Sessions ended because their machine moved away.
+    pub sessions_moved: AtomicU64,
+    /// Seconds from a frame's append to its durable acknowledgement.
+    pub ack_latency: prometheus::Histogram,
+}
+
+impl Default for IngestStats {
+    fn default() -> Self {
+        let opts = prometheus::HistogramOpts::new(
+            "churnlog_ack_latency_seconds",
+            "Seconds from a frame's append to the cache to its durable acknowledgement",
+        )
+        .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets"));
+        IngestStats {
+            connections: AtomicU64::default(),
+            sessions: AtomicU64::default(),
+            auth_failures: AtomicU64::default(),
+            protocol_errors: AtomicU64::default(),
+            timeouts: AtomicU64::default(),
+            writes: AtomicU64::default(),
+            write_bytes: AtomicU64::default(),
+            backpressure_signals: AtomicU64::default(),
+            accept_errors: AtomicU64::default(),
+            logging_in: AtomicU64::default(),
+            admission_refusals: AtomicU64::default(),
+            login_throttled: AtomicU64::default(),
+            write_timeouts: AtomicU64::default(),
+            points_unwatched: AtomicU64::default(),
+            throttled_records: AtomicU64::default(),
+            logins_unassigned: AtomicU64::default(),
+            sessions_moved: AtomicU64::default(),
+            ack_latency: prometheus::Histogram::with_opts(opts).expect("valid histogram"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +308,8 @@ enum SessionEnd {
     NotReading(Duration),
     #[error("server stopping")]
     Stopping,
+    #[error("{0}")]
+    Moved(crate::control::book::Refused),
 }
 
 async fn serve(
@@ -263,7 +327,10 @@ async fn serve(
         .map_err(SessionEnd::Tls)?;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut buf = Vec::new();
-    let login = tokio::time::timeout(cfg.handshake_timeout, handshake::login(&mut rd, &mut wr, &mut buf, &cfg.key));
+    let login = tokio::time::timeout(
+        cfg.handshake_timeout,
+        handshake::login(&mut rd, &mut wr, &mut buf, &cfg.key, cfg.book.as_deref()),
+    );
     let machine = match login.await {
         Err(_) => {
             stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -275,6 +342,14 @@ async fn serve(
             tracing::warn!(%peer, failures, "{e}");
             return Err(e.into());
         }
+        Ok(Err(SessionEnd::Login(e @ handshake::LoginError::Refused(_)))) => {
+            // Counted against the address like a failed MAC: probing for assigned names
+            // is throttled the same way.
+            stats.logins_unassigned.fetch_add(1, Ordering::Relaxed);
+            shared.throttle.failed(peer.ip(), Instant::now());
+            tracing::warn!(%peer, "{e}");
+            return Err(e.into());
+        }
         Ok(Err(e)) => {
             stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
             return Err(e);
@@ -283,7 +358,17 @@ async fn serve(
     };
     shared.throttle.succeeded(peer.ip());
     drop(slot);
+    // Counted and watching before the last look, so a move decided meanwhile is seen.
+    let assigned = cfg.book.as_ref().map(|book| {
+        let guard: SessionGuard = book.session(&machine);
+        (book.clone(), book.subscribe(), guard)
+    });
+    if let Some((book, _, _)) = &assigned {
+        if let Err(why) = book.may_continue(&machine) {
+            return Err(SessionEnd::Moved(why));
+        }
+    }
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%peer, %machine, "session authenticated");
-    session::serve(rd, wr, buf, machine, shared, stop).await
+    session::serve(rd, wr, buf, machine, shared, stop, assigned).await
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, watch};
 use super::limits::StreamQuotaError;
 use super::{SessionEnd, Shared};
 use crate::cache::{AppendError, AppendTicket, Cache, StreamId, StreamInfo};
+use crate::control::book::{MachineBook, SessionGuard};
 use crate::protocol::codec::{E_PROTOCOL, E_SERVER, T_WRITE};
 use crate::protocol::{
     read_frame_bytes, write_frame, write_frame_as_record, Frame, FrameError, StreamRecord, RECORD_HEADER_LEN,
@@ -54,6 +55,7 @@ pub(super) async fn serve<R, W>(
     machine: String,
     shared: &Shared,
     stop: watch::Receiver<bool>,
+    assigned: Option<(Arc<MachineBook>, watch::Receiver<u64>, SessionGuard)>,
 ) -> Result<(), SessionEnd>
 where
     R: AsyncRead + Unpin,
@@ -74,8 +76,13 @@ where
         points_max: cfg.points_watched_max,
     };
     let acker = tokio::spawn(acker.run());
-    let ctx = Session { machine, shared, out: out.clone(), acks, not_reading: not_reading.clone() };
-    let result = ctx.run(&mut rd, &mut buf, stop).await;
+    // The guard counts this session for the book until the session has wound down.
+    let (book, moved, _guard) = match assigned {
+        Some((book, rx, guard)) => (Some(book), Some(rx), Some(guard)),
+        None => (None, None, None),
+    };
+    let ctx = Session { machine, shared, out: out.clone(), acks, not_reading: not_reading.clone(), book };
+    let result = ctx.run(&mut rd, &mut buf, stop, moved).await;
     drop(ctx); // its sender: the acknowledger ends once it has answered what is queued
     if let Err(e) = &result {
         let code = match e {
@@ -85,6 +92,10 @@ where
             }
             SessionEnd::NotReading(_) => {
                 shared.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                E_SERVER
+            }
+            SessionEnd::Moved(_) => {
+                shared.stats.sessions_moved.fetch_add(1, Ordering::Relaxed);
                 E_SERVER
             }
             _ => E_SERVER,
@@ -132,6 +143,8 @@ async fn write_out<W: AsyncWrite + Unpin>(
 /// Appended frames waiting for durability, in tag order.
 struct Pending {
     tag: u64,
+    /// When the frame's first record was appended (for the acknowledgement latency).
+    appended: std::time::Instant,
     tickets: Vec<AppendTicket>,
     /// For a recovery point: its id and the (stream, sequence) of its record in each disk.
     point: Option<(u64, Vec<(StreamId, u64)>)>,
@@ -189,6 +202,20 @@ struct Session<'a> {
     out: mpsc::Sender<Frame>,
     acks: mpsc::Sender<AckWork>,
     not_reading: Arc<AtomicBool>,
+    /// With a CS: where the machine's assignment and resync requests are looked up.
+    book: Option<Arc<MachineBook>>,
+}
+
+/// Waits for the next change of the machine book (forever without one).
+async fn book_changed(rx: &mut Option<watch::Receiver<u64>>) {
+    match rx {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 impl Session<'_> {
@@ -210,12 +237,24 @@ impl Session<'_> {
         rd: &mut R,
         buf: &mut Vec<u8>,
         mut stop: watch::Receiver<bool>,
+        mut moved: Option<watch::Receiver<u64>>,
     ) -> Result<(), SessionEnd> {
         let (cfg, stats) = (&self.shared.cfg, &self.shared.stats);
         let mut disks = Disks::default();
         let mut last_tag = 0u64;
         loop {
             let read = tokio::select! {
+                // The machine moved away (or was unassigned): end the session, so the
+                // drain can finish its data and the CS hand it on.
+                _ = book_changed(&mut moved) => {
+                    if let Some(book) = &self.book {
+                        if let Err(why) = book.may_continue(&self.machine) {
+                            tracing::info!(machine = %self.machine, "{why}: closing its session");
+                            return Err(SessionEnd::Moved(why));
+                        }
+                    }
+                    continue;
+                }
                 r = tokio::time::timeout(cfg.idle_timeout, read_frame_bytes(rd, buf)) => match r {
                     Err(_) => {
                         stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -229,6 +268,7 @@ impl Session<'_> {
                 _ = self.out.closed() => return Err(self.gone()),
             };
             read?;
+            let appended = std::time::Instant::now();
             if buf[0] == T_WRITE {
                 // The bulk of the traffic: the frame becomes its cache record in place.
                 let (disk, tag, offset, record) = write_frame_as_record(buf)?;
@@ -238,8 +278,14 @@ impl Session<'_> {
                 let ticket = self.append(stream, record).await?;
                 stats.writes.fetch_add(1, Ordering::Relaxed);
                 stats.write_bytes.fetch_add(data_len, Ordering::Relaxed);
-                self.acknowledge(AckWork::Pending(Pending { tag, tickets: vec![ticket], point: None, resync: None }))
-                    .await?;
+                self.acknowledge(AckWork::Pending(Pending {
+                    tag,
+                    appended,
+                    tickets: vec![ticket],
+                    point: None,
+                    resync: None,
+                }))
+                .await?;
                 continue;
             }
             match Frame::decode(buf[0], &buf[1..])? {
@@ -252,6 +298,7 @@ impl Session<'_> {
                     let ticket = self.append(stream, &StreamRecord::Zero { offset, len }.encode()).await?;
                     self.acknowledge(AckWork::Pending(Pending {
                         tag,
+                        appended,
                         tickets: vec![ticket],
                         point: None,
                         resync: None,
@@ -279,7 +326,7 @@ impl Session<'_> {
                         tickets.push(ticket);
                     }
                     let point = Some((point_id, places));
-                    self.acknowledge(AckWork::Pending(Pending { tag, tickets, point, resync: None })).await?;
+                    self.acknowledge(AckWork::Pending(Pending { tag, appended, tickets, point, resync: None })).await?;
                 }
                 Frame::Resync { disk, tag } => {
                     advance_tag(&mut last_tag, tag)?;
@@ -294,8 +341,14 @@ impl Session<'_> {
                     let seq = ticket.seq;
                     tracing::info!(machine = %self.machine, disk, seq, "full resync begins");
                     let resync = Some((stream, seq));
-                    self.acknowledge(AckWork::Pending(Pending { tag, tickets: vec![ticket], point: None, resync }))
-                        .await?;
+                    self.acknowledge(AckWork::Pending(Pending {
+                        tag,
+                        appended,
+                        tickets: vec![ticket],
+                        point: None,
+                        resync,
+                    }))
+                    .await?;
                 }
                 other => return Err(Refusal::Unexpected(other.name()).into()),
             }
@@ -319,6 +372,16 @@ impl Session<'_> {
             }
             Err(StreamQuotaError::Cache(e)) => return Err(e.into()),
         };
+        if let Some(book) = &self.book {
+            // The CS asked for a full copy (the machine's data was lost elsewhere): the
+            // acknowledger's watch then sends ResyncRequired for this disk.
+            if book.resync_wanted(&self.machine) && !book.resync_marked(&self.machine, &name) {
+                let cache = &self.shared.cache;
+                tokio::task::block_in_place(|| cache.mark_resync_required(stream))?;
+                tracing::warn!(machine = %self.machine, disk = %name, "resync required by the configuration server");
+                book.note_resync_marked(&self.machine, &name);
+            }
+        }
         disks.names.insert(name);
         disks.by_index.insert(disk, OpenDisk { stream, size_bytes });
         self.acknowledge(AckWork::Disk(disk, stream)).await
@@ -328,6 +391,15 @@ impl Session<'_> {
     /// (and telling the agent so) instead of failing the write.
     async fn append(&self, stream: StreamId, record: &[u8]) -> Result<AppendTicket, SessionEnd> {
         let (cache, stats) = (&self.shared.cache, &self.shared.stats);
+        let throttle = self.shared.cfg.throttle;
+        let capacity = cache.options().capacity_bytes as f64;
+        let free_percent = 100.0 * (1.0 - cache.used_bytes() as f64 / capacity);
+        if free_percent < throttle.free_percent_min {
+            // Held before the append, so this connection's next frames wait too: the
+            // writers slow down and the drain gains on them.
+            stats.throttled_records.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(throttle.delay).await;
+        }
         let mut signalled = false;
         loop {
             // append may sleep briefly (throttling, a full batch): keep it off the reactor.
@@ -391,6 +463,7 @@ impl Acknowledger {
                             let _ = self.out.send(Frame::Error { code: E_SERVER, message }).await;
                             return;
                         }
+                        self.stats.ack_latency.observe(p.appended.elapsed().as_secs_f64());
                         if let Some((stream, base)) = p.resync {
                             // The base is durable: points after it no longer depend on what was dropped.
                             if let Err(e) = self.cache.clear_resync(stream, base) {

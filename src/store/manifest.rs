@@ -62,6 +62,12 @@ pub struct Manifest {
     /// Sealed parts holding the older entries, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<PartEntry>,
+    /// Set by a cache that handed this disk over to another process server (a move):
+    /// every position up to this one is recorded and nothing of the disk is left in that
+    /// cache, so the next cache continues the history right after it, without a gap and
+    /// without a full copy. Cleared by the cache that takes over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_over_at: Option<u64>,
 }
 
 /// A sealed part of a manifest: every entry at or below position `upto` (and above the
