@@ -22,6 +22,8 @@ use churnlog::store::Target;
 
 use super::{read_passphrase, read_proxy, runtime};
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum PsCommand {
     /// Run a process server: TLS ingest into the cache, drain to the target. Every
