@@ -233,7 +233,13 @@ impl ProcessServer {
             }
         }
         if let Some((client, book, interval, _)) = link {
-            let beat = Beat { client, snapshot: server.monitor.snapshot.clone(), book, cache: server.cache.clone() };
+            let beat = Beat {
+                client,
+                snapshot: server.monitor.snapshot.clone(),
+                book,
+                cache: server.cache.clone(),
+                handoffs: server.drain_config.handoffs.clone(),
+            };
             // The first heartbeat now: the machines assigned here can log in at once.
             if let Err(e) = beat.once().await {
                 tracing::warn!(error = %e, "first heartbeat failed; no machine can log in until one succeeds");

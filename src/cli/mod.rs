@@ -19,8 +19,8 @@ mod demo;
 mod plan;
 mod ps;
 mod restore;
-mod status;
 mod setup;
+mod status;
 mod torture;
 
 #[derive(Parser)]

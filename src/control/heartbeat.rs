@@ -23,6 +23,9 @@ pub struct Beat {
     pub snapshot: Snapshot,
     pub book: Arc<MachineBook>,
     pub cache: Arc<Cache>,
+    /// The drain's hand-overs: a machine assigned here again is taken back before its
+    /// sessions are admitted, so the drain uploads its records instead of dropping them.
+    pub handoffs: crate::drain::Handoffs,
 }
 
 impl Beat {
@@ -30,6 +33,9 @@ impl Beat {
     pub async fn once(&self) -> Result<HeartbeatReply, ClientError> {
         let report = self.snapshot.read().clone();
         let reply: HeartbeatReply = self.client.post(api::PATH_PS_HEARTBEAT, &report).await?;
+        for m in reply.machines.iter().filter(|m| m.state == super::api::MachineState::Active) {
+            self.handoffs.cancel(&m.name);
+        }
         self.book.update(&reply.machines, reply.decommissioning);
         // Disks of such a machine that are already cached are marked now; the sessions
         // mark the ones they open later.
