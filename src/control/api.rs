@@ -1,4 +1,4 @@
-//! The configuration server's HTTP API: paths and JSON bodies (`docs/protocol.md` §8).
+//! The configuration server's HTTP API: paths and JSON bodies (`docs/protocol.md` §9).
 //! Every request except the status page's HTML is signed ([`super::auth`]); every body is
 //! capped at [`BODY_BYTES_MAX`]. Errors are `{"error": "...", "code": "..."}` with a
 //! fitting HTTP status ([`ApiError`]).

@@ -149,7 +149,7 @@ impl Signature {
 
 /// Remembers the nonces of accepted requests for twice the clock window, so each is
 /// accepted once. (Several CS instances behind one load balancer each keep their own: a
-/// replay to another instance within the window is possible; see `docs/protocol.md` §8.)
+/// replay to another instance within the window is possible; see `docs/protocol.md` §9.)
 #[derive(Default)]
 pub struct ReplayGuard {
     seen: HashMap<String, u64>,

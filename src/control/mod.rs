@@ -1,6 +1,6 @@
 //! The control plane: a configuration server (CS) that process servers register with and
 //! report to, that agents learn their process server from, and that operators ask for
-//! status, migrations, decommission and purge (`docs/protocol.md` §8, `docs/operations.md`).
+//! status, migrations, decommission and purge (`docs/protocol.md` §9, `docs/operations.md`).
 //!
 //! - [`api`]: the JSON bodies of every CS endpoint, shared by server and clients.
 //! - [`auth`]: request signing: a MAC over each request from the passphrase or a

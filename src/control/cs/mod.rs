@@ -1,7 +1,7 @@
 //! The configuration server (CS): process servers register with it and report to it,
 //! agents learn their process server from it, operators ask it for status, migrations,
 //! decommission and purge. State lives in a database (SQLite file or PostgreSQL) so that
-//! several CS instances may share one (`docs/protocol.md` §8, `docs/ops-cs.md`).
+//! several CS instances may share one (`docs/protocol.md` §9, `docs/operations.md` §9.1).
 //!
 //! - [`db`]: the schema, its migrations and every state change (one transaction each).
 //! - [`placement`]: which process server takes a machine (least loaded, eligible only).
