@@ -26,27 +26,6 @@ use cs_support::*;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::Sqlite).await
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    super::$name(super::Backend::Postgres).await
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     moves_switches_and_decommission_keep_every_point_without_a_full_copy,
     a_killed_server_is_purged_and_only_its_machines_resync

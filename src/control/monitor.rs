@@ -51,6 +51,9 @@ fn unix_ms_now() -> u64 {
 }
 
 impl Monitor {
+    // Each argument is one thing the monitor reads; a struct for them would only repeat
+    // the fields of `Monitor`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
         cache: Arc<Cache>,
@@ -102,20 +105,18 @@ impl Monitor {
         let space = self.cache.space();
         let capacity = space.capacity_bytes.max(1) as f64;
         let cache_free_percent = 100.0 * (1.0 - space.used_bytes as f64 / capacity).max(0.0);
-        // Per machine: pending bytes, whether everything is uploaded, disks needing a resync.
+        // Per machine: pending bytes, disks needing a resync. (Whether a machine moving
+        // away is all uploaded is the drain's to tell: `Handoffs`.)
         #[derive(Default)]
         struct PerMachine {
             pending: u64,
-            all_uploaded: bool,
             resync: Vec<String>,
         }
         let mut machines: BTreeMap<String, PerMachine> = BTreeMap::new();
         let mut backlog = 0;
         for s in self.cache.streams() {
-            let m =
-                machines.entry(s.machine.clone()).or_insert(PerMachine { all_uploaded: true, ..Default::default() });
+            let m = machines.entry(s.machine.clone()).or_default();
             m.pending += s.stored_bytes;
-            m.all_uploaded &= s.durable_upto <= s.uploaded_upto;
             if s.resync_required {
                 m.resync.push(s.disk.clone());
             }
@@ -123,7 +124,7 @@ impl Monitor {
         }
         let assigned = self.book.as_ref().map(|b| b.machines()).unwrap_or_default();
         for (name, _) in &assigned {
-            machines.entry(name.clone()).or_insert(PerMachine { all_uploaded: true, ..Default::default() });
+            machines.entry(name.clone()).or_default();
         }
         let moved = upload_rate > 0.0 || totals.upload_bytes != before.upload_bytes;
         self.stalled_since = match (backlog > 0 && !moved, self.stalled_since) {

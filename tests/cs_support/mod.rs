@@ -2,6 +2,30 @@
 //! throwaway PostgreSQL cluster, signed clients, simulated process servers.
 #![allow(dead_code)]
 
+/// Runs each named `async fn(Backend)` as one test on SQLite and one on PostgreSQL.
+/// The test crate must have `Backend` at its root (`use cs_support::*`).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, Weak};
