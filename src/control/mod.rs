@@ -12,6 +12,7 @@ pub mod api;
 pub mod auth;
 pub mod book;
 pub mod client;
+#[cfg(feature = "config-server")]
 pub mod cs;
 pub mod decommission;
 pub mod health;
