@@ -95,6 +95,12 @@ async fn an_agent_registers_waits_for_a_server_and_replicates_with_its_credentia
         heartbeat_interval: Duration::from_secs(1),
         key: AuthKey::from_passphrase(PASSPHRASE),
     });
+    // The host's load (a compiler on the same cores) must not make this, the only
+    // server, critical and so refuse the machine.
+    ps_cfg.control.thresholds.cpu_warning_percent = 100.0;
+    ps_cfg.control.thresholds.cpu_critical_percent = 100.0;
+    ps_cfg.control.thresholds.memory_warning_percent = 100.0;
+    ps_cfg.control.thresholds.memory_critical_percent = 100.0;
     let ps = ProcessServer::start(ps_cfg).await.unwrap();
 
     let mut agent = Agent::with_key(agent_cfg(id.client.clone(), Duration::from_secs(60)), id.key.clone()).unwrap();

@@ -51,9 +51,23 @@ async fn start_ps(cs: &CsRig, id: &str, dir: &Path, url: &str) -> ProcessServer 
             key: AuthKey::from_passphrase(PASSPHRASE),
         }),
         monitor_interval: Duration::from_millis(100),
+        thresholds: host_load_ignored(),
         ..ControlConfig::default()
     };
     ProcessServer::start(cfg).await.unwrap()
+}
+
+/// The seed's health thresholds without the host's CPU and memory: the test machine's
+/// load (a compiler on the same two cores) must not make a server critical and so
+/// decide where machines go.
+fn host_load_ignored() -> churnlog::control::health::Thresholds {
+    churnlog::control::health::Thresholds {
+        cpu_warning_percent: 100.0,
+        cpu_critical_percent: 100.0,
+        memory_warning_percent: 100.0,
+        memory_critical_percent: 100.0,
+        ..Default::default()
+    }
 }
 
 /// An agent in CS mode: registers its machine (credential in `state`), then follows
@@ -262,7 +276,8 @@ fn spawn_child_ps(cs: &CsRig, id: &str, dir: &Path, url: &str) -> ChildPs {
     let toml = format!(
         "cache_dir = 'cache'\ncache_size = '1GiB'\nlisten = '{addr}'\ntarget = '{url}'\npassphrase_file = 'passphrase'\n\
          tls_dir = 'tls'\ncs_address = '{}'\ncs_cert = 'cs.pem'\nps_id = '{id}'\nadvertise_address = '{addr}'\n\
-         heartbeat_interval_seconds = 1\n",
+         heartbeat_interval_seconds = 1\n\n[health]\ncpu_warning_percent = 100\ncpu_critical_percent = 100\n\
+         memory_warning_percent = 100\nmemory_critical_percent = 100\n",
         cs.address()
     );
     std::fs::write(home.join("ps.toml"), toml).unwrap();

@@ -14,16 +14,15 @@ use crate::control::api::{
 /// as missing.
 pub fn build(snapshot: &Snapshot, now: i64, timeout_ms: i64) -> StatusReport {
     let mut counts: HashMap<&str, u64> = HashMap::new();
-    for m in &snapshot.machines {
+    for m in snapshot.machines.iter() {
         if let Some(p) = &m.ps_id {
             *counts.entry(p.as_str()).or_default() += 1;
         }
     }
-    let mut reports: HashMap<&str, HashMap<String, MachineReport>> = HashMap::new();
+    let mut reports: HashMap<&str, HashMap<&str, &MachineReport>> = HashMap::new();
     let mut process_servers = Vec::with_capacity(snapshot.process_servers.len());
     for ps in &snapshot.process_servers {
-        // A report this CS cannot parse (written by a newer one) counts as no report.
-        let report: Option<Heartbeat> = ps.report_json.as_deref().and_then(|j| serde_json::from_str(j).ok());
+        let report: Option<&Heartbeat> = snapshot.reports.get(&ps.id).map(|r| r.as_ref());
         let age_ms = ps.last_heartbeat_at.map(|t| now.saturating_sub(t).max(0));
         let connected = age_ms.is_some_and(|a| a < timeout_ms);
         let mut alerts = report.as_ref().map(|r| r.alerts.clone()).unwrap_or_default();
@@ -56,14 +55,14 @@ pub fn build(snapshot: &Snapshot, now: i64, timeout_ms: i64) -> StatusReport {
             heartbeat_age_seconds: age_ms.map(|a| a as f64 / 1000.0),
         });
         if let Some(r) = report {
-            reports.insert(ps.id.as_str(), r.machines.into_iter().map(|m| (m.name.clone(), m)).collect());
+            reports.insert(ps.id.as_str(), r.machines.iter().map(|m| (m.name.as_str(), m)).collect());
         }
     }
     let machines = snapshot
         .machines
         .iter()
         .map(|m| {
-            let seen = m.ps_id.as_deref().and_then(|p| reports.get(p)).and_then(|r| r.get(&m.name));
+            let seen = m.ps_id.as_deref().and_then(|p| reports.get(p)).and_then(|r| r.get(m.name.as_str()));
             MachineStatus {
                 name: m.name.clone(),
                 ps: m.ps_id.clone(),
@@ -81,7 +80,7 @@ mod tests {
     use super::*;
     use crate::control::cs::db::{MachineRow, PsRow};
 
-    fn ps(id: &str, last: Option<i64>, report: Option<&Heartbeat>) -> PsRow {
+    fn ps(id: &str, last: Option<i64>) -> PsRow {
         PsRow {
             id: id.into(),
             address: "127.0.0.1:1".into(),
@@ -90,7 +89,7 @@ mod tests {
             cache_size_bytes: 1,
             registered_at: 0,
             last_heartbeat_at: last,
-            report_json: report.map(|r| serde_json::to_string(r).unwrap()),
+            heartbeats: last.map_or(0, |_| 1),
             decommissioning: false,
         }
     }
@@ -104,11 +103,12 @@ mod tests {
             ..Default::default()
         };
         let snap = Snapshot {
-            process_servers: vec![ps("a", Some(100_000), Some(&hb)), ps("b", Some(10_000), None)],
-            machines: vec![
+            process_servers: vec![ps("a", Some(100_000)), ps("b", Some(10_000))],
+            reports: [("a".to_string(), std::sync::Arc::new(hb))].into_iter().collect(),
+            machines: std::sync::Arc::new(vec![
                 MachineRow { name: "m1".into(), ps_id: Some("a".into()), moving_to: None, resync_pending: false },
                 MachineRow { name: "m2".into(), ps_id: Some("b".into()), moving_to: None, resync_pending: true },
-            ],
+            ]),
         };
         let r = build(&snap, 101_000, 60_000);
         assert_eq!(r.process_servers[0].state, PsState::Connected);
