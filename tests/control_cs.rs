@@ -354,7 +354,10 @@ async fn purge_moves_machines_and_marks_resync_only_for_them(b: Backend) {
     assert_eq!(assignment(&rig, "m1", &m1).await.unwrap().ps, "ps-a");
     // Purging a connected server that has machines is refused: decommission it instead.
     let e = c
-        .post::<_, api::Unregistered>(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: true })
+        .post::<_, api::Unregistered>(
+            api::PATH_PS_UNREGISTER,
+            &api::Unregister { ps: "ps-a".into(), purge: true, force: false },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some("conflict"));
@@ -374,7 +377,10 @@ async fn purge_moves_machines_and_marks_resync_only_for_them(b: Backend) {
 
     // Without purge: refused, naming its machines.
     let e = c
-        .post::<_, api::Unregistered>(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: false })
+        .post::<_, api::Unregistered>(
+            api::PATH_PS_UNREGISTER,
+            &api::Unregister { ps: "ps-a".into(), purge: false, force: false },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some("conflict"));
@@ -389,8 +395,10 @@ async fn purge_moves_machines_and_marks_resync_only_for_them(b: Backend) {
         .unwrap_err();
     assert!(e.to_string().contains("purge"), "{e}");
 
-    let u: api::Unregistered =
-        c.post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: true }).await.unwrap();
+    let u: api::Unregistered = c
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: true, force: false })
+        .await
+        .unwrap();
     assert_eq!(u.resync_required, vec!["m1".to_string(), "m2".to_string()]);
     assert_eq!(u.moved, vec![("m1".to_string(), "ps-b".to_string()), ("m2".to_string(), "ps-b".to_string())]);
     let s = status(&c).await;
@@ -409,7 +417,10 @@ async fn purge_moves_machines_and_marks_resync_only_for_them(b: Backend) {
     let rb = beat(&c, &hb).await;
     assert!(rb.machines.iter().all(|m| !m.resync_required));
     let e = c
-        .post::<_, api::Unregistered>(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: true })
+        .post::<_, api::Unregistered>(
+            api::PATH_PS_UNREGISTER,
+            &api::Unregister { ps: "ps-a".into(), purge: true, force: false },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some("not_found"));
@@ -429,14 +440,19 @@ async fn decommission_moves_machines_and_takes_no_new_ones(b: Backend) {
     let _m1 = register_machine(&c, "m1").await.unwrap();
     // Unregister without purge while it has machines: refused, naming them.
     let e = c
-        .post::<_, api::Unregistered>(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: false })
+        .post::<_, api::Unregistered>(
+            api::PATH_PS_UNREGISTER,
+            &api::Unregister { ps: "ps-a".into(), purge: false, force: false },
+        )
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some("conflict"));
     assert!(e.to_string().contains("m1"), "{e}");
     // A server without machines just goes.
-    let u: api::Unregistered =
-        c.post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-empty".into(), purge: false }).await.unwrap();
+    let u: api::Unregistered = c
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-empty".into(), purge: false, force: false })
+        .await
+        .unwrap();
     assert!(u.moved.is_empty() && u.resync_required.is_empty());
 
     let d: api::Migrated = c.post(api::PATH_PS_DECOMMISSION, &api::Decommission { ps: "ps-a".into() }).await.unwrap();
@@ -467,8 +483,10 @@ async fn decommission_moves_machines_and_takes_no_new_ones(b: Backend) {
     let mut hb = heartbeat("ps-a", 90.0, HealthLevel::Ok);
     hb.released = vec!["m1".into()];
     assert!(beat(&c, &hb).await.machines.is_empty());
-    let _: api::Unregistered =
-        c.post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: false }).await.unwrap();
+    let _: api::Unregistered = c
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-a".into(), purge: false, force: false })
+        .await
+        .unwrap();
     let s = status(&c).await;
     assert_eq!(s.process_servers.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(), vec!["ps-b"]);
     assert!(s.machines.iter().all(|m| m.ps.as_deref() == Some("ps-b") && m.moving_to.is_none()));

@@ -327,7 +327,7 @@ async fn a_killed_server_is_purged_and_only_its_machines_resync(b: Backend) {
 
     let purged: api::Unregistered = cs
         .client()
-        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-doomed".into(), purge: true })
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-doomed".into(), purge: true, force: false })
         .await
         .unwrap();
     assert_eq!(purged.moved, vec![("victim".to_string(), "ps-ok".to_string())]);

@@ -255,8 +255,10 @@ async fn a_resync_asked_by_the_cs_reaches_the_disk_and_is_reported() {
         status(&c).await.process_servers.iter().any(|p| p.id == "ps-old" && p.state == api::PsState::Disconnected)
     })
     .await;
-    let purged: api::Unregistered =
-        c.post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-old".into(), purge: true }).await.unwrap();
+    let purged: api::Unregistered = c
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-old".into(), purge: true, force: false })
+        .await
+        .unwrap();
     assert_eq!(purged.resync_required, vec!["m-r".to_string()]);
     let book = ps.book().unwrap().clone();
     wait_until(WAIT, "m-r on ps1 with a resync asked", || {

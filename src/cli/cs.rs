@@ -213,7 +213,7 @@ pub fn run(command: CsCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         CsCommand::Unregister { cs, ps, purge, json } => {
-            let body = api::Unregister { ps: ps.clone(), purge };
+            let body = api::Unregister { ps: ps.clone(), purge, force: false };
             let done: api::Unregistered = runtime()?.block_on(async {
                 cs.client()?.post(api::PATH_PS_UNREGISTER, &body).await.map_err(anyhow::Error::from)
             })?;

@@ -225,11 +225,15 @@ pub struct Migrated {
 
 /// `POST /api/v1/ps/unregister` (passphrase, operator): remove a process server. Without
 /// `purge` only one with no machines; with `purge` also a disconnected one: its machines
-/// go to other servers and are marked resync-required.
+/// go to other servers and are marked resync-required. `force` (with `purge`) also
+/// purges a connected one: `churnlog ps decommission --force`, run on that server by an
+/// operator who accepts losing what it has cached.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Unregister {
     pub ps: String,
     pub purge: bool,
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -108,8 +108,9 @@ pub async fn decommission(
         let me = find(&status, ps).ok_or_else(|| DecommissionError::Unknown(ps.to_string()))?;
         progress(&Progress { machines: me.machines, backlog_bytes: me.backlog_bytes, elapsed: started.elapsed() });
         if me.machines == 0 && me.backlog_bytes == 0 {
-            let _: Unregistered =
-                client.post(api::PATH_PS_UNREGISTER, &Unregister { ps: ps.to_string(), purge: false }).await?;
+            let _: Unregistered = client
+                .post(api::PATH_PS_UNREGISTER, &Unregister { ps: ps.to_string(), purge: false, force: false })
+                .await?;
             return Ok(Outcome::Clean);
         }
         if started.elapsed() >= wait {
@@ -136,6 +137,6 @@ async fn purge(
 ) -> Result<Outcome, DecommissionError> {
     confirm_loss(&lost);
     let unregistered: Unregistered =
-        client.post(api::PATH_PS_UNREGISTER, &Unregister { ps: ps.to_string(), purge: true }).await?;
+        client.post(api::PATH_PS_UNREGISTER, &Unregister { ps: ps.to_string(), purge: true, force: true }).await?;
     Ok(Outcome::Purged { lost, unregistered })
 }

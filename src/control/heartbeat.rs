@@ -32,7 +32,16 @@ impl Beat {
     /// Sends one heartbeat and applies the reply.
     pub async fn once(&self) -> Result<HeartbeatReply, ClientError> {
         let report = self.snapshot.read().clone();
-        let reply: HeartbeatReply = self.client.post(api::PATH_PS_HEARTBEAT, &report).await?;
+        let reply: HeartbeatReply = match self.client.post(api::PATH_PS_HEARTBEAT, &report).await {
+            Ok(r) => r,
+            // Unregistered or purged at the CS (a forced decommission): its machines are
+            // elsewhere now, so admit none until `ps register` registers it again.
+            Err(ClientError::Refused(e)) if e.code == "not_found" => {
+                self.book.update(&[], true);
+                return Err(ClientError::Refused(e));
+            }
+            Err(e) => return Err(e),
+        };
         for m in reply.machines.iter().filter(|m| m.state == super::api::MachineState::Active) {
             self.handoffs.cancel(&m.name);
         }

@@ -641,7 +641,7 @@ impl Db {
                 )
                 .into());
             }
-            if self.connected(ps.last_heartbeat_at, now) {
+            if self.connected(ps.last_heartbeat_at, now) && !u.force {
                 return Err(ApiError::new(
                     "conflict",
                     format!(
