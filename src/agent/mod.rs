@@ -599,6 +599,12 @@ impl Agent {
                 if let (false, Some(flag)) = (pending, self.resync_requested.get_mut(disk as usize)) {
                     tracing::warn!(disk, "the process server needs a full copy of this disk");
                     *flag = true;
+                    // The stored hashes no longer describe what the server can restore.
+                    if let Some(st) = &mut self.state {
+                        if let Err(e) = st.forget(disk as usize, &self.cfg.disks[disk as usize].0) {
+                            tracing::warn!(disk, error = %e, "cannot remove the block state");
+                        }
+                    }
                 }
             }
             Some(Event::Closed(why)) => {

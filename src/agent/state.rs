@@ -2,7 +2,7 @@
 //! every block as of the last recovery point the process server acknowledged durable, so
 //! that a restarted agent sends only the blocks that differ instead of a full copy.
 //!
-//! Two files per disk, byte maps in `docs/format.md` §9:
+//! Two files per disk, byte maps in `docs/format.md` §11:
 //! - `blocks-<disk>.state`: the hashes of point P. Written whole to a temporary file,
 //!   fdatasynced, renamed over the old one, then the directory fsynced. A header (magic,
 //!   version, block size, disk size, block count, point id, the process server's
@@ -458,10 +458,10 @@ impl StateDir {
     }
 
     /// Removes disk `d`'s state and journal durably (before a full copy, or when they
-    /// cannot be kept current).
+    /// cannot be kept current). The state file goes first: a journal left alone is
+    /// harmless. On failure the base stays as it was, so the blocks sent afterwards are
+    /// still journaled against the state that may remain on disk.
     pub fn forget(&mut self, d: usize, disk: &str) -> Result<(), StateIoError> {
-        self.base[d] = None;
-        self.journals[d] = None;
         let mut removed = false;
         for path in [self.state_path(disk), self.journal_path(disk)] {
             match std::fs::remove_file(&path) {
@@ -473,6 +473,8 @@ impl StateDir {
         if removed {
             self.sync_dir()?;
         }
+        self.base[d] = None;
+        self.journals[d] = None;
         Ok(())
     }
 
