@@ -13,8 +13,13 @@
 //! attempt ([`credential`]). When the CS moves the machine, the old server closes the
 //! session once it has drained, and the agent reconnects to the new one, resends what is
 //! unacknowledged and goes on with its in-memory block hashes: a move costs no full copy.
+//!
+//! With a state directory ([`AgentConfig::state_dir`], [`state`]) the hashes of the last
+//! point the server acknowledged durable survive a restart: a restarted agent sends only
+//! the blocks that differ from them, without a `Resync` frame.
 
 pub mod credential;
+pub mod state;
 
 use std::collections::{HashSet, VecDeque};
 use std::os::unix::fs::FileExt;
@@ -66,6 +71,9 @@ pub struct AgentConfig {
     /// up. A newly assigned server learns the machine's credential only at its next
     /// heartbeat, and a moved-from one refuses, so a refusal alone is not final there.
     pub refusal_grace: Duration,
+    /// Where each disk's block hashes are kept across restarts ([`state`]); None: in
+    /// memory only (a restart copies every disk in full).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -86,6 +94,7 @@ impl AgentConfig {
             ack_timeout: Duration::from_secs(120),
             silent_connections_max: 3,
             refusal_grace: Duration::from_secs(180),
+            state_dir: None,
         }
     }
 }
@@ -116,6 +125,8 @@ pub enum AgentError {
     Credential { path: PathBuf, reason: String },
     #[error("state directory {0}: {1}")]
     StateDir(PathBuf, std::io::Error),
+    #[error("{0}")]
+    State(#[from] state::StateIoError),
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -208,6 +219,8 @@ pub struct Agent {
     /// Each disk's size as last declared to the server (OpenDisk); writes must end within
     /// it. `None` until first read.
     declared_bytes: Vec<Option<u64>>,
+    /// The persistent block state, with a state directory.
+    state: Option<state::StateDir>,
 }
 
 impl Agent {
@@ -237,9 +250,35 @@ impl Agent {
             Locator::Fixed { address, cert_pem } => Some(Target::new(address.clone(), cert_pem.clone())?),
             Locator::Cs { .. } => None,
         };
-        let hashes = vec![None; cfg.disks.len()];
+        let mut hashes = vec![None; cfg.disks.len()];
         let resync_requested = vec![false; cfg.disks.len()];
-        let declared_bytes = vec![None; cfg.disks.len()];
+        let mut declared_bytes = vec![None; cfg.disks.len()];
+        let state = match &cfg.state_dir {
+            Some(dir) => {
+                // State is kept for one server's history: a standalone server is named by
+                // its certificate, the CS by its address (its servers share a target).
+                let server = match &cfg.locator {
+                    Locator::Fixed { cert_pem, .. } => state::server_identity("ps", cert_pem),
+                    Locator::Cs { client } => state::server_identity("cs", client.address()),
+                };
+                let mut sd = state::StateDir::open(dir, &cfg.machine, server, cfg.disks.len())?;
+                for (d, (id, path)) in cfg.disks.iter().enumerate() {
+                    let Ok(size) = std::fs::File::open(path)
+                        .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                    else {
+                        continue; // the first pass reports the disk's error
+                    };
+                    hashes[d] = sd.load(d, id, size, cfg.block_size);
+                    if hashes[d].is_some() {
+                        // The size of the point the state describes: a change before the
+                        // first pass is declared (and a shrink copied in full) as usual.
+                        declared_bytes[d] = Some(size);
+                    }
+                }
+                Some(sd)
+            }
+            None => None,
+        };
         Ok(Agent {
             key,
             cfg,
@@ -256,6 +295,7 @@ impl Agent {
             reconnects: 0,
             silent_connections: 0,
             declared_bytes,
+            state,
         })
     }
 
@@ -417,11 +457,17 @@ impl Agent {
             let full = std::mem::take(&mut self.resync_requested[d]) || self.hashes[d].is_none() || shrunk;
             let previous = if full { None } else { self.hashes[d].take() };
             if full {
+                // The stored state describes what the full copy replaces: it goes first,
+                // durably, or a restart during the copy would build on it.
+                if let Some(st) = &mut self.state {
+                    st.forget(d, &id)?;
+                }
                 // Restore builds later points from here on: the full copy follows.
                 self.send(Frame::Resync { disk: d as u16, tag: 0 }).await?;
                 report.full_copies += 1;
             }
             let mut current = Vec::with_capacity(blocks);
+            let mut chunk_hashes = Vec::with_capacity(chunk_blocks);
             let mut zero_run: Option<(u64, u64)> = None;
             for b in 0..blocks {
                 let offset = (b * bs) as u64;
@@ -430,9 +476,12 @@ impl Agent {
                 if in_chunk == 0 {
                     let n = (size - offset).min(buf.len() as u64) as usize;
                     file.read_exact_at(&mut buf[..n], offset).map_err(|e| AgentError::Disk(id.clone(), e))?;
+                    chunk_hashes.clear();
+                    chunk_hashes.extend(buf[..n].chunks(bs).map(xxhash_rust::xxh3::xxh3_128));
+                    self.journal_chunk(d, b as u64, &chunk_hashes, previous.as_deref())?;
                 }
                 let block = &buf[in_chunk..in_chunk + len];
-                let h = xxhash_rust::xxh3::xxh3_128(block);
+                let h = chunk_hashes[b % chunk_blocks];
                 current.push(h);
                 report.blocks_read += 1;
                 done += len as u64;
@@ -471,12 +520,13 @@ impl Agent {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let point_id = (self.last_point_id + 1).max(now_ms);
         self.last_point_id = point_id;
-        let point = Frame::Point { tag: 0, point_id, kind, unix_ms: now_ms, disks: sizes };
+        let point = Frame::Point { tag: 0, point_id, kind, unix_ms: now_ms, disks: sizes.clone() };
         self.last_point = Some(point.clone());
         self.send(point).await?;
         while !self.unacked.is_empty() {
             self.next_event().await?;
         }
+        self.commit_state(point_id, &sizes)?;
         Ok(point_id)
     }
 
@@ -549,6 +599,12 @@ impl Agent {
                 if let (false, Some(flag)) = (pending, self.resync_requested.get_mut(disk as usize)) {
                     tracing::warn!(disk, "the process server needs a full copy of this disk");
                     *flag = true;
+                    // The stored hashes no longer describe what the server can restore.
+                    if let Some(st) = &mut self.state {
+                        if let Err(e) = st.forget(disk as usize, &self.cfg.disks[disk as usize].0) {
+                            tracing::warn!(disk, error = %e, "cannot remove the block state");
+                        }
+                    }
                 }
             }
             Some(Event::Closed(why)) => {

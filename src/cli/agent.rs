@@ -18,11 +18,13 @@ use super::{progress_bar, read_passphrase, runtime, show_progress};
 /// Replicate disk images or block devices to a process server: a standalone one
 /// (`--ps`, `--ps-cert`, `--passphrase-file`) or the one the configuration server assigns
 /// (`--cs`, `--cs-cert`, `--state-dir`, and `--passphrase-file` for the first run).
+/// With `--state-dir` each disk's block hashes survive a restart: a restarted agent sends
+/// only the blocks that changed.
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("locator").required(true).args(["ps", "cs"])))]
 pub struct AgentArgs {
     /// host:port of a standalone process server.
-    #[arg(long, conflicts_with_all = ["cs", "cs_cert", "state_dir"], requires = "ps_cert")]
+    #[arg(long, conflicts_with_all = ["cs", "cs_cert"], requires = "ps_cert")]
     ps: Option<String>,
     /// The process server's certificate (its TLS directory's cert.pem).
     #[arg(long, requires = "ps")]
@@ -34,8 +36,12 @@ pub struct AgentArgs {
     /// The configuration server's certificate.
     #[arg(long, requires = "cs")]
     cs_cert: Option<PathBuf>,
-    /// Where the machine's credential is kept (created 0700; `credential` inside, 0600).
-    #[arg(long, requires = "cs")]
+    /// The agent's state directory (created 0700): each disk's block hashes as of the
+    /// last point the process server acknowledged (`blocks-ID.state`, `blocks-ID.sent`),
+    /// so a restart sends only changed blocks; with --cs also the machine's credential
+    /// (`credential`, 0600). Optional with --ps (without it a restart copies every disk
+    /// in full), required with --cs.
+    #[arg(long)]
     state_dir: Option<PathBuf>,
     /// The passphrase: always with --ps; with --cs only until the machine has registered.
     #[arg(long)]
@@ -96,6 +102,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             let cert = std::fs::read_to_string(&ps_cert).with_context(|| format!("read {}", ps_cert.display()))?;
             let mut cfg = AgentConfig::new(ps, cert, machine, disks);
             cfg.reconnect_timeout = Duration::from_secs(reconnect_timeout.unwrap_or(60));
+            cfg.state_dir = state_dir;
             Agent::new(cfg, &passphrase)?
         }
         (None, Some(cs)) => {
@@ -119,6 +126,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
             }
             let mut cfg = AgentConfig::with_locator(Locator::Cs { client: identity.client }, machine, disks);
             cfg.reconnect_timeout = Duration::from_secs(reconnect_timeout.unwrap_or(3600));
+            cfg.state_dir = Some(state_dir);
             Agent::with_key(cfg, identity.key)?
         }
         _ => anyhow::bail!("give either --ps (a standalone process server) or --cs (a configuration server)"),
