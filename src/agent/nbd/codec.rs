@@ -1,4 +1,4 @@
-//! The NBD wire format, the subset churnlog serves (`docs/protocol.md` §7): the fixed
+//! The NBD wire format, the subset churnlog serves (`docs/protocol.md` §6.1): the fixed
 //! newstyle handshake, option haggling (GO, INFO, LIST, ABORT, EXPORT_NAME; everything
 //! else refused), and simple replies to READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and DISC.
 //! Pure functions over byte slices, so that the parsers can be fuzzed
@@ -439,10 +439,8 @@ mod tests {
                                                       offset in any::<u64>(), len in any::<u32>(), size in any::<u64>()) {
             let r = Request { flags, command, handle, offset, len };
             prop_assert_eq!(Request::parse(&r.encode()), Ok(r));
-            if let Ok(Ok(c)) = r.check(size) {
-                if let Command::Read { offset, len } | Command::Write { offset, len, .. } = c {
-                    prop_assert!(len <= REQUEST_LEN_MAX && offset + len as u64 <= size);
-                }
+            if let Ok(Ok(Command::Read { offset, len } | Command::Write { offset, len, .. })) = r.check(size) {
+                prop_assert!(len <= REQUEST_LEN_MAX && offset + len as u64 <= size);
             }
         }
 

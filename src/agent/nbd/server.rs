@@ -1,6 +1,6 @@
 //! One NBD connection: the fixed newstyle handshake, then requests served one at a time
 //! in arrival order (simple replies, so replies leave in the same order). Writes go
-//! through [`Capture`], which orders them for replication. See `docs/protocol.md` §7.
+//! through [`Capture`], which orders them for replication. See `docs/protocol.md` §6.1.
 
 use std::sync::Arc;
 
