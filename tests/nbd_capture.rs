@@ -268,13 +268,19 @@ async fn an_unreachable_server_does_not_block_the_writer_and_the_bitmap_catches_
         vec![("disk0".into(), img.clone())],
     );
     cfg.reconnect_timeout = Duration::from_secs(5);
+    // A small window: frames in flight on a connection the agent has not yet seen die
+    // are another queue, and this test wants the bitmap to take the outage.
+    cfg.window = 4;
     let agent = Agent::new(cfg, PASSPHRASE).unwrap();
     let exports = nbd::open_exports(&[("disk0".into(), img.clone())]).unwrap();
     // A small queue: the outage outlasts it many times over.
     let cfg = CaptureConfig { queue_bytes: 256 << 10, point_interval: Duration::ZERO };
     let running = nbd::start(agent, exports, cfg, Some("127.0.0.1:0".parse().unwrap()), None).await.unwrap();
     let addr = running.tcp_addr.unwrap();
-    wait_for(&running, "initial copy", Duration::from_secs(60), |s| s.dirty_chunks == 0 && s.queued_bytes == 0).await;
+    wait_for(&running, "initial copy", Duration::from_secs(60), |s| {
+        s.catchup_bytes >= size as u64 && s.dirty_chunks == 0 && s.queued_bytes == 0
+    })
+    .await;
 
     // The process server goes away.
     server.stop().await.unwrap();

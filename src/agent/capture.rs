@@ -499,13 +499,24 @@ pub async fn replicate(
             Ok(false) => {
                 // Idle: read the server's acknowledgements while frames or uploads are
                 // outstanding; wake on new work or stop.
-                let uploaded: Vec<u64> = awaiting_upload.iter().copied().filter(|&p| agent.is_uploaded(p)).collect();
-                if let Some(&newest) = uploaded.iter().max() {
+                let mut newest = None;
+                awaiting_upload.retain(|&p| {
+                    if agent.take_uploaded(p) {
+                        newest = newest.max(Some(p));
+                        return false;
+                    }
+                    !agent.take_lost(p)
+                });
+                if let Some(newest) = newest {
                     let mut s = capture.state.lock();
                     s.status.last_uploaded_consistent =
                         Some(s.status.last_uploaded_consistent.map_or(newest, |o| o.max(newest)));
                 }
-                awaiting_upload.retain(|p| !uploaded.contains(p) && !agent.is_lost(*p));
+                // A point the server no longer watches (its session ended) is never
+                // reported: only the newest few are waited for.
+                if awaiting_upload.len() > 64 {
+                    awaiting_upload.drain(..awaiting_upload.len() - 64);
+                }
                 let waiting = agent.pending_frames() > 0 || !awaiting_upload.is_empty();
                 tokio::select! {
                     _ = capture.notify.notified() => {}

@@ -393,12 +393,14 @@ impl Agent {
         self.unacked.len()
     }
 
-    pub fn is_uploaded(&self, point_id: u64) -> bool {
-        self.uploaded.contains(&point_id)
+    /// Streaming: whether the server reported `point_id` uploaded (forgotten once true).
+    pub fn take_uploaded(&mut self, point_id: u64) -> bool {
+        self.uploaded.remove(&point_id)
     }
 
-    pub fn is_lost(&self, point_id: u64) -> bool {
-        self.lost.contains(&point_id)
+    /// Streaming: whether the server reported `point_id` lost (forgotten once true).
+    pub fn take_lost(&mut self, point_id: u64) -> bool {
+        self.lost.remove(&point_id)
     }
 
     /// Handles one message from the server (acknowledgements, uploads, resync requests),

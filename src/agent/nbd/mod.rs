@@ -67,6 +67,11 @@ pub async fn start(
         return Err(StartError::NoListener);
     }
     let capture = Arc::new(Capture::new(exports, cfg));
+    // The first copy of every export is a catch-up over the whole disk (the replication
+    // task sends each export's resync base before any of it).
+    for d in 0..capture.exports().len() {
+        capture.mark_all_dirty(d);
+    }
     let mut listeners = Vec::new();
     let mut tcp_addr = None;
     if let Some(addr) = tcp {
