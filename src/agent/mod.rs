@@ -18,7 +18,9 @@
 //! point the server acknowledged durable survive a restart: a restarted agent sends only
 //! the blocks that differ from them, without a `Resync` frame.
 
+pub mod capture;
 pub mod credential;
+pub mod nbd;
 pub mod state;
 
 use std::collections::{HashSet, VecDeque};
@@ -383,6 +385,68 @@ impl Agent {
         report.seconds = started.elapsed().as_secs_f64();
         report.reconnects = self.reconnects - reconnects_before;
         Ok(report)
+    }
+
+    /// Streaming (NBD exports, [`capture`]): queues a write of `data` (at most
+    /// [`crate::protocol::WRITE_DATA_MAX`] bytes) at `offset` of disk number `disk`, in
+    /// order after everything sent before it; resent after reconnects until durable.
+    pub async fn stream_write(&mut self, disk: u16, offset: u64, data: Vec<u8>) -> Result<(), AgentError> {
+        self.send(Frame::Write { disk, tag: 0, offset, data }).await
+    }
+
+    /// Streaming: `len` (at most [`ZERO_LEN_MAX`]) bytes from `offset` are zeros.
+    pub async fn stream_zero(&mut self, disk: u16, offset: u64, len: u64) -> Result<(), AgentError> {
+        self.send(Frame::Zero { disk, tag: 0, offset, len }).await
+    }
+
+    /// Streaming: a full copy of `disk` follows (restore builds later points from it).
+    pub async fn stream_resync(&mut self, disk: u16) -> Result<(), AgentError> {
+        self.send(Frame::Resync { disk, tag: 0 }).await
+    }
+
+    /// Streaming: tags a recovery point of `kind` over every disk, behind everything sent
+    /// so far, without waiting for it; returns its id.
+    pub async fn tag_point(&mut self, kind: PointKind) -> Result<u64, AgentError> {
+        self.connected().await?; // every disk's size is declared once connected
+        let disks = self.declared_bytes.iter().enumerate().map(|(d, b)| (d as u16, b.unwrap_or(0))).collect();
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let point_id = (self.last_point_id + 1).max(now_ms);
+        self.last_point_id = point_id;
+        self.send(Frame::Point { tag: 0, point_id, kind, unix_ms: now_ms, disks }).await?;
+        Ok(point_id)
+    }
+
+    /// Streaming: disks the process server asked a full copy of since the last call.
+    pub fn take_resync_requests(&mut self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for (d, flag) in self.resync_requested.iter_mut().enumerate() {
+            if std::mem::take(flag) {
+                out.push(d as u16);
+            }
+        }
+        out
+    }
+
+    /// Frames sent and not yet acknowledged durable.
+    pub fn pending_frames(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// Streaming: whether the server reported `point_id` uploaded (forgotten once true).
+    pub fn take_uploaded(&mut self, point_id: u64) -> bool {
+        self.uploaded.remove(&point_id)
+    }
+
+    /// Streaming: whether the server reported `point_id` lost (forgotten once true).
+    pub fn take_lost(&mut self, point_id: u64) -> bool {
+        self.lost.remove(&point_id)
+    }
+
+    /// Handles one message from the server (acknowledgements, uploads, resync requests),
+    /// reconnecting first if needed. Cancel-safe between messages.
+    pub async fn poll(&mut self) -> Result<(), AgentError> {
+        self.next_event().await
     }
 
     /// Waits until `point_id` is uploaded (false) or lost (true).

@@ -9,8 +9,9 @@ use anyhow::Context;
 
 use std::time::Duration;
 
+use churnlog::agent::capture::CaptureConfig;
 use churnlog::agent::credential::{credential_path, load_or_register, CsSettings};
-use churnlog::agent::{Agent, AgentConfig, Locator};
+use churnlog::agent::{nbd, Agent, AgentConfig, Locator};
 use churnlog::protocol::PointKind;
 
 use super::{progress_bar, read_passphrase, runtime, show_progress};
@@ -48,9 +49,27 @@ pub struct AgentArgs {
     passphrase_file: Option<PathBuf>,
     #[arg(long)]
     machine: String,
-    /// ID=PATH, once per disk.
-    #[arg(long = "disk", required = true)]
+    /// ID=PATH, once per disk: whole-disk passes (read every block each interval).
+    #[arg(long = "disk", required_unless_present = "exports", conflicts_with = "exports")]
     disks: Vec<String>,
+    /// ID=PATH, once per disk: serve the image file or block device PATH as the NBD
+    /// export ID and replicate every write as it happens (crash-consistent points at
+    /// flush boundaries). Needs --nbd-listen and/or --nbd-socket.
+    #[arg(long = "export", conflicts_with_all = ["once", "wait_uploaded", "interval"])]
+    exports: Vec<String>,
+    /// TCP address the NBD exports listen on (e.g. 127.0.0.1:10809).
+    #[arg(long, requires = "exports")]
+    nbd_listen: Option<std::net::SocketAddr>,
+    /// Unix socket path the NBD exports listen on (created; must not exist).
+    #[arg(long, requires = "exports")]
+    nbd_socket: Option<PathBuf>,
+    /// With --export: a point follows the first completed FLUSH after this many seconds.
+    #[arg(long, default_value_t = 5, requires = "exports")]
+    point_interval: u64,
+    /// With --export: MiB of writes queued for the process server before capture falls
+    /// back to the dirty bitmap.
+    #[arg(long, default_value_t = 64, requires = "exports")]
+    queue_mib: usize,
     /// One pass, then exit.
     #[arg(long)]
     once: bool,
@@ -79,12 +98,19 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         passphrase_file,
         machine,
         disks,
+        exports,
+        nbd_listen,
+        nbd_socket,
+        point_interval,
+        queue_mib,
         once,
         wait_uploaded,
         interval,
         app_consistent,
         reconnect_timeout,
     } = args;
+    let nbd = !exports.is_empty();
+    let disks = if nbd { &exports } else { &disks };
     let disks = disks
         .iter()
         .map(|d| {
@@ -96,6 +122,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let mut agent = match (ps, cs) {
         (Some(ps), None) => {
+            let disks = disks.clone();
             let ps_cert = ps_cert.context("--ps needs --ps-cert")?;
             let passphrase_file = passphrase_file.context("--ps needs --passphrase-file")?;
             let passphrase = read_passphrase(&passphrase_file)?;
@@ -124,13 +151,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
                     credential_path(&state_dir).display()
                 );
             }
-            let mut cfg = AgentConfig::with_locator(Locator::Cs { client: identity.client }, machine, disks);
+            let mut cfg = AgentConfig::with_locator(Locator::Cs { client: identity.client }, machine, disks.clone());
             cfg.reconnect_timeout = Duration::from_secs(reconnect_timeout.unwrap_or(3600));
             cfg.state_dir = Some(state_dir);
             Agent::with_key(cfg, identity.key)?
         }
         _ => anyhow::bail!("give either --ps (a standalone process server) or --cs (a configuration server)"),
     };
+    if nbd {
+        let cfg = CaptureConfig { queue_bytes: queue_mib << 20, point_interval: Duration::from_secs(point_interval) };
+        rt.block_on(serve_exports(agent, &disks, cfg, nbd_listen, nbd_socket))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let kind = if app_consistent { PointKind::AppConsistent } else { PointKind::CrashConsistent };
     rt.block_on(async move {
         loop {
@@ -147,4 +179,41 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--export`: serves the exports until SIGINT or SIGTERM; one JSON line of capture
+/// status per new recovery point.
+async fn serve_exports(
+    agent: Agent,
+    disks: &[(String, PathBuf)],
+    cfg: CaptureConfig,
+    tcp: Option<std::net::SocketAddr>,
+    unix: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let exports = nbd::open_exports(disks)?;
+    let running = nbd::start(agent, exports, cfg, tcp, unix).await?;
+    if let Some(a) = running.tcp_addr {
+        eprintln!("churnlog: NBD exports on nbd://{a}/ID");
+    }
+    if let Some(p) = &running.unix_path {
+        eprintln!("churnlog: NBD exports on nbd+unix:///ID?socket={}", p.display());
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut last = None;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                let status = running.status();
+                if status.last_point != last {
+                    last = status.last_point;
+                    println!("{}", serde_json::to_string(&status)?);
+                }
+            }
+        }
+    }
+    let (_agent, r) = running.stop().await;
+    r?;
+    Ok(())
 }

@@ -39,6 +39,12 @@ pub enum PointKind {
     CrashConsistent = 1,
     /// Requested by the application after it quiesced.
     AppConsistent = 2,
+    /// Tagged while the agent was catching up from its dirty bitmap (the replication
+    /// queue had overflowed, or the initial copy of an NBD export was under way): the
+    /// image holds some writes made after others it lacks, so it is **not**
+    /// crash-consistent. Restorable, but not a state the disk ever had. Added after
+    /// version 2 without a version change: older readers refuse kind 3.
+    NotCrashConsistent = 3,
 }
 
 impl PointKind {
@@ -46,6 +52,7 @@ impl PointKind {
         match v {
             1 => Some(PointKind::CrashConsistent),
             2 => Some(PointKind::AppConsistent),
+            3 => Some(PointKind::NotCrashConsistent),
             _ => None,
         }
     }

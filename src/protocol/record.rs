@@ -124,10 +124,10 @@ mod tests {
     proptest! {
         #[test]
         fn stream_records_round_trip(offset in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 1..2000),
-                                     id in any::<u64>(), ms in any::<u64>(), size in any::<u64>(), app in any::<bool>()) {
+                                     id in any::<u64>(), ms in any::<u64>(), size in any::<u64>(), k in 1u8..=3) {
             let w = StreamRecord::Write { offset, data };
             prop_assert_eq!(StreamRecord::decode(&w.encode()).unwrap(), w);
-            let kind = if app { PointKind::AppConsistent } else { PointKind::CrashConsistent };
+            let kind = PointKind::from_u8(k).unwrap();
             let p = StreamRecord::Point { point_id: id, kind, unix_ms: ms, disk_size: size };
             prop_assert_eq!(StreamRecord::decode(&p.encode()).unwrap(), p);
             let r = StreamRecord::ResyncBase { unix_ms: ms };

@@ -1,0 +1,643 @@
+//! Write capture for NBD exports ([`super::nbd`]): every write, trim and write-zeroes
+//! goes to the backing file and, in the same global order, into a **bounded** in-memory
+//! queue that the replication task ([`replicate`]) empties into the agent's connection.
+//!
+//! The NBD side never waits for the network. When an item does not fit in the queue,
+//! its range is recorded in a per-export dirty bitmap instead, and from then on every
+//! write is recorded there until the bitmap has drained ("overflow"). The replication
+//! task sends what is queued first, then catches up: it takes a run of dirty chunks,
+//! reads them from the backing file **under the same lock the writers hold**, so the
+//! bytes it sends are the file's content at one instant of the global order, and sends
+//! them (all-zero runs as `Zero` frames). Once the bitmap is empty, writes go to the
+//! queue again. A write after a chunk was read either re-dirties it or is queued after
+//! it, so the process server always applies the same sequence of states the file went
+//! through, only coarser during catch-up.
+//!
+//! Points: after a FLUSH, once `point_interval` has passed since the last point, a point
+//! marker joins the queue while the lock is held (nothing can come between the flush's
+//! fdatasync and the marker). It is crash-consistent when no bitmap holds anything then:
+//! everything before it in the stream is exactly the file at that flush. Otherwise it is
+//! tagged [`PointKind::NotCrashConsistent`]. An initial copy (and a full copy the server
+//! asks for) is a catch-up over the whole disk, so points during it are not
+//! crash-consistent either.
+//!
+//! The bitmap is in memory only: an agent restart copies every export in full again.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::{Agent, AgentError};
+use crate::protocol::{PointKind, WRITE_DATA_MAX, ZERO_LEN_MAX};
+
+/// Granularity of the dirty bitmap, bytes.
+pub const CHUNK: u64 = 64 << 10;
+
+/// One exported disk.
+pub struct Export {
+    pub id: String,
+    pub file: File,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Bytes of write data the queue holds at most (each item counts at least 64).
+    pub queue_bytes: usize,
+    /// A point follows the first FLUSH after this long since the previous point.
+    pub point_interval: Duration,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> CaptureConfig {
+        CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::from_secs(5) }
+    }
+}
+
+/// What the replication task sends, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    Write {
+        disk: u16,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Zero {
+        disk: u16,
+        offset: u64,
+        len: u64,
+    },
+    /// A recovery point over every export.
+    Point {
+        consistent: bool,
+    },
+}
+
+impl Item {
+    fn cost(&self) -> usize {
+        match self {
+            Item::Write { data, .. } => data.len().max(64),
+            _ => 64,
+        }
+    }
+}
+
+/// Dirty chunks of one export, one bit each.
+#[derive(Clone, Debug)]
+pub struct DirtyBitmap {
+    words: Vec<u64>,
+    chunks: u64,
+    count: u64,
+    /// Where the next catch-up scan starts (a word index).
+    cursor: usize,
+}
+
+impl DirtyBitmap {
+    pub fn new(size: u64) -> DirtyBitmap {
+        let chunks = size.div_ceil(CHUNK);
+        DirtyBitmap { words: vec![0; chunks.div_ceil(64) as usize], chunks, count: 0, cursor: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Dirty chunks.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Marks every chunk overlapping `offset..offset + len` (clipped to the disk).
+    pub fn mark(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / CHUNK;
+        let last = (offset.saturating_add(len - 1) / CHUNK).min(self.chunks.saturating_sub(1));
+        for c in first..=last {
+            let (w, b) = ((c / 64) as usize, c % 64);
+            if self.words[w] & (1 << b) == 0 {
+                self.words[w] |= 1 << b;
+                self.count += 1;
+            }
+        }
+    }
+
+    pub fn mark_all(&mut self) {
+        for c in 0..self.chunks {
+            let (w, b) = ((c / 64) as usize, c % 64);
+            self.words[w] |= 1 << b;
+        }
+        self.count = self.chunks;
+    }
+
+    /// Clears and returns the next run of at most `max` dirty chunks: (first, count).
+    pub fn take_run(&mut self, max: u64) -> Option<(u64, u64)> {
+        if self.count == 0 || max == 0 {
+            return None;
+        }
+        let n = self.words.len();
+        let w = (0..n).map(|i| (self.cursor + i) % n).find(|&w| self.words[w] != 0)?;
+        let first = w as u64 * 64 + self.words[w].trailing_zeros() as u64;
+        let mut c = first;
+        while c < self.chunks && c - first < max && self.words[(c / 64) as usize] & (1 << (c % 64)) != 0 {
+            self.words[(c / 64) as usize] &= !(1 << (c % 64));
+            self.count -= 1;
+            c += 1;
+        }
+        self.cursor = ((c / 64) as usize).min(n - 1);
+        Some((first, c - first))
+    }
+}
+
+/// Counters, for the agent's JSON lines and the tests.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CaptureStatus {
+    pub writes: u64,
+    pub zeroes: u64,
+    pub flushes: u64,
+    /// Times the queue was full and capture fell back to the bitmap.
+    pub overflows: u64,
+    pub dirty_chunks: u64,
+    pub queued_bytes: usize,
+    pub catchup_bytes: u64,
+    pub points_consistent: u64,
+    pub points_not_consistent: u64,
+    /// The newest point tagged on the process server: (id, crash-consistent).
+    pub last_point: Option<(u64, bool)>,
+    /// The newest crash-consistent point the process server reported uploaded.
+    pub last_uploaded_consistent: Option<u64>,
+    /// The replication task's latest error, while it retries.
+    pub last_error: Option<String>,
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    queued: usize,
+    dirty: Vec<DirtyBitmap>,
+    last_point: Option<Instant>,
+    status: CaptureStatus,
+}
+
+impl State {
+    fn overflowing(&self) -> bool {
+        self.dirty.iter().any(|d| !d.is_empty())
+    }
+
+    /// Queues `item`, or records `range` of `disk` as dirty when the queue is full or
+    /// catch-up is under way.
+    fn push_or_dirty(&mut self, item: Item, disk: usize, offset: u64, len: u64, limit: usize) {
+        if !self.overflowing() && self.queued + item.cost() <= limit {
+            self.queued += item.cost();
+            self.queue.push_back(item);
+        } else {
+            if !self.overflowing() {
+                self.status.overflows += 1;
+                tracing::warn!("replication queue full: recording dirty regions until the agent catches up");
+            }
+            self.dirty[disk].mark(offset, len);
+        }
+    }
+}
+
+/// What the replication task takes next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Work {
+    Item(Item),
+    /// `data` is the content of `disk` at `offset` now (read under the lock).
+    CatchUp {
+        disk: u16,
+        offset: u64,
+        data: Vec<u8>,
+    },
+}
+
+pub struct Capture {
+    exports: Vec<Export>,
+    cfg: CaptureConfig,
+    state: Mutex<State>,
+    notify: tokio::sync::Notify,
+}
+
+impl Capture {
+    pub fn new(exports: Vec<Export>, cfg: CaptureConfig) -> Capture {
+        let dirty = exports.iter().map(|e| DirtyBitmap::new(e.size)).collect();
+        Capture {
+            exports,
+            cfg,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued: 0,
+                dirty,
+                last_point: None,
+                status: CaptureStatus::default(),
+            }),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn exports(&self) -> &[Export] {
+        &self.exports
+    }
+
+    pub fn status(&self) -> CaptureStatus {
+        let s = self.state.lock();
+        let mut st = s.status.clone();
+        st.dirty_chunks = s.dirty.iter().map(|d| d.count()).sum();
+        st.queued_bytes = s.queued;
+        st
+    }
+
+    pub fn read(&self, disk: usize, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.exports[disk].file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// Writes to the backing file and captures the write; with `fua`, returns after
+    /// fdatasync.
+    pub fn write(&self, disk: usize, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
+        if !data.is_empty() {
+            let mut s = self.state.lock();
+            if let Err(e) = self.exports[disk].file.write_all_at(&data, offset) {
+                // Part of it may be in the file: catch-up sends whatever is there.
+                s.dirty[disk].mark(offset, data.len() as u64);
+                return Err(e);
+            }
+            s.status.writes += 1;
+            let len = data.len() as u64;
+            s.push_or_dirty(Item::Write { disk: disk as u16, offset, data }, disk, offset, len, self.cfg.queue_bytes);
+        }
+        self.notify.notify_one();
+        if fua {
+            self.exports[disk].file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// TRIM and WRITE_ZEROES: the range reads back as zeros (a punched hole where the
+    /// file system can, written zeros where not) and is replicated as a zero run.
+    pub fn zero(&self, disk: usize, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+        if len > 0 {
+            let mut s = self.state.lock();
+            if let Err(e) = zero_range(&self.exports[disk].file, offset, len) {
+                s.dirty[disk].mark(offset, len);
+                return Err(e);
+            }
+            s.status.zeroes += 1;
+            s.push_or_dirty(Item::Zero { disk: disk as u16, offset, len }, disk, offset, len, self.cfg.queue_bytes);
+        }
+        self.notify.notify_one();
+        if fua {
+            self.exports[disk].file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// FLUSH: fdatasync; then, when a point is due, a point marker right behind
+    /// everything the flush made durable.
+    pub fn flush(&self, disk: usize) -> std::io::Result<()> {
+        let due = |s: &State| s.last_point.is_none_or(|t| t.elapsed() >= self.cfg.point_interval);
+        if !due(&self.state.lock()) {
+            self.exports[disk].file.sync_data()?;
+            self.state.lock().status.flushes += 1;
+            return Ok(());
+        }
+        let mut s = self.state.lock();
+        self.exports[disk].file.sync_data()?;
+        s.status.flushes += 1;
+        if due(&s) {
+            s.last_point = Some(Instant::now());
+            let consistent = !s.overflowing();
+            s.queued += 64;
+            s.queue.push_back(Item::Point { consistent });
+            drop(s);
+            self.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The whole of `disk` must be sent again (the first copy, or a full copy the process
+    /// server asked for): every chunk becomes dirty, and points already queued are no
+    /// longer crash-consistent (they would follow the resync base).
+    pub fn mark_all_dirty(&self, disk: usize) {
+        let mut s = self.state.lock();
+        s.dirty[disk].mark_all();
+        for item in s.queue.iter_mut() {
+            if let Item::Point { consistent } = item {
+                *consistent = false;
+            }
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// The next thing to send: queued items first, then a run of dirty chunks (at most
+    /// one write frame's worth), read from the backing file under the lock.
+    pub fn next(&self) -> std::io::Result<Option<Work>> {
+        let mut s = self.state.lock();
+        if let Some(item) = s.queue.pop_front() {
+            s.queued -= item.cost();
+            return Ok(Some(Work::Item(item)));
+        }
+        for d in 0..self.exports.len() {
+            if let Some((first, n)) = s.dirty[d].take_run(WRITE_DATA_MAX as u64 / CHUNK) {
+                let offset = first * CHUNK;
+                let len = (n * CHUNK).min(self.exports[d].size - offset) as usize;
+                let mut data = vec![0u8; len];
+                if let Err(e) = self.exports[d].file.read_exact_at(&mut data, offset) {
+                    s.dirty[d].mark(offset, len as u64);
+                    return Err(e);
+                }
+                s.status.catchup_bytes += len as u64;
+                if !s.overflowing() {
+                    tracing::info!("dirty bitmap drained: streaming again");
+                }
+                return Ok(Some(Work::CatchUp { disk: d as u16, offset, data }));
+            }
+        }
+        Ok(None)
+    }
+
+    fn note_point(&self, id: u64, consistent: bool) {
+        let mut s = self.state.lock();
+        s.status.last_point = Some((id, consistent));
+        if consistent {
+            s.status.points_consistent += 1;
+        } else {
+            s.status.points_not_consistent += 1;
+        }
+    }
+
+    fn note_error(&self, e: Option<String>) {
+        self.state.lock().status.last_error = e;
+    }
+}
+
+/// Makes `offset..offset + len` of `file` read as zeros: punches a hole (the size is
+/// kept), or writes zeros where the file system cannot.
+fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    if fallocate(file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// One frame's worth of work for the agent.
+enum Op {
+    Write { disk: u16, offset: u64, data: Vec<u8> },
+    Zero { disk: u16, offset: u64, len: u64 },
+    Point { consistent: bool },
+}
+
+fn ops(work: Work) -> Vec<Op> {
+    let write = |disk: u16, offset: u64, data: Vec<u8>| -> Vec<Op> {
+        if data.len() <= WRITE_DATA_MAX {
+            return vec![Op::Write { disk, offset, data }];
+        }
+        data.chunks(WRITE_DATA_MAX)
+            .enumerate()
+            .map(|(i, c)| Op::Write { disk, offset: offset + (i * WRITE_DATA_MAX) as u64, data: c.to_vec() })
+            .collect()
+    };
+    match work {
+        Work::Item(Item::Write { disk, offset, data }) => write(disk, offset, data),
+        Work::Item(Item::Zero { disk, offset, len }) => {
+            let mut out = Vec::new();
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(ZERO_LEN_MAX);
+                out.push(Op::Zero { disk, offset: at, len: n });
+                at += n;
+            }
+            out
+        }
+        Work::Item(Item::Point { consistent }) => vec![Op::Point { consistent }],
+        Work::CatchUp { disk, offset, data } if data.iter().all(|&b| b == 0) => {
+            vec![Op::Zero { disk, offset, len: data.len() as u64 }]
+        }
+        Work::CatchUp { disk, offset, data } => write(disk, offset, data),
+    }
+}
+
+/// The replication task: sends a full copy of every export first (a resync base, then a
+/// catch-up over the whole disk), then the captured stream, for ever. Network trouble
+/// is retried (the NBD side meanwhile fills the bitmap); it returns only when `stop`
+/// fires (what is still queued or dirty then is not sent).
+pub async fn replicate(
+    capture: Arc<Capture>,
+    agent: &mut Agent,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let mut pending: VecDeque<Op> = VecDeque::new();
+    let disks = capture.exports().len();
+    let mut resync: VecDeque<u16> = (0..disks as u16).collect();
+    let mut delay = Duration::from_millis(100);
+    let mut awaiting_upload: Vec<u64> = Vec::new();
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        for d in agent.take_resync_requests() {
+            if !resync.contains(&d) {
+                resync.push_back(d);
+            }
+        }
+        let result = async {
+            if let Some(&d) = resync.front() {
+                // The base first: what follows it rebuilds the disk from zeros.
+                agent.stream_resync(d).await?;
+                capture.mark_all_dirty(d as usize);
+                resync.pop_front();
+                return Ok(true);
+            }
+            if pending.is_empty() {
+                match capture.next() {
+                    Ok(Some(work)) => pending.extend(ops(work)),
+                    Ok(None) => return Ok(false),
+                    Err(e) => return Err(AgentError::Disk("catch-up read".into(), e)),
+                }
+            }
+            while let Some(op) = pending.front() {
+                match op {
+                    Op::Write { disk, offset, data } => agent.stream_write(*disk, *offset, data.clone()).await?,
+                    Op::Zero { disk, offset, len } => agent.stream_zero(*disk, *offset, *len).await?,
+                    Op::Point { consistent } => {
+                        let kind = if *consistent { PointKind::CrashConsistent } else { PointKind::NotCrashConsistent };
+                        let id = agent.tag_point(kind).await?;
+                        capture.note_point(id, *consistent);
+                        if *consistent {
+                            awaiting_upload.push(id);
+                        }
+                    }
+                }
+                pending.pop_front();
+            }
+            Ok::<bool, AgentError>(true)
+        };
+        let result = tokio::select! {
+            r = result => r,
+            _ = stop.changed() => return Ok(()),
+        };
+        match result {
+            Ok(true) => {
+                delay = Duration::from_millis(100);
+                capture.note_error(None);
+            }
+            Ok(false) => {
+                // Idle: read the server's acknowledgements while frames or uploads are
+                // outstanding; wake on new work or stop.
+                let mut newest = None;
+                awaiting_upload.retain(|&p| {
+                    if agent.take_uploaded(p) {
+                        newest = newest.max(Some(p));
+                        return false;
+                    }
+                    !agent.take_lost(p)
+                });
+                if let Some(newest) = newest {
+                    let mut s = capture.state.lock();
+                    s.status.last_uploaded_consistent =
+                        Some(s.status.last_uploaded_consistent.map_or(newest, |o| o.max(newest)));
+                }
+                // A point the server no longer watches (its session ended) is never
+                // reported: only the newest few are waited for.
+                if awaiting_upload.len() > 64 {
+                    awaiting_upload.drain(..awaiting_upload.len() - 64);
+                }
+                let waiting = agent.pending_frames() > 0 || !awaiting_upload.is_empty();
+                tokio::select! {
+                    _ = capture.notify.notified() => {}
+                    _ = stop.changed() => {}
+                    r = agent.poll(), if waiting => {
+                        if let Err(e) = r {
+                            capture.note_error(Some(e.to_string()));
+                            tracing::warn!(error = %e, "replication: retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                capture.note_error(Some(e.to_string()));
+                tracing::warn!(error = %e, "replication: retrying (capture goes on into the bitmap)");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capture(size: u64, queue_bytes: usize) -> (tempfile::TempDir, Capture) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        file.set_len(size).unwrap();
+        let cfg = CaptureConfig { queue_bytes, point_interval: Duration::ZERO };
+        (dir, Capture::new(vec![Export { id: "d".into(), file, size }], cfg))
+    }
+
+    #[test]
+    fn bitmap_marks_and_takes_runs() {
+        let mut b = DirtyBitmap::new(10 * CHUNK + 5);
+        assert_eq!(b.take_run(4), None);
+        b.mark(CHUNK - 1, 2); // chunks 0 and 1
+        b.mark(10 * CHUNK, 100); // the partial last chunk
+        b.mark(9 * CHUNK, u64::MAX); // clipped
+        assert_eq!(b.count(), 4);
+        assert_eq!(b.take_run(8), Some((0, 2)));
+        assert_eq!(b.take_run(1), Some((9, 1)));
+        assert_eq!(b.take_run(8), Some((10, 1)));
+        assert!(b.is_empty());
+        b.mark_all();
+        assert_eq!(b.count(), 11);
+        assert_eq!(b.take_run(16), Some((0, 11)));
+        let mut big = DirtyBitmap::new(200 * CHUNK);
+        big.mark(130 * CHUNK, 1);
+        big.mark(3 * CHUNK, 1);
+        let mut got = vec![big.take_run(4).unwrap(), big.take_run(4).unwrap()];
+        got.sort();
+        assert_eq!(got, vec![(3, 1), (130, 1)]);
+    }
+
+    #[test]
+    fn a_full_queue_falls_back_to_the_bitmap_and_catches_up_in_order() {
+        let (_dir, c) = capture(4 << 20, 256 << 10);
+        // Fits: queued.
+        c.write(0, 0, vec![1; 128 << 10], false).unwrap();
+        c.flush(0).unwrap();
+        // Does not fit: the bitmap takes it, and everything after it until drained.
+        c.write(0, 1 << 20, vec![2; 200 << 10], false).unwrap();
+        c.write(0, 3 << 20, vec![3; 512], false).unwrap();
+        c.zero(0, 0, 4096, false).unwrap();
+        c.flush(0).unwrap();
+        let st = c.status();
+        assert_eq!(st.overflows, 1);
+        assert!(st.dirty_chunks >= 5, "{st:?}");
+        // Replay what the replication task would send onto a replica.
+        let mut replica = vec![0u8; 4 << 20];
+        let mut points = Vec::new();
+        while let Some(w) = c.next().unwrap() {
+            match w {
+                Work::Item(Item::Write { offset, data, .. }) | Work::CatchUp { offset, data, .. } => {
+                    replica[offset as usize..offset as usize + data.len()].copy_from_slice(&data)
+                }
+                Work::Item(Item::Zero { offset, len, .. }) => replica[offset as usize..(offset + len) as usize].fill(0),
+                Work::Item(Item::Point { consistent }) => points.push(consistent),
+            }
+        }
+        assert_eq!(points, vec![true, false], "the point during overflow is not crash-consistent");
+        assert!(replica == c.read(0, 0, 4 << 20).unwrap());
+        // Drained: streaming again, and the next point is crash-consistent.
+        c.write(0, 8192, vec![4; 100], false).unwrap();
+        c.flush(0).unwrap();
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Write { disk: 0, offset: 8192, data: vec![4; 100] })));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true })));
+        assert_eq!(c.next().unwrap(), None);
+    }
+
+    #[test]
+    fn a_full_copy_makes_queued_points_inconsistent() {
+        let (_dir, c) = capture(1 << 20, 1 << 20);
+        c.write(0, 0, vec![9; 10], false).unwrap();
+        c.flush(0).unwrap();
+        c.mark_all_dirty(0);
+        assert!(matches!(c.next().unwrap(), Some(Work::Item(Item::Write { .. }))));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: false })));
+        let Some(Work::CatchUp { offset: 0, data, .. }) = c.next().unwrap() else { panic!("catch-up") };
+        assert_eq!(data.len(), 1 << 20);
+        assert_eq!(&data[..11], &[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]);
+        assert_eq!(c.next().unwrap(), None);
+    }
+
+    #[test]
+    fn zeroing_reads_back_zeros() {
+        let (_dir, c) = capture(1 << 20, 1 << 20);
+        c.write(0, 0, vec![7; 1 << 20], false).unwrap();
+        c.zero(0, 4096, 70_000, true).unwrap();
+        let back = c.read(0, 0, 1 << 20).unwrap();
+        assert!(back[..4096].iter().all(|&b| b == 7));
+        assert!(back[4096..4096 + 70_000].iter().all(|&b| b == 0));
+        assert!(back[4096 + 70_000..].iter().all(|&b| b == 7));
+    }
+}

@@ -1,0 +1,156 @@
+//! NBD exports: `churnlog agent --export ID=PATH` serves each backing file over the NBD
+//! protocol (TCP and/or a Unix socket) and replicates every write as it happens
+//! ([`crate::agent::capture`]). [`start`] runs the listeners and the replication task;
+//! [`Running::stop`] ends both and gives the [`Agent`] back.
+
+pub mod codec;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use super::capture::{replicate, Capture, CaptureConfig, CaptureStatus, Export};
+use super::{Agent, AgentError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("export {0}: {1}")]
+    Export(String, std::io::Error),
+    #[error("export {0}: its size ({1} bytes) is not a multiple of 512")]
+    Unaligned(String, u64),
+    #[error("listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("give --nbd-listen and/or --nbd-socket")]
+    NoListener,
+}
+
+/// Opens every backing file for reading and writing; the size is fixed from now on.
+pub fn open_exports(exports: &[(String, PathBuf)]) -> Result<Vec<Export>, StartError> {
+    exports
+        .iter()
+        .map(|(id, path)| {
+            let err = |e| StartError::Export(id.clone(), e);
+            let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+            // Seeking to the end gives the size of block devices too.
+            let size = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(err)?;
+            if size % 512 != 0 {
+                return Err(StartError::Unaligned(id.clone(), size));
+            }
+            Ok(Export { id: id.clone(), file, size })
+        })
+        .collect()
+}
+
+/// The listeners and the replication task of a running agent.
+pub struct Running {
+    pub tcp_addr: Option<SocketAddr>,
+    pub unix_path: Option<PathBuf>,
+    pub capture: Arc<Capture>,
+    listeners: Vec<JoinHandle<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    replication: JoinHandle<(Agent, Result<(), AgentError>)>,
+}
+
+/// Serves `exports` (the agent's disks, in the same order) and replicates them through
+/// `agent`.
+pub async fn start(
+    mut agent: Agent,
+    exports: Vec<Export>,
+    cfg: CaptureConfig,
+    tcp: Option<SocketAddr>,
+    unix: Option<PathBuf>,
+) -> Result<Running, StartError> {
+    if tcp.is_none() && unix.is_none() {
+        return Err(StartError::NoListener);
+    }
+    let capture = Arc::new(Capture::new(exports, cfg));
+    // The first copy of every export is a catch-up over the whole disk (the replication
+    // task sends each export's resync base before any of it).
+    for d in 0..capture.exports().len() {
+        capture.mark_all_dirty(d);
+    }
+    let mut listeners = Vec::new();
+    let mut tcp_addr = None;
+    if let Some(addr) = tcp {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::Listen(addr.to_string(), e))?;
+        tcp_addr = Some(l.local_addr().map_err(|e| StartError::Listen(addr.to_string(), e))?);
+        let c = capture.clone();
+        listeners.push(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                match l.accept().await {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nodelay(true);
+                        let c = c.clone();
+                        conns.spawn(async move {
+                            if let Err(e) = server::handle(s, c).await {
+                                tracing::warn!(%peer, error = %e, "NBD connection closed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+    if let Some(path) = &unix {
+        let l = tokio::net::UnixListener::bind(path).map_err(|e| StartError::Listen(path.display().to_string(), e))?;
+        let c = capture.clone();
+        listeners.push(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                match l.accept().await {
+                    Ok((s, _)) => {
+                        let c = c.clone();
+                        conns.spawn(async move {
+                            if let Err(e) = server::handle(s, c).await {
+                                tracing::warn!(error = %e, "NBD connection closed");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NBD accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let c = capture.clone();
+    let replication = tokio::spawn(async move {
+        let r = replicate(c, &mut agent, stop_rx).await;
+        (agent, r)
+    });
+    Ok(Running { tcp_addr, unix_path: unix, capture, listeners, stop, replication })
+}
+
+impl Running {
+    pub fn status(&self) -> CaptureStatus {
+        self.capture.status()
+    }
+
+    /// Closes the listeners and every NBD connection, stops replication, and returns
+    /// the agent (with whatever it had not yet sent).
+    pub async fn stop(self) -> (Agent, Result<(), AgentError>) {
+        for l in &self.listeners {
+            l.abort();
+        }
+        for l in self.listeners {
+            let _ = l.await;
+        }
+        if let Some(p) = &self.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = self.stop.send(true);
+        self.replication.await.expect("the replication task does not panic")
+    }
+}

@@ -1,0 +1,336 @@
+//! Write capture through the agent's NBD export, driven by real NBD clients (qemu-io from
+//! qemu-utils, nbdinfo and nbdcopy from libnbd-bin): every crash-consistent point
+//! restores byte for byte to the image at the FLUSH it follows, and a process server
+//! that is down while the writer runs neither blocks the writer nor loses a byte (the
+//! dirty bitmap catches up). The client binaries are required: a missing one fails.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use churnlog::agent::capture::{CaptureConfig, CaptureStatus};
+use churnlog::agent::{nbd, Agent, AgentConfig};
+use churnlog::ingest::IngestConfig;
+use churnlog::process_server::{ProcessServer, ProcessServerConfig};
+use churnlog::protocol::PointKind;
+use churnlog::restore::{list_points, restore, PointSelector};
+use churnlog::store::Target;
+use common::rig::{fill, Rig, PASSPHRASE};
+
+fn require(bin: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/bin"] {
+        let p = Path::new(dir).join(bin);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{bin} is not installed: this test needs qemu-utils (qemu-io) and libnbd-bin (nbdinfo, nbdcopy)");
+}
+
+/// Runs a client to completion within `limit` (killed and failed past it).
+fn run_client(mut cmd: Command, limit: Duration) -> String {
+    let what = format!("{cmd:?}");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn the NBD client");
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{what} failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// A seeded writer: qemu-io commands for one round (writes, FUA writes, write-zeroes,
+/// discards, ending with a flush), applied to `expected` too.
+struct Writer {
+    rng: u64,
+}
+
+impl Writer {
+    fn next(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn round(&mut self, expected: &mut [u8], ops: usize) -> Vec<String> {
+        let sectors = expected.len() as u64 / 512;
+        let mut cmds = Vec::new();
+        for _ in 0..ops {
+            let len = (1 + self.next() % 256).min(sectors);
+            let off = self.next() % (sectors - len + 1);
+            let (o, l) = ((off * 512) as usize, (len * 512) as usize);
+            match self.next() % 8 {
+                0 => {
+                    cmds.push(format!("discard {o} {l}"));
+                    expected[o..o + l].fill(0);
+                }
+                1 => {
+                    cmds.push(format!("write -z {o} {l}"));
+                    expected[o..o + l].fill(0);
+                }
+                k => {
+                    let pattern = 1 + (self.next() % 255) as u8;
+                    let fua = if k == 2 { "-f " } else { "" };
+                    cmds.push(format!("write {fua}-P {pattern} {o} {l}"));
+                    expected[o..o + l].fill(pattern);
+                }
+            }
+        }
+        cmds.push("flush".into());
+        cmds
+    }
+}
+
+fn qemu_io(addr: SocketAddr, disk: &str, cmds: &[String]) -> String {
+    let mut cmd = Command::new(require("qemu-io"));
+    cmd.args(["-f", "raw", "-d", "unmap", &format!("nbd://{addr}/{disk}")]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    run_client(cmd, Duration::from_secs(120))
+}
+
+fn agent_for(server: &ProcessServer, machine: &str, disk: &str, path: &Path) -> Agent {
+    let cfg = AgentConfig::new(
+        server.local_addr.to_string(),
+        server.cert_pem.clone(),
+        machine.into(),
+        vec![(disk.into(), path.to_path_buf())],
+    );
+    Agent::new(cfg, PASSPHRASE).unwrap()
+}
+
+/// Polls `status` until `done` holds (bounded).
+async fn wait_for(running: &nbd::Running, what: &str, limit: Duration, done: impl Fn(&CaptureStatus) -> bool) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = running.status();
+        if done(&s) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn h(b: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_point_restores_to_its_flush_state() {
+    require("qemu-io");
+    let nbdinfo = require("nbdinfo");
+    let rig = Rig::start(Duration::from_secs(60)).await;
+    let work = rig.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let img = work.join("d0.img");
+    let size = 8 << 20;
+    let mut expected = vec![0u8; size];
+    fill(&mut expected[..3 << 20], 5); // existing content: the initial copy sends it
+    std::fs::write(&img, &expected).unwrap();
+
+    let agent = agent_for(&rig.server, "vm-nbd", "disk0", &img);
+    let exports = nbd::open_exports(&[("disk0".into(), img.clone())]).unwrap();
+    let cfg = CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::ZERO };
+    let sock = work.join("nbd.sock");
+    let running =
+        nbd::start(agent, exports, cfg, Some("127.0.0.1:0".parse().unwrap()), Some(sock.clone())).await.unwrap();
+    let addr = running.tcp_addr.unwrap();
+    wait_for(&running, "initial copy", Duration::from_secs(60), |s| {
+        s.dirty_chunks == 0 && s.catchup_bytes >= size as u64
+    })
+    .await;
+
+    // Option haggling: NBD_OPT_LIST, and NBD_OPT_INFO/GO with the size.
+    let listed = run_client(
+        {
+            let mut c = Command::new(&nbdinfo);
+            c.args(["--list", &format!("nbd://{addr}")]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(listed.contains("disk0"), "{listed}");
+    let size_out = run_client(
+        {
+            let mut c = Command::new(&nbdinfo);
+            c.args(["--size", &format!("nbd://{addr}/disk0")]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert_eq!(size_out.trim(), size.to_string());
+    let unix_size = run_client(
+        {
+            let mut c = Command::new(&nbdinfo);
+            c.args(["--size", &format!("nbd+unix:///disk0?socket={}", sock.display())]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert_eq!(unix_size.trim(), size.to_string(), "the Unix socket serves the same export");
+
+    // A seeded writer; the image at every flush is remembered by its hash.
+    let mut writer = Writer { rng: 0x9e37_79b9_7f4a_7c15 };
+    let mut states: HashMap<u128, usize> = HashMap::new();
+    let mut images = Vec::new();
+    let rounds = 12;
+    let mut cmds = Vec::new();
+    for r in 0..rounds {
+        cmds.extend(writer.round(&mut expected, 8));
+        assert!(states.insert(h(&expected), r).is_none(), "every flush state differs");
+        images.push(expected.clone());
+    }
+    let out = qemu_io(addr, "disk0", &cmds);
+    let writes = cmds.iter().filter(|c| c.starts_with("write")).count();
+    assert_eq!(out.lines().filter(|l| l.starts_with("wrote")).count(), writes, "{out}");
+    assert!(std::fs::read(&img).unwrap() == expected, "the backing file holds what the client wrote");
+
+    wait_for(&running, "every point uploaded", Duration::from_secs(120), |s| {
+        s.points_consistent >= rounds as u64
+            && s.last_point.is_some_and(|(id, ok)| ok && s.last_uploaded_consistent == Some(id))
+    })
+    .await;
+    let status = running.status();
+    assert_eq!(status.overflows, 0, "{status:?}");
+    let (_agent, r) = running.stop().await;
+    r.unwrap();
+
+    // Every crash-consistent point is one flush state, in order, and every flush has one.
+    let points = list_points(&rig.target, "vm-nbd", "disk0").await.unwrap();
+    let mut matched = Vec::new();
+    for p in points.iter().filter(|p| p.point.kind == PointKind::CrashConsistent) {
+        assert!(p.restorable, "{p:?}");
+        let out = work.join(format!("r{}", p.point.point_id));
+        restore(&rig.target, "vm-nbd", "disk0", PointSelector::Id(p.point.point_id), &out, |_, _| {}).await.unwrap();
+        let got = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        let Some(&r) = states.get(&h(&got)) else {
+            panic!("point {} restores to no flush state of the writer", p.point.point_id)
+        };
+        assert!(got == images[r]);
+        matched.push(r);
+    }
+    // qemu-io flushes once more when it closes: a second point of the final state.
+    assert!(matched.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {matched:?}");
+    matched.dedup();
+    assert_eq!(matched, (0..rounds).collect::<Vec<_>>(), "a point at every flush");
+    let out = work.join("latest");
+    restore(&rig.target, "vm-nbd", "disk0", PointSelector::Latest, &out, |_, _| {}).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == expected, "latest is the final image");
+    rig.stop().await;
+}
+
+/// A process server on `port` (0: any) with its cache and TLS in `dir`.
+async fn start_ps(dir: &Path, store: &str, port: u16) -> ProcessServer {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut ingest = IngestConfig::new(addr, dir.join("tls"), PASSPHRASE);
+    ingest.handshake_timeout = Duration::from_secs(5);
+    let target = Target::from_url(store, None).unwrap();
+    let mut cfg = ProcessServerConfig::new(dir.join("cache"), 1 << 30, ingest, target);
+    cfg.cache.segment_size = 16 << 20;
+    ProcessServer::start(cfg).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreachable_server_does_not_block_the_writer_and_the_bitmap_catches_up() {
+    let nbdcopy = require("nbdcopy");
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let ps_dir = dir.path().join("ps");
+    let server = start_ps(&ps_dir, &store, 0).await;
+    let port = server.local_addr.port();
+    let img = dir.path().join("d0.img");
+    let size = 16 << 20;
+    std::fs::write(&img, vec![0u8; size]).unwrap();
+
+    let mut cfg = AgentConfig::new(
+        server.local_addr.to_string(),
+        server.cert_pem.clone(),
+        "vm-out".into(),
+        vec![("disk0".into(), img.clone())],
+    );
+    cfg.reconnect_timeout = Duration::from_secs(5);
+    // A small window: frames in flight on a connection the agent has not yet seen die
+    // are another queue, and this test wants the bitmap to take the outage.
+    cfg.window = 4;
+    let agent = Agent::new(cfg, PASSPHRASE).unwrap();
+    let exports = nbd::open_exports(&[("disk0".into(), img.clone())]).unwrap();
+    // A small queue: the outage outlasts it many times over.
+    let cfg = CaptureConfig { queue_bytes: 256 << 10, point_interval: Duration::ZERO };
+    let running = nbd::start(agent, exports, cfg, Some("127.0.0.1:0".parse().unwrap()), None).await.unwrap();
+    let addr = running.tcp_addr.unwrap();
+    wait_for(&running, "initial copy", Duration::from_secs(60), |s| {
+        s.catchup_bytes >= size as u64 && s.dirty_chunks == 0 && s.queued_bytes == 0
+    })
+    .await;
+
+    // The process server goes away.
+    server.stop().await.unwrap();
+
+    // A libnbd client copies a whole image in (data and zero runs), then qemu-io writes.
+    let mut expected = vec![0u8; size];
+    fill(&mut expected[..10 << 20], 77);
+    let src = dir.path().join("src.img");
+    std::fs::write(&src, &expected).unwrap();
+    let mut copy = Command::new(&nbdcopy);
+    copy.arg(&src).arg(format!("nbd://{addr}/disk0"));
+    run_client(copy, Duration::from_secs(120));
+    let mut writer = Writer { rng: 42 };
+    let mut cmds = Vec::new();
+    for _ in 0..4 {
+        cmds.extend(writer.round(&mut expected, 16));
+    }
+    let out = qemu_io(addr, "disk0", &cmds);
+    let issued = cmds.iter().filter(|c| !c.starts_with("flush")).count();
+    let completed = out.lines().filter(|l| l.starts_with("wrote") || l.starts_with("discard")).count();
+    assert_eq!(completed, issued, "every command completed while the server was down: {out}");
+    assert!(std::fs::read(&img).unwrap() == expected);
+    let during = running.status();
+    assert!(during.overflows >= 1 && during.dirty_chunks > 0, "the queue overflowed into the bitmap: {during:?}");
+
+    // The server comes back on the same address with its cache: the agent catches up.
+    let server = start_ps(&ps_dir, &store, port).await;
+    wait_for(&running, "catch-up", Duration::from_secs(120), |s| s.dirty_chunks == 0 && s.queued_bytes == 0).await;
+    // Streaming again: the next flush gives a crash-consistent point.
+    let cmds = writer.round(&mut expected, 4);
+    qemu_io(addr, "disk0", &cmds);
+    wait_for(&running, "a crash-consistent point uploaded", Duration::from_secs(120), |s| {
+        s.last_point.is_some_and(|(id, ok)| ok && s.last_uploaded_consistent == Some(id))
+    })
+    .await;
+    let final_point = running.status().last_point.unwrap().0;
+    let (_agent, r) = running.stop().await;
+    r.unwrap();
+
+    let target = Target::from_url(&store, None).unwrap();
+    let points = list_points(&target, "vm-out", "disk0").await.unwrap();
+    assert!(
+        points.iter().any(|p| p.point.kind == PointKind::NotCrashConsistent),
+        "points taken during the outage are marked: {points:?}"
+    );
+    for (sel, name) in [(PointSelector::Id(final_point), "final"), (PointSelector::Latest, "latest")] {
+        let out = dir.path().join(name);
+        let rep = restore(&target, "vm-out", "disk0", sel, &out, |_, _| {}).await.unwrap();
+        assert_eq!(rep.point.point_id, final_point);
+        assert!(std::fs::read(&out).unwrap() == expected, "{name} restores the final image");
+    }
+    server.stop().await.unwrap();
+}
