@@ -64,65 +64,46 @@ async fn setup_register_run_and_decommission(b: Backend) {
     let port = free_port().to_string();
     let cs_address = cs.address();
 
+    // `setup --server-mode ps` with every parameter, `port` and `extra` (flags) varying.
+    let setup = |port: &str, extra: &[&str]| {
+        let mut args = vec![
+            "setup",
+            "--server-mode",
+            "ps",
+            "--install-location",
+            install.to_str().unwrap(),
+            "--cs-ip",
+            &cs_address,
+            "--cs-cert",
+            cs_cert.to_str().unwrap(),
+            "--ps-ip",
+            "127.0.0.1",
+            "--passphrase-file-path",
+            passphrase.to_str().unwrap(),
+            "--data-transfer-secure-port",
+            port,
+            "--bypass-proxy",
+            "--env-type",
+            "non-vmware",
+            "--cache-size",
+            "1GiB",
+            "--target",
+            &store,
+            "--ps-id",
+            "ps-cli",
+        ];
+        args.extend_from_slice(extra);
+        churnlog(&args)
+    };
+
     // A bad value is one error naming its parameter, and leaves nothing behind.
-    let bad = churnlog(&[
-        "setup",
-        "--server-mode",
-        "ps",
-        "--install-location",
-        install.to_str().unwrap(),
-        "--cs-ip",
-        &cs_address,
-        "--cs-cert",
-        cs_cert.to_str().unwrap(),
-        "--ps-ip",
-        "127.0.0.1",
-        "--passphrase-file-path",
-        passphrase.to_str().unwrap(),
-        "--data-transfer-secure-port",
-        "99999",
-        "--bypass-proxy",
-        "--env-type",
-        "non-vmware",
-        "--cache-size",
-        "1GiB",
-        "--target",
-        &store,
-        "--ps-id",
-        "ps-cli",
-    ]);
+    let bad = setup("99999", &[]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("data-transfer-secure-port"));
     assert!(!install.join("ps.toml").exists());
     assert!(status(&cs.client()).await.process_servers.is_empty());
 
-    let ok = churnlog(&[
-        "setup",
-        "--server-mode",
-        "ps",
-        "--install-location",
-        install.to_str().unwrap(),
-        "--cs-ip",
-        &cs_address,
-        "--cs-cert",
-        cs_cert.to_str().unwrap(),
-        "--ps-ip",
-        "127.0.0.1",
-        "--passphrase-file-path",
-        passphrase.to_str().unwrap(),
-        "--data-transfer-secure-port",
-        &port,
-        "--bypass-proxy",
-        "--env-type",
-        "non-vmware",
-        "--skip-space-check",
-        "--cache-size",
-        "1GiB",
-        "--target",
-        &store,
-        "--ps-id",
-        "ps-cli",
-    ]);
+    let ok = setup(&port, &["--skip-space-check"]);
     assert!(ok.status.success());
     let config = install.join("ps.toml");
     let st = status(&cs.client()).await;
