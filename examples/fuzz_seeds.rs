@@ -152,4 +152,29 @@ work_days = \"mon-fri\"\nwork_mbps = 10.0\nutc_offset_min = 60\n",
         churnlog::bench::fill_random(&mut bytes, seed);
         put("engine_ops", name, &bytes);
     }
+
+    // The agent's state-directory files, as the agent writes them.
+    use churnlog::agent::{dirty_file, state};
+    let block_state = state::BlockState {
+        machine: "vm1".into(),
+        disk: "disk0".into(),
+        server: state::server_identity("ps", "cert"),
+        disk_size: 3 * 65536 - 1,
+        block_size: 65536,
+        point_id: 1234,
+        hashes: vec![1, 8, 15],
+    };
+    put("agent_files", "state", &block_state.encode());
+    let mut journal = state::journal_header(1234);
+    journal.extend_from_slice(&state::journal_entry(1234, 0, 2));
+    put("agent_files", "journal", &journal);
+    let header = dirty_file::DirtyHeader {
+        machine: "vm1".into(),
+        disk: "disk0".into(),
+        server: [0; 32],
+        disk_size: 1 << 30,
+        chunk_size: 65536,
+    };
+    put("agent_files", "dirty_header", &header.encode());
+    put("agent_files", "dirty_page", &dirty_file::encode_page(0, &[0b1011]));
 }

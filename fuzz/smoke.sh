@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export RUSTC_BOOTSTRAP=1
 seconds="${FUZZ_SECONDS:-20}"
-targets=(wire_frames objects config_files recovery engine_ops nbd_parsers)
+targets=(wire_frames objects config_files recovery engine_ops nbd_parsers agent_files)
 cargo fuzz build --sanitizer none
 for t in "${targets[@]}"; do
   corpus="$(mktemp -d)"

@@ -147,7 +147,7 @@ async fn every_point_restores_to_its_flush_state() {
 
     let agent = agent_for(&rig.server, "vm-nbd", "disk0", &img);
     let exports = nbd::open_exports(&[("disk0".into(), img.clone())]).unwrap();
-    let cfg = CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::ZERO };
+    let cfg = CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::ZERO, persist: None };
     let sock = work.join("nbd.sock");
     let running =
         nbd::start(agent, exports, cfg, Some("127.0.0.1:0".parse().unwrap()), Some(sock.clone())).await.unwrap();
@@ -274,7 +274,7 @@ async fn an_unreachable_server_does_not_block_the_writer_and_the_bitmap_catches_
     let agent = Agent::new(cfg, PASSPHRASE).unwrap();
     let exports = nbd::open_exports(&[("disk0".into(), img.clone())]).unwrap();
     // A small queue: the outage outlasts it many times over.
-    let cfg = CaptureConfig { queue_bytes: 256 << 10, point_interval: Duration::ZERO };
+    let cfg = CaptureConfig { queue_bytes: 256 << 10, point_interval: Duration::ZERO, persist: None };
     let running = nbd::start(agent, exports, cfg, Some("127.0.0.1:0".parse().unwrap()), None).await.unwrap();
     let addr = running.tcp_addr.unwrap();
     wait_for(&running, "initial copy", Duration::from_secs(60), |s| {
@@ -333,4 +333,212 @@ async fn an_unreachable_server_does_not_block_the_writer_and_the_bitmap_catches_
         assert!(std::fs::read(&out).unwrap() == expected, "{name} restores the final image");
     }
     server.stop().await.unwrap();
+}
+
+/// A `churnlog agent --export` child process: its NBD address (from stderr) and the JSON
+/// status lines it prints; killed with SIGKILL when dropped.
+struct AgentChild {
+    child: std::process::Child,
+    addr: SocketAddr,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl AgentChild {
+    fn spawn(args: &[String]) -> AgentChild {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_churnlog"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("NBD exports on nbd://").nth(1) {
+                    let _ = tx.send(url.trim_end_matches("/ID").to_string());
+                }
+                eprintln!("agent: {line}");
+            }
+        });
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(serde_json::from_str(&line).expect("a JSON status line"));
+            }
+        });
+        let mut child = AgentChild { child, addr: "127.0.0.1:1".parse().unwrap(), lines };
+        let url = rx.recv_timeout(Duration::from_secs(60)).expect("the agent serves NBD");
+        child.addr = url.parse().unwrap();
+        child
+    }
+
+    /// The first status line after a crash-consistent point (bounded wait): every chunk
+    /// that was dirty before that point has been sent.
+    async fn consistent_status(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found = self.lines.lock().unwrap().iter().find(|l| l["last_point"][1] == true).cloned();
+            if let Some(l) = found {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no crash-consistent point reported: {:?}", self.lines.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for AgentChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Chunks (of the capture's 64 KiB) that `cmds` touch.
+fn chunks_touched(cmds: &[String]) -> std::collections::BTreeSet<u64> {
+    let chunk = churnlog::agent::capture::CHUNK;
+    let mut out = std::collections::BTreeSet::new();
+    for c in cmds.iter().filter(|c| !c.starts_with("flush")) {
+        let nums: Vec<u64> = c.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let (off, len) = (nums[nums.len() - 2], nums[nums.len() - 1]);
+        out.extend(off / chunk..=(off + len - 1) / chunk);
+    }
+    out
+}
+
+/// Polls the store until a crash-consistent point of `machine`/`disk` restores to
+/// `want` (bounded).
+async fn wait_for_point(target: &Target, machine: &str, want: &[u8], work: &Path, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(points) = list_points(target, machine, "disk0").await {
+            for p in points.iter().rev().filter(|p| p.point.kind == PointKind::CrashConsistent && p.restorable) {
+                let out = work.join("probe");
+                restore(target, machine, "disk0", PointSelector::Id(p.point.point_id), &out, |_, _| {}).await.unwrap();
+                if std::fs::read(&out).unwrap() == want {
+                    return p.point.point_id;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no crash-consistent point of the expected image within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_agent_resumes_from_its_persistent_bitmap_without_a_full_copy() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let ps_dir = dir.path().join("ps");
+    let server = start_ps(&ps_dir, &store, 0).await;
+    let (port, cert_pem, ps_addr) = (server.local_addr.port(), server.cert_pem.clone(), server.local_addr);
+    let mut server = Some(server);
+    let target = Target::from_url(&store, None).unwrap();
+    let cert = dir.path().join("ps.pem");
+    std::fs::write(&cert, &cert_pem).unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, PASSPHRASE).unwrap();
+    std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let img = dir.path().join("d0.img");
+    let size = 16 << 20;
+    let mut expected = vec![0u8; size];
+    fill(&mut expected[..6 << 20], 9);
+    std::fs::write(&img, &expected).unwrap();
+    let p = |p: &Path| p.display().to_string();
+    let args: Vec<String> = [
+        "agent",
+        "--ps",
+        &ps_addr.to_string(),
+        "--ps-cert",
+        &p(&cert),
+        "--passphrase-file",
+        &p(&pass),
+        "--machine",
+        "vm-k9",
+        "--export",
+        &format!("disk0={}", p(&img)),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &p(&dir.path().join("state")),
+        "--point-interval",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+
+    // First run: the full copy, then a round whose point is uploaded.
+    let agent = AgentChild::spawn(&args);
+    let mut writer = Writer { rng: 7 };
+    let mut flushed = vec![expected.clone()];
+    let cmds = writer.round(&mut expected, 12);
+    qemu_io(agent.addr, "disk0", &cmds);
+    flushed.push(expected.clone());
+    wait_for_point(&target, "vm-k9", &expected, dir.path(), Duration::from_secs(120)).await;
+    let first = agent.consistent_status().await;
+    assert_eq!(first["full_copies"], 1, "{first}");
+
+    // Kill -9 twice after a round, restart, and count what the restarted agent resends.
+    // First with the process server down during the round (nothing of it can be durable),
+    // then with it up (the round's frames may be in flight).
+    let mut agent = agent;
+    let mut previous = chunks_touched(&cmds);
+    for kill in 0..2 {
+        if kill == 0 {
+            server.take().unwrap().stop().await.unwrap();
+        }
+        let cmds = writer.round(&mut expected, 24);
+        let touched = chunks_touched(&cmds);
+        qemu_io(agent.addr, "disk0", &cmds);
+        flushed.push(expected.clone());
+        drop(agent); // SIGKILL
+        if server.is_none() {
+            server = Some(start_ps(&ps_dir, &store, port).await);
+        }
+        agent = AgentChild::spawn(&args);
+        let cmds = writer.round(&mut expected, 4);
+        let touched_after = chunks_touched(&cmds);
+        qemu_io(agent.addr, "disk0", &cmds);
+        flushed.push(expected.clone());
+        wait_for_point(&target, "vm-k9", &expected, dir.path(), Duration::from_secs(120)).await;
+        let st = agent.consistent_status().await;
+        eprintln!("after kill {kill}: {st} (round touched {} chunks)", touched.len());
+        assert_eq!(st["full_copies"], 0, "no full copy after a restart: {st}");
+        // What the killed run had not seen durable: the round before the kill, and at
+        // most the round before that (uploaded, so durable, but its acknowledgement may
+        // not have been read yet).
+        let resumed = st["resumed_chunks"].as_u64().unwrap();
+        let bound = touched.union(&previous).count() as u64;
+        assert!(resumed <= bound, "resumed {resumed} chunks, the last two rounds touched {bound}");
+        if kill == 0 {
+            assert!(resumed >= touched.len() as u64, "every chunk written while the server was down: {resumed}");
+        }
+        let catchup = st["catchup_bytes"].as_u64().unwrap();
+        let bound = (bound + touched_after.len() as u64) * churnlog::agent::capture::CHUNK;
+        assert!(catchup <= bound, "catch-up sent {catchup} bytes, at most {bound} were dirty");
+        previous = touched_after;
+    }
+    drop(agent);
+
+    // Every crash-consistent point is one of the writer's flush states; latest is the last.
+    let states: HashMap<u128, usize> = flushed.iter().enumerate().map(|(i, f)| (h(f), i)).collect();
+    let points = list_points(&target, "vm-k9", "disk0").await.unwrap();
+    let mut seen = Vec::new();
+    for pt in points.iter().filter(|pt| pt.point.kind == PointKind::CrashConsistent) {
+        assert!(pt.restorable, "{pt:?}");
+        let out = dir.path().join("r");
+        restore(&target, "vm-k9", "disk0", PointSelector::Id(pt.point.point_id), &out, |_, _| {}).await.unwrap();
+        let got = std::fs::read(&out).unwrap();
+        let Some(&i) = states.get(&h(&got)) else { panic!("point {} is no flush state", pt.point.point_id) };
+        seen.push(i);
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {seen:?}");
+    assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
+    server.unwrap().stop().await.unwrap();
 }

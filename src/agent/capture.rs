@@ -21,21 +21,34 @@
 //! asks for) is a catch-up over the whole disk, so points during it are not
 //! crash-consistent either.
 //!
-//! The bitmap is in memory only: an agent restart copies every export in full again.
+//! **Persistence** (with `--state-dir`, [`super::dirty_file`]): besides the bitmap of
+//! chunks awaiting catch-up, the agent tracks which chunks were written since each point
+//! marker it queued ("epochs"). The union of those with the catch-up bitmap is every chunk
+//! the process server may not yet hold durably; it is kept on disk, set before each write
+//! reaches the backing file and fdatasynced before the FLUSH covering it returns, and
+//! shrinks when the server acknowledges a point durable (the epochs up to that point
+//! drop out). A restarted agent loads it as its catch-up bitmap and sends only those
+//! chunks: no full copy.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::dirty_file::{DirtyFile, DirtyHeader};
 use super::{Agent, AgentError};
 use crate::protocol::{PointKind, WRITE_DATA_MAX, ZERO_LEN_MAX};
 
 /// Granularity of the dirty bitmap, bytes.
 pub const CHUNK: u64 = 64 << 10;
+/// Point markers not yet durable on the server that keep their own record of the chunks
+/// written before them; past this the two oldest merge (their chunks then stay recorded
+/// until the later of the two is durable), which bounds the memory to this many bitmaps.
+pub const EPOCHS_MAX: usize = 8;
 
 /// One exported disk.
 pub struct Export {
@@ -50,12 +63,24 @@ pub struct CaptureConfig {
     pub queue_bytes: usize,
     /// A point follows the first FLUSH after this long since the previous point.
     pub point_interval: Duration,
+    /// Where the persistent dirty bitmaps live (none: an agent restart copies every
+    /// export in full).
+    pub persist: Option<PersistConfig>,
 }
 
 impl Default for CaptureConfig {
     fn default() -> CaptureConfig {
-        CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::from_secs(5) }
+        CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::from_secs(5), persist: None }
     }
+}
+
+/// The state directory and the identity its dirty bitmaps are kept under.
+#[derive(Clone, Debug)]
+pub struct PersistConfig {
+    pub dir: PathBuf,
+    pub machine: String,
+    /// SHA-256 naming the server whose history the bitmaps are relative to.
+    pub server: [u8; 32],
 }
 
 /// What the replication task sends, in order.
@@ -71,9 +96,10 @@ pub enum Item {
         offset: u64,
         len: u64,
     },
-    /// A recovery point over every export.
+    /// A recovery point over every export; `seq` numbers the markers of this run.
     Point {
         consistent: bool,
+        seq: u64,
     },
 }
 
@@ -135,6 +161,29 @@ impl DirtyBitmap {
         self.count = self.chunks;
     }
 
+    /// A bitmap with these words (one bit per chunk; bits past the end must be clear).
+    pub fn from_words(size: u64, words: Vec<u64>) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(size);
+        assert_eq!(words.len(), b.words.len(), "one bit per chunk");
+        b.count = words.iter().map(|w| w.count_ones() as u64).sum();
+        debug_assert!(b.count <= b.chunks);
+        b.words = words;
+        b
+    }
+
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Adds every chunk of `other` (the same disk).
+    pub fn union(&mut self, other: &DirtyBitmap) {
+        debug_assert_eq!(self.words.len(), other.words.len());
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            self.count += (o & !*w).count_ones() as u64;
+            *w |= o;
+        }
+    }
+
     /// Clears and returns the next run of at most `max` dirty chunks: (first, count).
     pub fn take_run(&mut self, max: u64) -> Option<(u64, u64)> {
         if self.count == 0 || max == 0 {
@@ -160,6 +209,12 @@ pub struct CaptureStatus {
     pub writes: u64,
     pub zeroes: u64,
     pub flushes: u64,
+    /// Full copies started (the first copy of an export without a usable persistent
+    /// bitmap, and copies the server asked for).
+    pub full_copies: u64,
+    /// Chunks a persistent bitmap held when the agent started (sent as catch-up instead
+    /// of a full copy).
+    pub resumed_chunks: u64,
     /// Times the queue was full and capture fell back to the bitmap.
     pub overflows: u64,
     pub dirty_chunks: u64,
@@ -178,7 +233,16 @@ pub struct CaptureStatus {
 struct State {
     queue: VecDeque<Item>,
     queued: usize,
+    /// Per export: chunks waiting for catch-up.
     dirty: Vec<DirtyBitmap>,
+    /// Per export: chunks written (or read for catch-up) since the last point marker.
+    since_point: Vec<DirtyBitmap>,
+    /// Point markers not yet acknowledged durable, oldest first: the marker's `seq` and,
+    /// per export, the chunks written before it since the marker before it.
+    epochs: VecDeque<(u64, Vec<DirtyBitmap>)>,
+    next_seq: u64,
+    /// Per export: its persistent bitmap (with a state directory, while it can be kept).
+    persist: Vec<Option<DirtyFile>>,
     last_point: Option<Instant>,
     status: CaptureStatus,
 }
@@ -186,6 +250,68 @@ struct State {
 impl State {
     fn overflowing(&self) -> bool {
         self.dirty.iter().any(|d| !d.is_empty())
+    }
+
+    /// Before `offset..offset + len` of `disk` is written: records it since the last
+    /// point and sets it in the persistent bitmap. An error means the write must not
+    /// happen (the bitmap could not record it and could not be removed either).
+    fn record(&mut self, disk: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.since_point[disk].mark(offset, len);
+        if let Some(f) = &mut self.persist[disk] {
+            let (first, last) = (offset / CHUNK, offset.saturating_add(len - 1) / CHUNK);
+            if let Err(e) = f.set(first, last) {
+                self.drop_persist(disk, e)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The persistent bitmap of `disk` cannot be kept current (`why`): removes it, so a
+    /// restart copies the disk in full instead of trusting it. Fails only when it cannot
+    /// be removed either.
+    fn drop_persist(&mut self, disk: usize, why: std::io::Error) -> std::io::Result<()> {
+        let Some(f) = self.persist[disk].take() else { return Ok(()) };
+        tracing::warn!(path = %f.path().display(), error = %why,
+            "cannot update the persistent dirty bitmap: removing it (an agent restart copies this export in full)");
+        match std::fs::remove_file(f.path()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                tracing::error!(path = %f.path().display(), error = %e, "cannot remove the dirty bitmap either");
+                self.persist[disk] = Some(f);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues a point marker (behind everything queued so far) and starts a new epoch.
+    fn push_point(&mut self) {
+        let consistent = !self.overflowing();
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let fresh = self.since_point.iter().map(|b| DirtyBitmap::new(b.chunks * CHUNK)).collect();
+        let ended = std::mem::replace(&mut self.since_point, fresh);
+        self.epochs.push_back((seq, ended));
+        if self.epochs.len() > EPOCHS_MAX {
+            let (_, oldest) = self.epochs.pop_front().expect("more than one");
+            for (next, old) in self.epochs[0].1.iter_mut().zip(&oldest) {
+                next.union(old);
+            }
+        }
+        self.queued += 64;
+        self.queue.push_back(Item::Point { consistent, seq });
+    }
+
+    /// Whether the server may not hold chunk-word `w` of `disk` durably: its bits.
+    fn unsettled_word(&self, disk: usize, w: usize) -> u64 {
+        let mut bits = self.dirty[disk].words()[w] | self.since_point[disk].words()[w];
+        for (_, e) in &self.epochs {
+            bits |= e[disk].words()[w];
+        }
+        bits
     }
 
     /// Queues `item`, or records `range` of `disk` as dirty when the queue is full or
@@ -219,25 +345,78 @@ pub enum Work {
 pub struct Capture {
     exports: Vec<Export>,
     cfg: CaptureConfig,
+    full_copy: Vec<bool>,
     state: Mutex<State>,
     notify: tokio::sync::Notify,
 }
 
 impl Capture {
+    /// With `cfg.persist`, loads each export's persistent bitmap as its catch-up bitmap
+    /// (see [`Capture::needs_full_copy`]); a missing or unusable one is replaced by a new
+    /// one with every chunk set (warning when one was there).
     pub fn new(exports: Vec<Export>, cfg: CaptureConfig) -> Capture {
-        let dirty = exports.iter().map(|e| DirtyBitmap::new(e.size)).collect();
+        let mut dirty: Vec<DirtyBitmap> = exports.iter().map(|e| DirtyBitmap::new(e.size)).collect();
+        let since_point = exports.iter().map(|e| DirtyBitmap::new(e.size)).collect();
+        let mut persist: Vec<Option<DirtyFile>> = exports.iter().map(|_| None).collect();
+        let mut full_copy = vec![true; exports.len()];
+        let mut status = CaptureStatus::default();
+        if let Some(p) = &cfg.persist {
+            for (d, e) in exports.iter().enumerate() {
+                let header = DirtyHeader {
+                    machine: p.machine.clone(),
+                    disk: e.id.clone(),
+                    server: p.server,
+                    disk_size: e.size,
+                    chunk_size: CHUNK as u32,
+                };
+                match DirtyFile::open(&p.dir, &header) {
+                    Ok(Some(o)) => {
+                        if o.torn_pages > 0 {
+                            tracing::warn!(export = %e.id, pages = o.torn_pages,
+                                "torn pages in the persistent dirty bitmap: every chunk they cover is sent again");
+                        }
+                        dirty[d] = DirtyBitmap::from_words(e.size, o.file.words().to_vec());
+                        status.resumed_chunks += dirty[d].count();
+                        persist[d] = Some(o.file);
+                        full_copy[d] = false;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(why) => tracing::warn!(export = %e.id, error = %why,
+                        "the persistent dirty bitmap is not usable: copying this export in full"),
+                }
+                let mut all = DirtyBitmap::new(e.size);
+                all.mark_all();
+                match DirtyFile::create(&p.dir, &header, all.words().to_vec()) {
+                    Ok(f) => persist[d] = Some(f),
+                    Err(why) => tracing::warn!(export = %e.id, error = %why,
+                        "cannot create a persistent dirty bitmap: an agent restart copies this export in full"),
+                }
+            }
+        }
         Capture {
             exports,
             cfg,
+            full_copy,
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued: 0,
                 dirty,
+                since_point,
+                epochs: VecDeque::new(),
+                next_seq: 0,
+                persist,
                 last_point: None,
-                status: CaptureStatus::default(),
+                status,
             }),
             notify: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Whether export `d` starts with a full copy (no persistent bitmap said which of its
+    /// chunks the server may lack).
+    pub fn needs_full_copy(&self, d: usize) -> bool {
+        self.full_copy[d]
     }
 
     pub fn exports(&self) -> &[Export] {
@@ -263,6 +442,7 @@ impl Capture {
     pub fn write(&self, disk: usize, offset: u64, data: Vec<u8>, fua: bool) -> std::io::Result<()> {
         if !data.is_empty() {
             let mut s = self.state.lock();
+            s.record(disk, offset, data.len() as u64)?;
             if let Err(e) = self.exports[disk].file.write_all_at(&data, offset) {
                 // Part of it may be in the file: catch-up sends whatever is there.
                 s.dirty[disk].mark(offset, data.len() as u64);
@@ -284,6 +464,7 @@ impl Capture {
     pub fn zero(&self, disk: usize, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
         if len > 0 {
             let mut s = self.state.lock();
+            s.record(disk, offset, len)?;
             if let Err(e) = zero_range(&self.exports[disk].file, offset, len) {
                 s.dirty[disk].mark(offset, len);
                 return Err(e);
@@ -298,9 +479,11 @@ impl Capture {
         Ok(())
     }
 
-    /// FLUSH: fdatasync; then, when a point is due, a point marker right behind
-    /// everything the flush made durable.
+    /// FLUSH: the persistent bitmap's fdatasync (it covers every write before this
+    /// flush), then the backing file's; then, when a point is due, a point marker right
+    /// behind everything the flush made durable.
     pub fn flush(&self, disk: usize) -> std::io::Result<()> {
+        self.sync_bitmap(disk)?;
         let due = |s: &State| s.last_point.is_none_or(|t| t.elapsed() >= self.cfg.point_interval);
         if !due(&self.state.lock()) {
             self.exports[disk].file.sync_data()?;
@@ -312,13 +495,58 @@ impl Capture {
         s.status.flushes += 1;
         if due(&s) {
             s.last_point = Some(Instant::now());
-            let consistent = !s.overflowing();
-            s.queued += 64;
-            s.queue.push_back(Item::Point { consistent });
+            s.push_point();
             drop(s);
             self.notify.notify_one();
         }
         Ok(())
+    }
+
+    /// fdatasyncs `disk`'s persistent bitmap when it has unsynced pages (outside the
+    /// lock: writers go on meanwhile, and their pages are the next flush's business).
+    fn sync_bitmap(&self, disk: usize) -> std::io::Result<()> {
+        let Some((file, upto)) = self.state.lock().persist[disk].as_ref().and_then(|f| f.unsynced()) else {
+            return Ok(());
+        };
+        let r = file.sync_data();
+        let mut s = self.state.lock();
+        match r {
+            Ok(()) => {
+                if let Some(f) = &mut s.persist[disk] {
+                    f.note_synced(upto);
+                }
+                Ok(())
+            }
+            // After a failed fdatasync nothing says which pages reached the disk.
+            Err(e) => s.drop_persist(disk, e),
+        }
+    }
+
+    /// The server acknowledged the point marker `seq` durable (and so everything before
+    /// it): the chunks written before it no longer need to be resent after a restart, and
+    /// leave the persistent bitmap unless written again since.
+    pub fn point_durable(&self, seq: u64) {
+        let mut s = self.state.lock();
+        let mut settled: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); self.exports.len()];
+        while s.epochs.front().is_some_and(|(q, _)| *q <= seq) {
+            let (_, bitmaps) = s.epochs.pop_front().expect("front");
+            for (d, b) in bitmaps.iter().enumerate() {
+                settled[d].extend(b.words().iter().enumerate().filter(|(_, &w)| w != 0).map(|(i, _)| i));
+            }
+        }
+        for (d, words) in settled.into_iter().enumerate() {
+            if words.is_empty() || s.persist[d].is_none() {
+                continue;
+            }
+            let keep: Vec<(usize, u64)> = words.into_iter().map(|w| (w, s.unsettled_word(d, w))).collect();
+            let r = s.persist[d].as_mut().expect("checked").clear(keep);
+            if let Err(e) = r {
+                // Stale set bits only cost a resend; a file that cannot be written goes.
+                if let Err(e) = s.drop_persist(d, e) {
+                    tracing::error!(error = %e, "a stale persistent dirty bitmap remains");
+                }
+            }
+        }
     }
 
     /// The whole of `disk` must be sent again (the first copy, or a full copy the process
@@ -327,8 +555,15 @@ impl Capture {
     pub fn mark_all_dirty(&self, disk: usize) {
         let mut s = self.state.lock();
         s.dirty[disk].mark_all();
+        if let Some(f) = &mut s.persist[disk] {
+            if let Err(e) = f.set(0, u64::MAX) {
+                if let Err(e) = s.drop_persist(disk, e) {
+                    tracing::error!(error = %e, "a stale persistent dirty bitmap remains");
+                }
+            }
+        }
         for item in s.queue.iter_mut() {
-            if let Item::Point { consistent } = item {
+            if let Item::Point { consistent, .. } = item {
                 *consistent = false;
             }
         }
@@ -354,6 +589,8 @@ impl Capture {
                     return Err(e);
                 }
                 s.status.catchup_bytes += len as u64;
+                // Sent now, durable only with the next point: recorded until then.
+                s.since_point[d].mark(offset, len as u64);
                 if !s.overflowing() {
                     tracing::info!("dirty bitmap drained: streaming again");
                 }
@@ -399,7 +636,7 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 enum Op {
     Write { disk: u16, offset: u64, data: Vec<u8> },
     Zero { disk: u16, offset: u64, len: u64 },
-    Point { consistent: bool },
+    Point { consistent: bool, seq: u64 },
 }
 
 fn ops(work: Work) -> Vec<Op> {
@@ -424,7 +661,7 @@ fn ops(work: Work) -> Vec<Op> {
             }
             out
         }
-        Work::Item(Item::Point { consistent }) => vec![Op::Point { consistent }],
+        Work::Item(Item::Point { consistent, seq }) => vec![Op::Point { consistent, seq }],
         Work::CatchUp { disk, offset, data } if data.iter().all(|&b| b == 0) => {
             vec![Op::Zero { disk, offset, len: data.len() as u64 }]
         }
@@ -443,12 +680,20 @@ pub async fn replicate(
 ) -> Result<(), AgentError> {
     let mut pending: VecDeque<Op> = VecDeque::new();
     let disks = capture.exports().len();
-    let mut resync: VecDeque<u16> = (0..disks as u16).collect();
+    let mut resync: VecDeque<u16> = (0..disks as u16).filter(|&d| capture.needs_full_copy(d as usize)).collect();
     let mut delay = Duration::from_millis(100);
     let mut awaiting_upload: Vec<u64> = Vec::new();
+    // Point markers sent and not yet acknowledged durable: (point id, marker seq).
+    let mut awaiting_durable: VecDeque<(u64, u64)> = VecDeque::new();
     loop {
         if *stop.borrow() {
             return Ok(());
+        }
+        let durable = agent.durable_point();
+        while let Some(&(id, seq)) = awaiting_durable.front().filter(|(id, _)| *id <= durable) {
+            debug_assert!(id <= durable);
+            awaiting_durable.pop_front();
+            capture.point_durable(seq);
         }
         for d in agent.take_resync_requests() {
             if !resync.contains(&d) {
@@ -459,6 +704,7 @@ pub async fn replicate(
             if let Some(&d) = resync.front() {
                 // The base first: what follows it rebuilds the disk from zeros.
                 agent.stream_resync(d).await?;
+                capture.state.lock().status.full_copies += 1;
                 capture.mark_all_dirty(d as usize);
                 resync.pop_front();
                 return Ok(true);
@@ -474,9 +720,10 @@ pub async fn replicate(
                 match op {
                     Op::Write { disk, offset, data } => agent.stream_write(*disk, *offset, data.clone()).await?,
                     Op::Zero { disk, offset, len } => agent.stream_zero(*disk, *offset, *len).await?,
-                    Op::Point { consistent } => {
+                    Op::Point { consistent, seq } => {
                         let kind = if *consistent { PointKind::CrashConsistent } else { PointKind::NotCrashConsistent };
                         let id = agent.tag_point(kind).await?;
+                        awaiting_durable.push_back((id, *seq));
                         capture.note_point(id, *consistent);
                         if *consistent {
                             awaiting_upload.push(id);
@@ -553,7 +800,7 @@ mod tests {
         let path = dir.path().join("d.img");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(size).unwrap();
-        let cfg = CaptureConfig { queue_bytes, point_interval: Duration::ZERO };
+        let cfg = CaptureConfig { queue_bytes, point_interval: Duration::ZERO, persist: None };
         (dir, Capture::new(vec![Export { id: "d".into(), file, size }], cfg))
     }
 
@@ -603,7 +850,7 @@ mod tests {
                     replica[offset as usize..offset as usize + data.len()].copy_from_slice(&data)
                 }
                 Work::Item(Item::Zero { offset, len, .. }) => replica[offset as usize..(offset + len) as usize].fill(0),
-                Work::Item(Item::Point { consistent }) => points.push(consistent),
+                Work::Item(Item::Point { consistent, .. }) => points.push(consistent),
             }
         }
         assert_eq!(points, vec![true, false], "the point during overflow is not crash-consistent");
@@ -612,7 +859,7 @@ mod tests {
         c.write(0, 8192, vec![4; 100], false).unwrap();
         c.flush(0).unwrap();
         assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Write { disk: 0, offset: 8192, data: vec![4; 100] })));
-        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true })));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 2 })));
         assert_eq!(c.next().unwrap(), None);
     }
 
@@ -623,11 +870,95 @@ mod tests {
         c.flush(0).unwrap();
         c.mark_all_dirty(0);
         assert!(matches!(c.next().unwrap(), Some(Work::Item(Item::Write { .. }))));
-        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: false })));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: false, seq: 0 })));
         let Some(Work::CatchUp { offset: 0, data, .. }) = c.next().unwrap() else { panic!("catch-up") };
         assert_eq!(data.len(), 1 << 20);
         assert_eq!(&data[..11], &[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]);
         assert_eq!(c.next().unwrap(), None);
+    }
+
+    /// The chunks a fresh capture over the same state directory would catch up.
+    fn resumed(dir: &std::path::Path, size: u64) -> Vec<u64> {
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(dir.join("d.img")).unwrap();
+        let c = Capture::new(vec![Export { id: "d".into(), file, size }], persisted(dir));
+        assert!(!c.needs_full_copy(0), "the bitmap was usable");
+        let s = c.state.lock();
+        (0..size.div_ceil(CHUNK)).filter(|&k| s.dirty[0].words()[(k / 64) as usize] & (1 << (k % 64)) != 0).collect()
+    }
+
+    fn persisted(dir: &std::path::Path) -> CaptureConfig {
+        let persist = PersistConfig { dir: dir.to_path_buf(), machine: "vm".into(), server: [3; 32] };
+        CaptureConfig { queue_bytes: 64 << 20, point_interval: Duration::ZERO, persist: Some(persist) }
+    }
+
+    #[test]
+    fn the_persistent_bitmap_keeps_exactly_what_no_durable_point_covers() {
+        let size = 64 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create_new(dir.path().join("d.img")).unwrap();
+        file.set_len(size).unwrap();
+        drop(file);
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(dir.path().join("d.img")).unwrap();
+        let c = Capture::new(vec![Export { id: "d".into(), file, size }], persisted(dir.path()));
+        assert!(c.needs_full_copy(0), "no bitmap yet");
+        assert_eq!(resumed(dir.path(), size).len(), 64, "until the first copy is durable, all of it");
+
+        // The first copy: sent by catch-up, then a point makes it durable.
+        c.mark_all_dirty(0);
+        while c.next().unwrap().is_some() {}
+        c.flush(0).unwrap(); // point 0
+        assert!(matches!(c.next().unwrap(), Some(Work::Item(Item::Point { seq: 0, .. }))));
+        assert_eq!(resumed(dir.path(), size).len(), 64, "sent is not durable");
+        c.point_durable(0);
+        assert_eq!(resumed(dir.path(), size), Vec::<u64>::new());
+
+        c.write(0, 3 * CHUNK, vec![1; 10], false).unwrap();
+        c.zero(0, 7 * CHUNK + 5, CHUNK, false).unwrap(); // chunks 7 and 8
+        c.flush(0).unwrap(); // point 1 covers 3, 7, 8
+        c.write(0, 3 * CHUNK + 100, vec![2; 10], false).unwrap(); // 3 again, after point 1
+        c.write(0, 10 * CHUNK, vec![3; 10], false).unwrap();
+        assert_eq!(resumed(dir.path(), size), vec![3, 7, 8, 10], "a kill -9 now resends these");
+        c.point_durable(1);
+        assert_eq!(resumed(dir.path(), size), vec![3, 10], "written after point 1: kept");
+
+        // More markers than EPOCHS_MAX: merged epochs clear late, never early.
+        for k in 0..2 * EPOCHS_MAX as u64 {
+            c.write(0, (20 + k) * CHUNK, vec![4; 10], false).unwrap();
+            c.flush(0).unwrap(); // points 2..
+        }
+        c.point_durable(1 + EPOCHS_MAX as u64);
+        let left = resumed(dir.path(), size);
+        let after: Vec<u64> = (20 + EPOCHS_MAX as u64..20 + 2 * EPOCHS_MAX as u64).collect();
+        assert!(after.iter().all(|k| left.contains(k)), "chunks after the durable point stay: {left:?}");
+        c.point_durable(2 + 2 * EPOCHS_MAX as u64);
+        assert_eq!(resumed(dir.path(), size), Vec::<u64>::new(), "every point durable: nothing to resend");
+        assert!(c.state.lock().persist[0].as_ref().unwrap().unsynced().is_some(), "clearing is not synced eagerly");
+        c.write(0, 0, vec![5; 1], false).unwrap();
+        c.flush(0).unwrap();
+        assert!(c.state.lock().persist[0].as_ref().unwrap().unsynced().is_none(), "a FLUSH syncs the bitmap");
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_bitmap_means_a_full_copy() {
+        let size = 8 * CHUNK;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::File::create_new(dir.path().join("d.img")).unwrap().set_len(size).unwrap();
+        let open = |cfg: CaptureConfig| {
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(dir.path().join("d.img")).unwrap();
+            Capture::new(vec![Export { id: "d".into(), file, size }], cfg)
+        };
+        drop(open(persisted(dir.path())));
+        assert!(!open(persisted(dir.path())).needs_full_copy(0), "a good bitmap is used");
+        let mut other = persisted(dir.path());
+        other.persist.as_mut().unwrap().server = [4; 32];
+        assert!(open(other).needs_full_copy(0), "another server's history");
+        // That replaced the file with one for the other server: ours is gone.
+        assert!(open(persisted(dir.path())).needs_full_copy(0));
+        let path = DirtyFile::path_for(dir.path(), "d");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[20] ^= 1; // the header
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(open(persisted(dir.path())).needs_full_copy(0), "a damaged header");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 
 pub mod capture;
 pub mod credential;
+pub mod dirty_file;
 pub mod nbd;
 pub mod state;
 
@@ -215,6 +216,8 @@ pub struct Agent {
     /// The latest pass's point frame (re-tagged on a new session while waiting for upload).
     last_point: Option<Frame>,
     last_point_id: u64,
+    /// The newest point whose frame the server acknowledged durable.
+    durable_point: u64,
     reconnects: u64,
     /// Connections in a row dropped because the server acknowledged nothing.
     silent_connections: u32,
@@ -259,10 +262,7 @@ impl Agent {
             Some(dir) => {
                 // State is kept for one server's history: a standalone server is named by
                 // its certificate, the CS by its address (its servers share a target).
-                let server = match &cfg.locator {
-                    Locator::Fixed { cert_pem, .. } => state::server_identity("ps", cert_pem),
-                    Locator::Cs { client } => state::server_identity("cs", client.address()),
-                };
+                let server = state_server(&cfg.locator);
                 let mut sd = state::StateDir::open(dir, &cfg.machine, server, cfg.disks.len())?;
                 for (d, (id, path)) in cfg.disks.iter().enumerate() {
                     let Ok(size) = std::fs::File::open(path)
@@ -294,6 +294,7 @@ impl Agent {
             resync_requested,
             last_point: None,
             last_point_id: 0,
+            durable_point: 0,
             reconnects: 0,
             silent_connections: 0,
             declared_bytes,
@@ -426,6 +427,18 @@ impl Agent {
             }
         }
         out
+    }
+
+    /// Streaming: the newest point the server acknowledged durable (0: none yet).
+    pub fn durable_point(&self) -> u64 {
+        self.durable_point
+    }
+
+    /// Streaming: where and under which identity NBD exports keep their persistent
+    /// dirty bitmaps (the state directory, when there is one).
+    pub fn capture_persist(&self) -> Option<capture::PersistConfig> {
+        let dir = self.cfg.state_dir.clone()?;
+        Some(capture::PersistConfig { dir, machine: self.cfg.machine.clone(), server: state_server(&self.cfg.locator) })
     }
 
     /// Frames sent and not yet acknowledged durable.
@@ -646,7 +659,9 @@ impl Agent {
             Some(Event::Durable(upto)) => {
                 self.refused_since = None;
                 while self.unacked.front().is_some_and(|u| u.tag <= upto) {
-                    self.unacked.pop_front();
+                    if let Some(Unacked { frame: Frame::Point { point_id, .. }, .. }) = self.unacked.pop_front() {
+                        self.durable_point = self.durable_point.max(point_id);
+                    }
                 }
             }
             Some(Event::Uploaded(id)) => {
@@ -862,5 +877,14 @@ impl Agent {
             }
         });
         Ok(Conn { tx, events, next_tag: 1 })
+    }
+}
+
+/// State is kept for one server's history: a standalone server is named by its
+/// certificate, the CS by its address (its servers share a target).
+fn state_server(locator: &Locator) -> [u8; 32] {
+    match locator {
+        Locator::Fixed { cert_pem, .. } => state::server_identity("ps", cert_pem),
+        Locator::Cs { client } => state::server_identity("cs", client.address()),
     }
 }

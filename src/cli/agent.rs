@@ -159,7 +159,11 @@ pub fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         _ => anyhow::bail!("give either --ps (a standalone process server) or --cs (a configuration server)"),
     };
     if nbd {
-        let cfg = CaptureConfig { queue_bytes: queue_mib << 20, point_interval: Duration::from_secs(point_interval) };
+        let cfg = CaptureConfig {
+            queue_bytes: queue_mib << 20,
+            point_interval: Duration::from_secs(point_interval),
+            persist: None,
+        };
         rt.block_on(serve_exports(agent, &disks, cfg, nbd_listen, nbd_socket))?;
         return Ok(ExitCode::SUCCESS);
     }

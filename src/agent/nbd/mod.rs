@@ -59,18 +59,25 @@ pub struct Running {
 pub async fn start(
     mut agent: Agent,
     exports: Vec<Export>,
-    cfg: CaptureConfig,
+    mut cfg: CaptureConfig,
     tcp: Option<SocketAddr>,
     unix: Option<PathBuf>,
 ) -> Result<Running, StartError> {
     if tcp.is_none() && unix.is_none() {
         return Err(StartError::NoListener);
     }
+    if cfg.persist.is_none() {
+        // With a state directory, the exports' dirty bitmaps persist there.
+        cfg.persist = agent.capture_persist();
+    }
     let capture = Arc::new(Capture::new(exports, cfg));
-    // The first copy of every export is a catch-up over the whole disk (the replication
-    // task sends each export's resync base before any of it).
+    // The first copy of an export is a catch-up over the whole disk (the replication
+    // task sends its resync base before any of it); with a persistent bitmap, only the
+    // chunks it names.
     for d in 0..capture.exports().len() {
-        capture.mark_all_dirty(d);
+        if capture.needs_full_copy(d) {
+            capture.mark_all_dirty(d);
+        }
     }
     let mut listeners = Vec::new();
     let mut tcp_addr = None;
