@@ -83,6 +83,11 @@ pub struct PointStatus {
     #[serde(flatten)]
     pub point: PointEntry,
     pub restorable: bool,
+    /// The point's age when it was uploaded (its record in the manifest): from the
+    /// agent's time stamp to the drain's, ms. The recovery point objective achieved
+    /// (across two clocks: the agent's and the process server's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_age_ms: Option<u64>,
     /// Position restore starts after (the resync base), when restorable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub base: Option<u64>,
@@ -92,11 +97,15 @@ pub struct PointStatus {
 }
 
 fn status(m: &Manifest, p: &PointEntry) -> PointStatus {
+    let upload_age_ms = p.uploaded_unix_ms.map(|u| u.saturating_sub(p.unix_ms));
     match m.base_for(p.seq) {
-        Ok(base) => PointStatus { point: p.clone(), restorable: true, base: Some(base), lost_because: None },
+        Ok(base) => {
+            PointStatus { point: p.clone(), restorable: true, upload_age_ms, base: Some(base), lost_because: None }
+        }
         Err(g) => PointStatus {
             point: p.clone(),
             restorable: false,
+            upload_age_ms,
             base: None,
             lost_because: Some(format!(
                 "positions {}..={} were dropped before upload and no full resync began between them and the point",

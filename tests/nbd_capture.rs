@@ -209,6 +209,7 @@ async fn every_point_restores_to_its_flush_state() {
     .await;
     let status = running.status();
     assert_eq!(status.overflows, 0, "{status:?}");
+    assert!(status.last_upload_age_ms.is_some() && running.capture.upload_ages_ms().len() >= rounds, "{status:?}");
     let (_agent, r) = running.stop().await;
     r.unwrap();
 
@@ -217,6 +218,7 @@ async fn every_point_restores_to_its_flush_state() {
     let mut matched = Vec::new();
     for p in points.iter().filter(|p| p.point.kind == PointKind::CrashConsistent) {
         assert!(p.restorable, "{p:?}");
+        assert!(p.upload_age_ms.is_some(), "the manifest says when the point was uploaded: {p:?}");
         let out = work.join(format!("r{}", p.point.point_id));
         restore(&rig.target, "vm-nbd", "disk0", PointSelector::Id(p.point.point_id), &out, |_, _| {}).await.unwrap();
         let got = std::fs::read(&out).unwrap();

@@ -49,6 +49,8 @@ pub const CHUNK: u64 = 64 << 10;
 /// written before them; past this the two oldest merge (their chunks then stay recorded
 /// until the later of the two is durable), which bounds the memory to this many bitmaps.
 pub const EPOCHS_MAX: usize = 8;
+/// Recent point markers whose queue time, and recent points whose age at upload, are kept.
+pub const AGES_KEPT: usize = 4096;
 
 /// One exported disk.
 pub struct Export {
@@ -226,6 +228,9 @@ pub struct CaptureStatus {
     pub last_point: Option<(u64, bool)>,
     /// The newest crash-consistent point the process server reported uploaded.
     pub last_uploaded_consistent: Option<u64>,
+    /// That point's age when the agent learnt it was uploaded: from the FLUSH it
+    /// follows (its last write) to the server's report, milliseconds. The RPO achieved.
+    pub last_upload_age_ms: Option<u64>,
     /// The replication task's latest error, while it retries.
     pub last_error: Option<String>,
 }
@@ -241,6 +246,12 @@ struct State {
     /// per export, the chunks written before it since the marker before it.
     epochs: VecDeque<(u64, Vec<DirtyBitmap>)>,
     next_seq: u64,
+    /// When each recent point marker was queued (its FLUSH), by seq; the newest
+    /// [`AGES_KEPT`].
+    marker_times: VecDeque<(u64, Instant)>,
+    /// Ages at upload of the most recent crash-consistent points, ms (the newest
+    /// [`AGES_KEPT`]).
+    upload_ages_ms: VecDeque<u64>,
     /// Per export: its persistent bitmap (with a state directory, while it can be kept).
     persist: Vec<Option<DirtyFile>>,
     last_point: Option<Instant>,
@@ -303,6 +314,10 @@ impl State {
         }
         self.queued += 64;
         self.queue.push_back(Item::Point { consistent, seq });
+        self.marker_times.push_back((seq, Instant::now()));
+        if self.marker_times.len() > AGES_KEPT {
+            self.marker_times.pop_front();
+        }
     }
 
     /// Whether the server may not hold chunk-word `w` of `disk` durably: its bits.
@@ -405,6 +420,8 @@ impl Capture {
                 since_point,
                 epochs: VecDeque::new(),
                 next_seq: 0,
+                marker_times: VecDeque::new(),
+                upload_ages_ms: VecDeque::new(),
                 persist,
                 last_point: None,
                 status,
@@ -575,8 +592,22 @@ impl Capture {
     /// one write frame's worth), read from the backing file under the lock.
     pub fn next(&self) -> std::io::Result<Option<Work>> {
         let mut s = self.state.lock();
-        if let Some(item) = s.queue.pop_front() {
+        if let Some(mut item) = s.queue.pop_front() {
             s.queued -= item.cost();
+            // Consecutive writes that continue each other go as one frame (a sequential
+            // writer's 4 KiB requests become one 1 MiB write): same bytes, same order.
+            if let Item::Write { disk, offset, data } = &mut item {
+                while let Some(Item::Write { disk: d, offset: o, data: next }) = s.queue.front() {
+                    if *d != *disk || *o != *offset + data.len() as u64 || data.len() + next.len() > WRITE_DATA_MAX {
+                        break;
+                    }
+                    let Some(next) = s.queue.pop_front() else { break };
+                    s.queued -= next.cost();
+                    if let Item::Write { data: more, .. } = next {
+                        data.extend_from_slice(&more);
+                    }
+                }
+            }
             return Ok(Some(Work::Item(item)));
         }
         for d in 0..self.exports.len() {
@@ -610,6 +641,27 @@ impl Capture {
         }
     }
 
+    /// The server reported crash-consistent point `id` (marker `seq`) uploaded.
+    fn note_uploaded(&self, id: u64, seq: u64) {
+        let mut s = self.state.lock();
+        if s.status.last_uploaded_consistent.is_some_and(|o| o > id) {
+            return; // an older one, reported late
+        }
+        s.status.last_uploaded_consistent = Some(id);
+        let Some(&(_, at)) = s.marker_times.iter().find(|(q, _)| *q == seq) else { return };
+        let age = at.elapsed().as_millis() as u64;
+        s.status.last_upload_age_ms = Some(age);
+        s.upload_ages_ms.push_back(age);
+        if s.upload_ages_ms.len() > AGES_KEPT {
+            s.upload_ages_ms.pop_front();
+        }
+    }
+
+    /// Ages at upload (ms) of the recent crash-consistent points, oldest first.
+    pub fn upload_ages_ms(&self) -> Vec<u64> {
+        self.state.lock().upload_ages_ms.iter().copied().collect()
+    }
+
     fn note_error(&self, e: Option<String>) {
         self.state.lock().status.last_error = e;
     }
@@ -630,6 +682,22 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
         at += n as u64;
     }
     Ok(())
+}
+
+/// After a replication error: reports it, waits `delay` (or until stop), doubles it.
+async fn back_off(
+    capture: &Capture,
+    e: AgentError,
+    delay: &mut Duration,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) {
+    capture.note_error(Some(e.to_string()));
+    tracing::warn!(error = %e, "replication: retrying (capture goes on into the bitmap)");
+    tokio::select! {
+        _ = tokio::time::sleep(*delay) => {}
+        _ = stop.changed() => {}
+    }
+    *delay = (*delay * 2).min(Duration::from_secs(5));
 }
 
 /// One frame's worth of work for the agent.
@@ -682,13 +750,26 @@ pub async fn replicate(
     let disks = capture.exports().len();
     let mut resync: VecDeque<u16> = (0..disks as u16).filter(|&d| capture.needs_full_copy(d as usize)).collect();
     let mut delay = Duration::from_millis(100);
-    let mut awaiting_upload: Vec<u64> = Vec::new();
+    // Crash-consistent points sent and not yet reported uploaded: (point id, marker seq).
+    let mut awaiting_upload: Vec<(u64, u64)> = Vec::new();
     // Point markers sent and not yet acknowledged durable: (point id, marker seq).
     let mut awaiting_durable: VecDeque<(u64, u64)> = VecDeque::new();
     loop {
         if *stop.borrow() {
             return Ok(());
         }
+        // What the server said meanwhile (acknowledgements, uploads), without waiting.
+        if let Err(e) = agent.take_arrived() {
+            back_off(&capture, e, &mut delay, &mut stop).await;
+            continue;
+        }
+        awaiting_upload.retain(|&(id, seq)| {
+            if agent.take_uploaded(id) {
+                capture.note_uploaded(id, seq);
+                return false;
+            }
+            !agent.take_lost(id)
+        });
         let durable = agent.durable_point();
         while let Some(&(id, seq)) = awaiting_durable.front().filter(|(id, _)| *id <= durable) {
             debug_assert!(id <= durable);
@@ -726,7 +807,7 @@ pub async fn replicate(
                         awaiting_durable.push_back((id, *seq));
                         capture.note_point(id, *consistent);
                         if *consistent {
-                            awaiting_upload.push(id);
+                            awaiting_upload.push((id, *seq));
                         }
                     }
                 }
@@ -746,19 +827,6 @@ pub async fn replicate(
             Ok(false) => {
                 // Idle: read the server's acknowledgements while frames or uploads are
                 // outstanding; wake on new work or stop.
-                let mut newest = None;
-                awaiting_upload.retain(|&p| {
-                    if agent.take_uploaded(p) {
-                        newest = newest.max(Some(p));
-                        return false;
-                    }
-                    !agent.take_lost(p)
-                });
-                if let Some(newest) = newest {
-                    let mut s = capture.state.lock();
-                    s.status.last_uploaded_consistent =
-                        Some(s.status.last_uploaded_consistent.map_or(newest, |o| o.max(newest)));
-                }
                 // A point the server no longer watches (its session ended) is never
                 // reported: only the newest few are waited for.
                 if awaiting_upload.len() > 64 {
@@ -778,15 +846,7 @@ pub async fn replicate(
                     }
                 }
             }
-            Err(e) => {
-                capture.note_error(Some(e.to_string()));
-                tracing::warn!(error = %e, "replication: retrying (capture goes on into the bitmap)");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
+            Err(e) => back_off(&capture, e, &mut delay, &mut stop).await,
         }
     }
 }

@@ -655,6 +655,23 @@ impl Agent {
                 return Ok(());
             }
         };
+        self.handle_event(event)
+    }
+
+    /// Streaming: handles the server's messages that have already arrived, without
+    /// waiting (a busy sender learns of acknowledgements and uploads promptly).
+    pub fn take_arrived(&mut self) -> Result<(), AgentError> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else { return Ok(()) };
+            match conn.events.try_recv() {
+                Ok(event) => self.handle_event(Some(event))?,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return Ok(()),
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return self.handle_event(None),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: Option<Event>) -> Result<(), AgentError> {
         match event {
             Some(Event::Durable(upto)) => {
                 self.refused_since = None;

@@ -1,6 +1,7 @@
 //! Benchmarks and load generators driven from the command line (`churnlog bench …`),
 //! and the deterministic record contents shared by them and the crash tests.
 
+pub mod capture;
 pub mod compress;
 pub mod device;
 pub mod e2e;

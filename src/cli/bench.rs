@@ -113,6 +113,35 @@ pub enum BenchCommand {
     },
     /// The configuration server under a simulated fleet of process servers and machines.
     Cs(super::bench_cs::CsBenchArgs),
+    /// Write capture through the agent's NBD export (qemu-img bench and qemu-io, from
+    /// qemu-utils): throughput against the plain backing file, and each point's age at
+    /// upload under a paced writer.
+    Capture {
+        /// An empty (or missing) directory for the images, the cache and the store.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+        image: u64,
+        /// Bytes each throughput run writes.
+        #[arg(long, value_parser = parse_size, default_value = "512MiB")]
+        overhead_bytes: u64,
+        /// qemu-img bench queue depth.
+        #[arg(long, default_value_t = 16)]
+        depth: u32,
+        /// A FLUSH every this many requests in the throughput runs.
+        #[arg(long, default_value_t = 256)]
+        flush_interval: u32,
+        /// Paced writer rates for the RPO runs, MB/s (23 is 2 TB/day).
+        #[arg(long, value_delimiter = ',', default_value = "23,230")]
+        rates: Vec<f64>,
+        /// Length of each RPO run.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        point_interval: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Time opening (recovering) an existing cache.
     Recover {
         #[arg(long)]
@@ -120,6 +149,12 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// A benchmark's working directory must be new or empty (it fills it).
+fn ensure_empty(dir: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(!dir.exists() || std::fs::read_dir(dir)?.next().is_none(), "{} is not empty", dir.display());
+    Ok(())
 }
 
 /// Options for a cache that must hold `bytes` without any upload behind it.
@@ -141,11 +176,7 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             backend,
             json,
         } => {
-            anyhow::ensure!(
-                !dir.exists() || std::fs::read_dir(&dir)?.next().is_none(),
-                "{} is not empty",
-                dir.display()
-            );
+            ensure_empty(&dir)?;
             anyhow::ensure!((0.0..=1.0).contains(&churn_fraction), "--churn-fraction is in 0..=1");
             let params = bench::e2e::E2eParams {
                 dir,
@@ -246,6 +277,33 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
             print_report(&bench::compress::EffortTable(rows), json)?;
         }
         BenchCommand::Cs(args) => return super::bench_cs::run(args),
+        BenchCommand::Capture {
+            dir,
+            image,
+            overhead_bytes,
+            depth,
+            flush_interval,
+            rates,
+            seconds,
+            point_interval,
+            json,
+        } => {
+            ensure_empty(&dir)?;
+            anyhow::ensure!(image >= 64 << 20 && image % 512 == 0, "--image is at least 64MiB, in 512-byte sectors");
+            anyhow::ensure!(rates.iter().all(|r| *r > 0.0), "--rates are positive MB/s");
+            let params = bench::capture::CaptureParams {
+                dir,
+                image_bytes: image,
+                overhead_bytes,
+                depth,
+                flush_interval,
+                rates_mb_s: rates,
+                seconds,
+                point_interval: std::time::Duration::from_secs(point_interval),
+            };
+            let r = runtime()?.block_on(bench::capture::run(&params))?;
+            print_report(&r, json)?;
+        }
         BenchCommand::Recover { dir, json } => {
             print_report(&bench::recover::run(&dir, options_for(0))?, json)?;
         }

@@ -356,7 +356,12 @@ impl Drainer {
                     last_seq: built.last,
                 });
                 manifest.points.retain(|p| !built.points.iter().any(|n| n.point_id == p.point_id));
-                manifest.points.extend(built.points);
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                manifest
+                    .points
+                    .extend(built.points.into_iter().map(|p| PointEntry { uploaded_unix_ms: Some(now_ms), ..p }));
                 for b in built.bases {
                     if !manifest.bases.contains(&b) {
                         manifest.bases.push(b);
@@ -418,9 +423,14 @@ impl Drainer {
                     Codec::Lz4 => None,
                 };
                 match record {
-                    Some(Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size })) => {
-                        points.push(PointEntry { point_id, kind, unix_ms, seq: seq + offset, disk_size })
-                    }
+                    Some(Ok(StreamRecord::Point { point_id, kind, unix_ms, disk_size })) => points.push(PointEntry {
+                        point_id,
+                        kind,
+                        unix_ms,
+                        seq: seq + offset,
+                        disk_size,
+                        uploaded_unix_ms: None,
+                    }),
                     Some(Ok(StreamRecord::ResyncBase { .. })) => bases.push(seq + offset),
                     _ => {}
                 }

@@ -36,6 +36,10 @@ pub struct PointEntry {
     /// record before it.
     pub seq: u64,
     pub disk_size: u64,
+    /// When the drain recorded the point here, its objects uploaded (Unix ms, the
+    /// process server's clock); absent in manifests written before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded_unix_ms: Option<u64>,
 }
 
 /// What exists in the object store for one stream.
@@ -213,6 +217,7 @@ mod tests {
                     unix_ms: i,
                     seq: i,
                     disk_size: 1,
+                    uploaded_unix_ms: None,
                 })
                 .collect(),
             recorded_upto: objects,

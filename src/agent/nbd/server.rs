@@ -131,9 +131,16 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
     capture: &Arc<Capture>,
     disk: usize,
 ) -> Result<(), NbdError> {
+    // Buffered both ways: a client with requests in flight gets its replies in one
+    // write once no further request has arrived, not one write per reply.
+    let mut s = tokio::io::BufReader::with_capacity(256 << 10, tokio::io::BufWriter::with_capacity(256 << 10, s));
+    let s = &mut s;
     let size = capture.exports()[disk].size;
     let id = capture.exports()[disk].id.clone();
     loop {
+        if s.buffer().len() < REQUEST_LEN {
+            s.get_mut().flush().await?;
+        }
         let mut r = [0u8; REQUEST_LEN];
         match s.read_exact(&mut r).await {
             Ok(_) => {}
@@ -154,39 +161,46 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
                         return Ok(());
                     }
                 }
-                s.write_all(&simple_reply(err, handle)).await?;
-                s.flush().await?;
+                s.get_mut().write_all(&simple_reply(err, handle)).await?;
                 continue;
             }
         };
         let c = capture.clone();
         let result: std::io::Result<Option<Vec<u8>>> = match command {
-            Command::Read { offset, len } => blocking(move || c.read(disk, offset, len as usize).map(Some)).await,
-            Command::Write { offset, len, fua } => {
+            // Reads and writes without FUA touch the page cache only: done in place (a
+            // hand-off to a blocking thread per request would cost more than the copy).
+            Command::Read { offset, len } => c.read(disk, offset, len as usize).map(Some),
+            Command::Write { offset, len, fua: false } => {
                 let mut data = vec![0u8; len as usize];
                 s.read_exact(&mut data).await?;
-                blocking(move || c.write(disk, offset, data, fua).map(|_| None)).await
+                c.write(disk, offset, data, false).map(|_| None)
+            }
+            Command::Write { offset, len, fua: true } => {
+                let mut data = vec![0u8; len as usize];
+                s.read_exact(&mut data).await?;
+                blocking(move || c.write(disk, offset, data, true).map(|_| None)).await
             }
             Command::Flush => blocking(move || c.flush(disk).map(|_| None)).await,
             Command::Trim { offset, len, fua } | Command::WriteZeroes { offset, len, fua } => {
                 blocking(move || c.zero(disk, offset, len as u64, fua).map(|_| None)).await
             }
-            Command::Disconnect => return Ok(()),
+            Command::Disconnect => {
+                s.get_mut().flush().await?;
+                return Ok(());
+            }
         };
+        let w = s.get_mut();
         match result {
             Ok(Some(data)) => {
-                let mut out = Vec::with_capacity(16 + data.len());
-                out.extend_from_slice(&simple_reply(0, handle));
-                out.extend_from_slice(&data);
-                s.write_all(&out).await?;
+                w.write_all(&simple_reply(0, handle)).await?;
+                w.write_all(&data).await?;
             }
-            Ok(None) => s.write_all(&simple_reply(0, handle)).await?,
+            Ok(None) => w.write_all(&simple_reply(0, handle)).await?,
             Err(e) => {
                 tracing::error!(export = %id, error = %e, ?command, "NBD request failed on the backing file");
-                s.write_all(&simple_reply(errno(&e), handle)).await?;
+                w.write_all(&simple_reply(errno(&e), handle)).await?;
             }
         }
-        s.flush().await?;
     }
 }
 
