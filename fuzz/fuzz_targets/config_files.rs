@@ -15,8 +15,12 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(proxy) = ProxySettings::parse(text) {
         // A parsed proxy always yields a URL, and never shows its password in Debug.
         let _ = proxy.url();
-        if let Some((_, password)) = &proxy.credentials {
-            if password.len() >= 4 {
+        if let Some((user, password)) = &proxy.credentials {
+            // Only the password field must not show it: the host or user name may
+            // contain the same text (the fuzzer found `Proxy IP = x"secret"` with
+            // password `secret`).
+            let others = format!("{:?}{:?}{:?}", proxy.host, proxy.port, user);
+            if password.len() >= 4 && !others.contains(password.as_str()) {
                 assert!(!format!("{proxy:?}").contains(password.as_str()), "Debug shows the password");
             }
         }
