@@ -188,6 +188,9 @@ impl ProcessServer {
             tracing::info!(cs = %cfg.cs_address, cs_version = %registered.cs_version, ps_id = %cfg.ps_id, "registered with the configuration server");
             link = Some((client, book, interval, cfg.ps_id.clone()));
         }
+        if ingest.hashes.is_none() {
+            ingest.hashes = Some(crate::ingest::hashes::HashSource::new(target.clone()));
+        }
         let ingest = IngestServer::start(cache.clone(), ingest).await?;
         let drain_stats = Arc::new(DrainStats::default());
         let drain_task = DrainTask::start(cache.clone(), target.clone(), drain.clone(), drain_stats.clone());

@@ -188,6 +188,41 @@ pub async fn restore(
     })
 }
 
+/// Delta resync (server side): rebuilds into `file` (set to `disk_size` bytes) every
+/// uploaded record of `machine`/`disk` from its latest resync base on, whether or not a
+/// point follows them: what a later point will build on. Returns the head position, or
+/// `Ok(None)` when the store has no records for the disk. An unrestorable history (a gap
+/// after the last base) or a record past `disk_size` is an error.
+pub async fn rebuild_head(
+    target: &Target,
+    machine: &str,
+    disk: &str,
+    disk_size: u64,
+    file: &File,
+    path: &Path,
+) -> Result<Option<u64>, RestoreError> {
+    let Some(manifest) = target.load_manifest(machine, disk).await? else { return Ok(None) };
+    let Some(head) = manifest.objects.iter().map(|o| o.last_seq).max() else { return Ok(None) };
+    let base = manifest.base_for(head + 1).map_err(|gap| RestoreError::Unrestorable {
+        machine: machine.into(),
+        disk: disk.into(),
+        point_id: 0,
+        gap,
+    })?;
+    file.set_len(disk_size).map_err(|source| RestoreError::Output { path: path.to_path_buf(), source })?;
+    let upto = PointEntry {
+        point_id: 0,
+        kind: crate::protocol::PointKind::NotCrashConsistent,
+        unix_ms: 0,
+        seq: head,
+        disk_size,
+        uploaded_unix_ms: None,
+    };
+    let mut image = Image { file, path, disk_size, can_punch: true };
+    apply(target, &manifest, &upto, base, &mut image, |_, _| {}).await?;
+    Ok(Some(head))
+}
+
 struct Applied {
     records: u64,
     bytes: u64,

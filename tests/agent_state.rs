@@ -1,8 +1,9 @@
 //! The agent's persistent block state (`--state-dir`): a restarted agent sends only the
 //! blocks that changed since the last point the process server acknowledged, without a
 //! full copy, and every point restores byte for byte. A state that is corrupt, kept for
-//! another server, of another disk size, or missing is never trusted: the disk is then
-//! copied in full.
+//! another server, of another disk size, or missing is never trusted: the agent then
+//! compares the disk with the server's block hashes (a delta resync), or copies it in
+//! full when the server has no history of it.
 
 mod common;
 
@@ -133,10 +134,10 @@ async fn blocks_sent_before_a_crash_are_sent_again_after_the_restart() {
     rig.stop().await;
 }
 
-/// A flipped byte in the state file: a warning, the state ignored, a full copy, and the
-/// point restores byte for byte.
+/// A flipped byte in the state file: a warning, the state ignored, a delta resync, and
+/// the point restores byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_corrupt_state_file_is_ignored_and_the_disk_copied_in_full() {
+async fn a_corrupt_state_file_is_ignored_and_the_disk_resynced_by_delta() {
     let rig = Rig::start(Duration::from_secs(60)).await;
     let work = rig.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
@@ -153,17 +154,19 @@ async fn a_corrupt_state_file_is_ignored_and_the_disk_copied_in_full() {
 
     change(&disk, &[20, 33], 12);
     let p = agent(&rig, disks, &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
-    assert_eq!(p.full_copies, 1, "a corrupt state is never trusted: {p:?}");
+    // Never trusted: the server's hashes are asked for instead; the two changed blocks go.
+    assert_eq!((p.full_copies, p.delta_resyncs, p.blocks_sent), (0, 1, 2), "a corrupt state is never trusted: {p:?}");
     restores_to(&rig, "disk0", p.point_id, &disk, &work.join("r")).await;
     assert!(churnlog::agent::state::BlockState::decode(&std::fs::read(&file).unwrap()).is_ok(), "rewritten");
     rig.stop().await;
 }
 
 /// State kept for one process server is not used with another (its history is not the
-/// one the state describes); a disk that changed size is copied in full; a deleted state
-/// directory means a full copy.
+/// one the state describes): an empty server gets a full copy, a server with the disk's
+/// history a delta resync. A disk that changed size, or a deleted state directory, also
+/// means a delta resync: only the blocks that differ from what the server holds are sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn state_of_another_server_another_size_or_deleted_means_a_full_copy() {
+async fn state_of_another_server_another_size_or_deleted_means_a_delta_resync() {
     let rig = Rig::start(Duration::from_secs(60)).await;
     let work = tempfile::tempdir().unwrap();
     let (disk, state) = (work.path().join("d0.img"), work.path().join("state"));
@@ -171,32 +174,80 @@ async fn state_of_another_server_another_size_or_deleted_means_a_full_copy() {
     let disks = vec![("disk0".to_string(), disk.clone())];
     agent(&rig, disks.clone(), &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
 
-    // Another server with its own (empty) object store.
+    // Another server with its own (empty) object store: no history, a full copy.
     let other = Rig::start(Duration::from_secs(60)).await;
     let p = agent(&other, disks.clone(), &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
-    assert_eq!(p.full_copies, 1, "{p:?}");
+    assert_eq!((p.full_copies, p.delta_resyncs), (1, 0), "{p:?}");
     restores_to(&other, "disk0", p.point_id, &disk, &work.path().join("r-other")).await;
     other.stop().await;
 
-    // Back on the first server: the state now names the other one.
+    // Back on the first server: the state now names the other one, so the agent asks
+    // the first server for its hashes; nothing changed, nothing is sent.
     let p = agent(&rig, disks.clone(), &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
-    assert_eq!(p.full_copies, 1, "{p:?}");
+    assert_eq!((p.full_copies, p.delta_resyncs, p.blocks_sent, p.zero_runs_sent), (0, 1, 0, 0), "{p:?}");
+    restores_to(&rig, "disk0", p.point_id, &disk, &work.path().join("r-back")).await;
     let unchanged = agent(&rig, disks.clone(), &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
-    assert_eq!((unchanged.full_copies, unchanged.blocks_sent), (0, 0), "{unchanged:?}");
+    assert_eq!((unchanged.full_copies, unchanged.delta_resyncs, unchanged.blocks_sent), (0, 0, 0), "{unchanged:?}");
 
-    // The disk grows by one block.
+    // The disk grows by one block, written: that block is the only one sent.
     let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
     f.set_len((4 << 20) + BS).unwrap();
     change(&disk, &[64], 14);
     let p = agent(&rig, disks.clone(), &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
-    assert_eq!(p.full_copies, 1, "{p:?}");
+    assert_eq!((p.full_copies, p.delta_resyncs, p.blocks_sent), (0, 1, 1), "{p:?}");
     restores_to(&rig, "disk0", p.point_id, &disk, &work.path().join("r-grown")).await;
 
-    // The state directory deleted: no delta resync yet, a full copy.
+    // The state directory deleted, two blocks changed: those two are sent.
     std::fs::remove_dir_all(&state).unwrap();
-    change(&disk, &[1], 15);
+    let changed_bytes = change(&disk, &[1, 40], 15);
     let p = agent(&rig, disks, &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
-    assert_eq!(p.full_copies, 1, "{p:?}");
+    println!("delta resync after the state was deleted: bytes_sent {} / changed bytes {changed_bytes}", p.bytes_sent);
+    assert_eq!((p.full_copies, p.delta_resyncs, p.blocks_sent), (0, 1, 2), "{p:?}");
+    assert_eq!(p.bytes_sent, changed_bytes, "{p:?}");
     restores_to(&rig, "disk0", p.point_id, &disk, &work.path().join("r-deleted")).await;
+    rig.stop().await;
+}
+
+/// The delta resync compares with everything the server holds, not only with its last
+/// point: a block sent after that point by an agent that then died, and changed back
+/// since, is sent again even though the state (and its journal) is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delta_resync_compares_with_blocks_sent_after_the_last_point() {
+    let rig = Rig::start(Duration::from_secs(60)).await;
+    let work = rig.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let (d0, d1, state) = (work.join("d0.img"), work.join("d1.img"), work.join("state"));
+    image(&d0, 4 << 20, 25);
+    image(&d1, 2 << 20, 26);
+    let disks = vec![("disk0".to_string(), d0.clone()), ("disk1".to_string(), d1.clone())];
+    agent(&rig, disks.clone(), &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    let original = std::fs::read(&d0).unwrap();
+
+    // A run sends disk0's changed block 9, then fails on disk1 before its point.
+    change(&d0, &[9], 27);
+    let mut second = agent(&rig, disks.clone(), &state);
+    let hidden = work.join("d1.away");
+    std::fs::rename(&d1, &hidden).unwrap();
+    let stream = rig.cache.find_stream("vm-1", "disk0").unwrap();
+    let durable_before = rig.cache.stream_info(stream).unwrap().durable_upto;
+    second.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap_err();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rig.cache.stream_info(stream).unwrap().durable_upto <= durable_before {
+        assert!(std::time::Instant::now() < deadline, "block 9 never became durable");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(second);
+
+    // The state directory is lost and block 9 changes back: the server holds the other
+    // content, so the delta resync must send it.
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::write(&d0, &original).unwrap();
+    std::fs::rename(&hidden, &d1).unwrap();
+    let p = agent(&rig, disks, &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    // (As a block, or as a zero run where the original block was zeros.)
+    let sent = p.blocks_sent + p.zero_runs_sent;
+    assert_eq!((p.full_copies, p.delta_resyncs, sent), (0, 2, 1), "block 9 is sent again: {p:?}");
+    restores_to(&rig, "disk0", p.point_id, &d0, &work.join("r0")).await;
+    restores_to(&rig, "disk1", p.point_id, &d1, &work.join("r1")).await;
     rig.stop().await;
 }

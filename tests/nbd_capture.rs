@@ -544,3 +544,92 @@ async fn a_killed_agent_resumes_from_its_persistent_bitmap_without_a_full_copy()
     assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
     server.unwrap().stop().await.unwrap();
 }
+
+/// `kill -9` of a real `churnlog ps run` while a writer writes through the export (and
+/// again right after a round, while the drain uploads): the agent reconnects to the
+/// restarted server and resends what was not durable, nothing is copied in full, and
+/// every crash-consistent point restores to one of the writer's flush states, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_process_server_costs_no_full_copy_and_every_point_restores() {
+    use common::ps_child::{free_port, kill9, start_ps};
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let ps_dir = dir.path().join("ps");
+    std::fs::create_dir_all(&ps_dir).unwrap();
+    let pass = ps_dir.join("passphrase");
+    std::fs::write(&pass, PASSPHRASE).unwrap();
+    std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let port = free_port();
+    let mut ps = start_ps(&ps_dir, port);
+    let target = Target::from_url(&format!("file://{}", ps_dir.join("store").display()), None).unwrap();
+    let img = dir.path().join("d0.img");
+    let size = 8 << 20;
+    let mut expected = vec![0u8; size];
+    fill(&mut expected[..3 << 20], 31);
+    std::fs::write(&img, &expected).unwrap();
+    let p = |p: &Path| p.display().to_string();
+    let args: Vec<String> = [
+        "agent",
+        "--ps",
+        &format!("127.0.0.1:{port}"),
+        "--ps-cert",
+        &p(&ps_dir.join("tls/cert.pem")),
+        "--passphrase-file",
+        &p(&pass),
+        "--machine",
+        "vm-pk9",
+        "--export",
+        &format!("disk0={}", p(&img)),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &p(&dir.path().join("state")),
+        "--point-interval",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let agent = AgentChild::spawn(&args);
+    let mut writer = Writer { rng: 17 };
+    let mut flushed = vec![expected.clone()];
+    for kill in 0..3u64 {
+        let cmds = writer.round(&mut expected, 40);
+        let addr = agent.addr;
+        let write = std::thread::spawn(move || qemu_io(addr, "disk0", &cmds));
+        // Mid-round (0, 2), or after the round while its point is uploaded (1).
+        let write = if kill == 1 {
+            write.join().unwrap();
+            None
+        } else {
+            tokio::time::sleep(Duration::from_millis(30 + 40 * kill)).await;
+            Some(write)
+        };
+        kill9(&mut ps);
+        // The writer finishes with the server down (bounded by qemu_io's own limit).
+        if let Some(write) = write {
+            tokio::task::spawn_blocking(move || write.join().unwrap()).await.unwrap();
+        }
+        flushed.push(expected.clone());
+        ps = start_ps(&ps_dir, port);
+        wait_for_point(&target, "vm-pk9", &expected, dir.path(), Duration::from_secs(120)).await;
+        eprintln!("after kill {kill}: the final image of the round has a point");
+    }
+    let last = agent.lines.lock().unwrap().last().cloned().expect("status lines");
+    assert_eq!(last["full_copies"], 1, "only the first copy: {last}");
+    drop(agent);
+
+    let states: HashMap<u128, usize> = flushed.iter().enumerate().map(|(i, f)| (h(f), i)).collect();
+    let points = list_points(&target, "vm-pk9", "disk0").await.unwrap();
+    let mut seen = Vec::new();
+    for pt in points.iter().filter(|pt| pt.point.kind == PointKind::CrashConsistent) {
+        assert!(pt.restorable, "{pt:?}");
+        let out = dir.path().join("r");
+        restore(&target, "vm-pk9", "disk0", PointSelector::Id(pt.point.point_id), &out, |_, _| {}).await.unwrap();
+        let got = std::fs::read(&out).unwrap();
+        let Some(&i) = states.get(&h(&got)) else { panic!("point {} is no flush state", pt.point.point_id) };
+        seen.push(i);
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {seen:?}");
+    assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
+}

@@ -2,58 +2,15 @@
 //! uploads. After each restart the agent reconnects and resends what was not yet durable;
 //! every recovery point restores byte for byte.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
 
 use churnlog::agent::{Agent, AgentConfig};
 use churnlog::protocol::PointKind;
 use churnlog::restore::{restore, PointSelector};
 use churnlog::store::Target;
-
-struct Ps {
-    child: Child,
-}
-
-impl Drop for Ps {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Starts `churnlog ps run` from a TOML file (relative paths, beside the file) with the
-/// listen address given as a flag, so the file-plus-flags path is what runs here.
-fn start_ps(dir: &Path, port: u16) -> Ps {
-    let config = format!(
-        "cache_dir = \"cache\"\ncache_size = \"1GiB\"\nlisten = \"127.0.0.1:1\"\n\
-         target = \"file://{}\"\npassphrase_file = \"passphrase\"\ntls_dir = \"tls\"\n",
-        dir.join("store").display()
-    );
-    std::fs::write(dir.join("ps.toml"), config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_churnlog"))
-        .args(["ps", "run", "--listen", &format!("127.0.0.1:{port}"), "--config"])
-        .arg(dir.join("ps.toml"))
-        .stdout(Stdio::null())
-        .stderr(if std::env::var_os("CHURNLOG_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
-        .spawn()
-        .expect("spawn churnlog ps run");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "process server did not come up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ps { child }
-}
-
-fn kill9(ps: &mut Ps) {
-    ps.child.kill().unwrap(); // SIGKILL
-    ps.child.wait().unwrap();
-}
+use common::ps_child::{free_port, kill9, start_ps};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn process_server_killed_mid_write_and_mid_upload() {

@@ -20,6 +20,7 @@
 
 pub mod capture;
 pub mod credential;
+pub mod delta;
 pub mod dirty_file;
 pub mod nbd;
 pub mod state;
@@ -145,6 +146,9 @@ pub struct PassReport {
     pub full_copies: u64,
     /// Passes repeated because the server lost their point before upload.
     pub repeated_passes: u64,
+    /// Disks compared with the server's block hashes (no usable state): only the blocks
+    /// that differ were sent ([`delta`]).
+    pub delta_resyncs: u64,
 }
 
 /// What the server told the reader task.
@@ -153,6 +157,8 @@ enum Event {
     Uploaded(u64),
     ResyncRequired(u16),
     PointLost(u64),
+    /// A delta-resync answer ([`delta`]).
+    Hashes(Frame),
     Closed(String),
 }
 
@@ -226,6 +232,8 @@ pub struct Agent {
     declared_bytes: Vec<Option<u64>>,
     /// The persistent block state, with a state directory.
     state: Option<state::StateDir>,
+    /// The delta-resync answer being received.
+    hash_fetch: Option<delta::HashFetch>,
 }
 
 impl Agent {
@@ -299,6 +307,7 @@ impl Agent {
             silent_connections: 0,
             declared_bytes,
             state,
+            hash_fetch: None,
         })
     }
 
@@ -531,7 +540,14 @@ impl Agent {
                 }
             }
             let blocks = size.div_ceil(bs as u64) as usize;
-            let full = std::mem::take(&mut self.resync_requested[d]) || self.hashes[d].is_none() || shrunk;
+            let mut full = std::mem::take(&mut self.resync_requested[d]) || shrunk;
+            if !full && self.hashes[d].is_none() {
+                // No usable state: compare with what the server holds instead.
+                self.hashes[d] = self.delta_resync(d, size).await?;
+                // A full copy asked for meanwhile wins over the answer.
+                full = self.hashes[d].is_none() || std::mem::take(&mut self.resync_requested[d]);
+                report.delta_resyncs += u64::from(!full);
+            }
             let previous = if full { None } else { self.hashes[d].take() };
             if full {
                 // The stored state describes what the full copy replaces: it goes first,
@@ -703,6 +719,7 @@ impl Agent {
                     }
                 }
             }
+            Some(Event::Hashes(answer)) => self.hash_answer(answer),
             Some(Event::Closed(why)) => {
                 // Following the CS, a server that ends the session with a refusal may
                 // have handed the machine on: reconnecting asks the CS (within the
@@ -873,6 +890,12 @@ impl Agent {
                     Ok(Frame::Uploaded { point_id }) => Event::Uploaded(point_id),
                     Ok(Frame::PointLost { point_id }) => Event::PointLost(point_id),
                     Ok(Frame::ResyncRequired { disk }) => Event::ResyncRequired(disk),
+                    Ok(
+                        f @ (Frame::Hashes { .. }
+                        | Frame::HashesEnd { .. }
+                        | Frame::HashesUnavailable { .. }
+                        | Frame::HashesPending { .. }),
+                    ) => Event::Hashes(f),
                     Ok(Frame::Backpressure { retry_after_ms }) => {
                         tracing::info!(retry_after_ms, "process server signals backpressure");
                         continue;

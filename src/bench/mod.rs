@@ -8,6 +8,7 @@ pub mod e2e;
 pub mod image;
 pub mod ingest;
 pub mod recover;
+pub mod resync;
 
 /// Deterministic contents of record `seq` of stream `stream`: a test can recompute what a
 /// (killed) producer wrote. `compressible` in 0..=1 is the fraction of each 256-byte run

@@ -88,6 +88,9 @@ impl Writer {
                         break;
                     }
                     if st.closing || inner.poisoned.load(Ordering::Acquire) {
+                        // Leaving: every later append must be refused (`Inner::poison`
+                        // sets both under this lock), or its ticket would never resolve.
+                        debug_assert!(st.closing || st.refuse.is_some(), "poisoned, yet appends are accepted");
                         drop(st);
                         return self.finish();
                     }

@@ -215,14 +215,19 @@ impl Inner {
     /// META): what that fsync covered may be gone while the kernel reports the next one
     /// clean, so nothing more is accepted or acknowledged, and no fsync is retried, until
     /// the cache is reopened and recovers from what is really on disk.
+    ///
+    /// The flag and the refusal change together under the append lock: the flusher
+    /// exits when it sees the flag with no records pending, so an append must never
+    /// find the flag set and the refusal not yet (its record would wait for ever — a
+    /// hang the crash simulator met once, the preparer poisoning beside an appender).
     pub fn poison(&self, reason: String) {
-        let first = !self.poisoned.swap(true, Ordering::AcqRel);
-        {
+        let first = {
             let mut st = self.append.lock();
             if !matches!(st.refuse, Some(AppendError::Poisoned(_))) {
                 st.refuse = Some(AppendError::Poisoned(reason.clone()));
             }
-        }
+            !self.poisoned.swap(true, Ordering::AcqRel)
+        };
         self.room_cv.notify_all();
         self.work_cv.notify_all();
         if first {

@@ -113,6 +113,23 @@ pub enum BenchCommand {
     },
     /// The configuration server under a simulated fleet of process servers and machines.
     Cs(super::bench_cs::CsBenchArgs),
+    /// An agent restart's cost: the full copy, a restart with `--state-dir`, and one with
+    /// the state deleted (a delta resync against what the process server holds).
+    Resync {
+        /// An empty (or missing) directory for the image, the cache and the store.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, value_parser = parse_size, default_value = "1GiB")]
+        image: u64,
+        /// Share of the image's blocks overwritten before each restart, %.
+        #[arg(long, default_value_t = 1.0)]
+        changed_percent: f64,
+        /// Fraction of the image's bytes that are zeros (0 = incompressible).
+        #[arg(long, default_value_t = 0.5)]
+        compressible: f64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Write capture through the agent's NBD export (qemu-img bench and qemu-io, from
     /// qemu-utils): throughput against the plain backing file, and each point's age at
     /// upload under a paced writer.
@@ -302,6 +319,12 @@ pub fn run(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 point_interval: std::time::Duration::from_secs(point_interval),
             };
             let r = runtime()?.block_on(bench::capture::run(&params))?;
+            print_report(&r, json)?;
+        }
+        BenchCommand::Resync { dir, image, changed_percent, compressible, json } => {
+            ensure_empty(&dir)?;
+            let params = bench::resync::ResyncParams { dir, image_bytes: image, changed_percent, compressible };
+            let r = runtime()?.block_on(bench::resync::run(&params))?;
             print_report(&r, json)?;
         }
         BenchCommand::Recover { dir, json } => {

@@ -9,6 +9,7 @@
 //! after login, `limits` bounds what each peer may cost.
 
 mod handshake;
+pub mod hashes;
 pub mod limits;
 mod session;
 
@@ -69,6 +70,9 @@ pub struct IngestConfig {
     pub book: Option<Arc<MachineBook>>,
     /// Slowing of new writes when the cache runs short of free space.
     pub throttle: IngestThrottle,
+    /// Where delta-resync answers come from ([`hashes`]); None: every `HashesRequest` is
+    /// answered `HashesUnavailable` (the agent copies in full).
+    pub hashes: Option<hashes::HashSource>,
 }
 
 /// Below `free_percent_min` percent of free cache space each new record waits `delay`
@@ -108,6 +112,7 @@ impl IngestConfig {
             tls_names: Vec::new(),
             book: None,
             throttle: IngestThrottle::default(),
+            hashes: None,
         }
     }
 }

@@ -81,7 +81,15 @@ where
         Some((book, rx, guard)) => (Some(book), Some(rx), Some(guard)),
         None => (None, None, None),
     };
-    let ctx = Session { machine, shared, out: out.clone(), acks, not_reading: not_reading.clone(), book };
+    let ctx = Session {
+        machine,
+        shared,
+        out: out.clone(),
+        acks,
+        not_reading: not_reading.clone(),
+        book,
+        hashing: Default::default(),
+    };
     let result = ctx.run(&mut rd, &mut buf, stop, moved).await;
     drop(ctx); // its sender: the acknowledger ends once it has answered what is queued
     if let Err(e) = &result {
@@ -204,6 +212,17 @@ struct Session<'a> {
     not_reading: Arc<AtomicBool>,
     /// With a CS: where the machine's assignment and resync requests are looked up.
     book: Option<Arc<MachineBook>>,
+    /// The delta-resync answer under way (one at a time; aborted with the session).
+    hashing: parking_lot::Mutex<Option<AbortOnDrop>>,
+}
+
+/// A task that does not outlive its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Resolves once the machine may no longer go on here (moved away or unassigned); never
@@ -259,6 +278,8 @@ impl Session<'_> {
                     return Err(SessionEnd::Moved(why));
                 }
                 r = tokio::time::timeout(cfg.idle_timeout, read_frame_bytes(rd, buf)) => match r {
+                    // An agent waiting for its delta-resync answer sends nothing meanwhile.
+                    Err(_) if self.hashing.lock().as_ref().is_some_and(|t| !t.0.is_finished()) => continue,
                     Err(_) => {
                         stats.timeouts.fetch_add(1, Ordering::Relaxed);
                         return Err(SessionEnd::Timeout("idle"));
@@ -353,7 +374,41 @@ impl Session<'_> {
                     }))
                     .await?;
                 }
+                Frame::HashesRequest { disk, block_size } => {
+                    let d = disks.get(disk, "hashes request")?;
+                    self.answer_hashes(disk, d, block_size).await?;
+                }
                 other => return Err(Refusal::Unexpected(other.name()).into()),
+            }
+        }
+    }
+
+    /// Starts the delta-resync answer for `disk` ([`super::hashes`]); a request while
+    /// another is under way is answered `HashesUnavailable`.
+    async fn answer_hashes(&self, disk: u16, d: OpenDisk, block_size: u32) -> Result<(), SessionEnd> {
+        let busy = self.hashing.lock().as_ref().is_some_and(|t| !t.0.is_finished());
+        let source = match (&self.shared.cfg.hashes, busy) {
+            (_, true) => Err("another delta resync of this session is under way"),
+            (None, _) => Err("this server answers no delta resync"),
+            (Some(source), false) => Ok(source.clone()),
+        };
+        match source {
+            Ok(source) => {
+                let task = super::hashes::answer(
+                    source,
+                    self.shared.cache.clone(),
+                    d.stream,
+                    disk,
+                    d.size_bytes,
+                    block_size,
+                    self.out.clone(),
+                );
+                *self.hashing.lock() = Some(AbortOnDrop(tokio::spawn(task)));
+                Ok(())
+            }
+            Err(reason) => {
+                let frame = Frame::HashesUnavailable { disk, reason: reason.into() };
+                self.out.send(frame).await.map_err(|_| self.gone())
             }
         }
     }

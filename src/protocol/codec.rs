@@ -81,7 +81,44 @@ pub enum Frame {
         code: u16,
         message: String,
     },
+    /// Delta resync: the agent has no block state for `disk` (opened on this session) and
+    /// asks for the xxh3-128 hash of every `block_size`-byte block of what the server
+    /// holds for it (every uploaded record, sized to the declared size). Untagged.
+    HashesRequest {
+        disk: u16,
+        block_size: u32,
+    },
+    /// Delta resync answer, in order: the hashes of blocks `first_block..` (at most
+    /// [`HASHES_PER_FRAME_MAX`]).
+    Hashes {
+        disk: u16,
+        first_block: u64,
+        hashes: Vec<u128>,
+    },
+    /// Delta resync answer: all `blocks` hashes were sent; they describe the stream up
+    /// to position `head_seq`.
+    HashesEnd {
+        disk: u16,
+        blocks: u64,
+        head_seq: u64,
+    },
+    /// Delta resync: the answer is being prepared (sent every few seconds while the server
+    /// waits for its drain and rebuilds the image), so a waiting agent knows it is alive.
+    HashesPending {
+        disk: u16,
+    },
+    /// Delta resync answer: the server cannot tell (no history, an unrestorable one, a
+    /// drain that did not catch up): the agent copies the disk in full.
+    HashesUnavailable {
+        disk: u16,
+        reason: String,
+    },
 }
+
+/// Most block hashes one `Hashes` frame carries (1 MiB of hashes).
+pub const HASHES_PER_FRAME_MAX: usize = 1 << 16;
+/// Longest reason in `HashesUnavailable` or message in `Error`, bytes.
+pub const MESSAGE_LEN_MAX: usize = 1024;
 
 /// Type byte and fixed fields of a Write frame: type, disk, tag, offset.
 pub const WRITE_HEADER_LEN: usize = 1 + 2 + 8 + 8;
@@ -100,6 +137,11 @@ pub const T_UPLOADED: u8 = 0x21;
 pub const T_BACKPRESSURE: u8 = 0x22;
 pub const T_RESYNC_REQUIRED: u8 = 0x23;
 pub const T_POINT_LOST: u8 = 0x24;
+pub const T_HASHES_REQUEST: u8 = 0x14;
+pub const T_HASHES: u8 = 0x25;
+pub const T_HASHES_END: u8 = 0x26;
+pub const T_HASHES_UNAVAILABLE: u8 = 0x27;
+pub const T_HASHES_PENDING: u8 = 0x28;
 pub const T_ERROR: u8 = 0x7F;
 
 /// Error codes carried by `Frame::Error`.
@@ -122,6 +164,16 @@ pub enum FrameError {
     Truncated,
     #[error("bad field: {0}")]
     Field(&'static str),
+}
+
+/// A u16 length and at most [`MESSAGE_LEN_MAX`] bytes, cut on a character boundary.
+fn put_message(out: &mut Vec<u8>, message: &str) {
+    let mut n = message.len().min(MESSAGE_LEN_MAX);
+    while !message.is_char_boundary(n) {
+        n -= 1;
+    }
+    out.extend_from_slice(&(n as u16).to_le_bytes());
+    out.extend_from_slice(&message.as_bytes()[..n]);
 }
 
 fn put_name(out: &mut Vec<u8>, s: &str) {
@@ -149,6 +201,11 @@ impl Frame {
             Frame::PointLost { .. } => "PointLost",
             Frame::Backpressure { .. } => "Backpressure",
             Frame::Error { .. } => "Error",
+            Frame::HashesRequest { .. } => "HashesRequest",
+            Frame::Hashes { .. } => "Hashes",
+            Frame::HashesEnd { .. } => "HashesEnd",
+            Frame::HashesUnavailable { .. } => "HashesUnavailable",
+            Frame::HashesPending { .. } => "HashesPending",
         }
     }
 
@@ -236,9 +293,37 @@ impl Frame {
             Frame::Error { code, message } => {
                 out.push(T_ERROR);
                 out.extend_from_slice(&code.to_le_bytes());
-                let m = &message.as_bytes()[..message.len().min(1024)];
-                out.extend_from_slice(&(m.len() as u16).to_le_bytes());
-                out.extend_from_slice(m);
+                put_message(out, message);
+            }
+            Frame::HashesRequest { disk, block_size } => {
+                out.push(T_HASHES_REQUEST);
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&block_size.to_le_bytes());
+            }
+            Frame::Hashes { disk, first_block, hashes } => {
+                debug_assert!(!hashes.is_empty() && hashes.len() <= HASHES_PER_FRAME_MAX);
+                out.push(T_HASHES);
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&first_block.to_le_bytes());
+                out.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
+                for h in hashes {
+                    out.extend_from_slice(&h.to_le_bytes());
+                }
+            }
+            Frame::HashesEnd { disk, blocks, head_seq } => {
+                out.push(T_HASHES_END);
+                out.extend_from_slice(&disk.to_le_bytes());
+                out.extend_from_slice(&blocks.to_le_bytes());
+                out.extend_from_slice(&head_seq.to_le_bytes());
+            }
+            Frame::HashesPending { disk } => {
+                out.push(T_HASHES_PENDING);
+                out.extend_from_slice(&disk.to_le_bytes());
+            }
+            Frame::HashesUnavailable { disk, reason } => {
+                out.push(T_HASHES_UNAVAILABLE);
+                out.extend_from_slice(&disk.to_le_bytes());
+                put_message(out, reason);
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -290,14 +375,20 @@ impl Frame {
             T_DURABLE => Frame::Durable { upto_tag: r.u64()? },
             T_UPLOADED => Frame::Uploaded { point_id: r.u64()? },
             T_BACKPRESSURE => Frame::Backpressure { retry_after_ms: r.u32()? },
-            T_ERROR => {
-                let code = r.u16()?;
-                let n = r.u16()? as usize;
-                if n > 1024 {
-                    return Err(FrameError::Field("error message length"));
+            T_ERROR => Frame::Error { code: r.u16()?, message: r.message()? },
+            T_HASHES_REQUEST => Frame::HashesRequest { disk: r.u16()?, block_size: r.u32()? },
+            T_HASHES => {
+                let (disk, first_block, n) = (r.u16()?, r.u64()?, r.u32()? as usize);
+                if n == 0 || n > HASHES_PER_FRAME_MAX {
+                    return Err(FrameError::Field("hash count"));
                 }
-                Frame::Error { code, message: String::from_utf8_lossy(r.take(n)?).into_owned() }
+                let hashes =
+                    r.take(n * 16)?.chunks_exact(16).map(|h| u128::from_le_bytes(h.try_into().expect("16"))).collect();
+                Frame::Hashes { disk, first_block, hashes }
             }
+            T_HASHES_END => Frame::HashesEnd { disk: r.u16()?, blocks: r.u64()?, head_seq: r.u64()? },
+            T_HASHES_UNAVAILABLE => Frame::HashesUnavailable { disk: r.u16()?, reason: r.message()? },
+            T_HASHES_PENDING => Frame::HashesPending { disk: r.u16()? },
             other => return Err(FrameError::UnknownType(other)),
         };
         if r.at != body.len() {
@@ -318,6 +409,13 @@ impl<'a> Reader<'a> {
         let s = &self.b[self.at..end];
         self.at = end;
         Ok(s)
+    }
+    fn message(&mut self) -> Result<String, FrameError> {
+        let n = self.u16()? as usize;
+        if n > MESSAGE_LEN_MAX {
+            return Err(FrameError::Field("message length"));
+        }
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
     }
     fn u8(&mut self) -> Result<u8, FrameError> {
         Ok(self.take(1)?[0])
@@ -455,6 +553,16 @@ mod tests {
             any::<u64>().prop_map(|point_id| Frame::Uploaded { point_id }),
             any::<u32>().prop_map(|retry_after_ms| Frame::Backpressure { retry_after_ms }),
             (any::<u16>(), "[ -~]{0,100}").prop_map(|(code, message)| Frame::Error { code, message }),
+            (any::<u16>(), any::<u32>()).prop_map(|(disk, block_size)| Frame::HashesRequest { disk, block_size }),
+            (any::<u16>(), any::<u64>(), proptest::collection::vec(any::<u128>(), 1..300))
+                .prop_map(|(disk, first_block, hashes)| Frame::Hashes { disk, first_block, hashes }),
+            (any::<u16>(), any::<u64>(), any::<u64>()).prop_map(|(disk, blocks, head_seq)| Frame::HashesEnd {
+                disk,
+                blocks,
+                head_seq
+            }),
+            (any::<u16>(), "[ -~]{0,100}").prop_map(|(disk, reason)| Frame::HashesUnavailable { disk, reason }),
+            any::<u16>().prop_map(|disk| Frame::HashesPending { disk }),
         ]
     }
 

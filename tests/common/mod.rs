@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod ps_child;
 pub mod rig;
 
 use std::sync::Arc;
