@@ -20,6 +20,8 @@ static TORN_TAILS: AtomicU64 = AtomicU64::new(0);
 static RECORDS_CHECKED: AtomicU64 = AtomicU64::new(0);
 static SEALS_SCANNED: AtomicU64 = AtomicU64::new(0);
 static SPARES_RECYCLED: AtomicU64 = AtomicU64::new(0);
+/// Crashes simulated (power cuts and kills), each followed by a recovery.
+static CRASHES: AtomicU64 = AtomicU64::new(0);
 
 struct Model {
     /// Contents of every record ever given a sequence number (the last given wins).
@@ -48,6 +50,7 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
             Ok(c) => c,
             Err(e) if st.powered_off() => {
                 let _ = e;
+                CRASHES.fetch_add(1, Relaxed);
                 st.crash(rng.next_u64());
                 continue;
             }
@@ -123,9 +126,11 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
         if rng.below(4) == 0 {
             st.power_cut_after(u64::MAX / 2);
             if cache.close().is_err() || st.powered_off() {
+                CRASHES.fetch_add(1, Relaxed);
                 st.crash(rng.next_u64());
             }
         } else {
+            CRASHES.fetch_add(1, Relaxed);
             common::kill(&st, cache, rng.next_u64());
         }
     }
@@ -204,6 +209,7 @@ fn power_loss_at_thousands_of_points() {
         failures.len(),
         failures.join("\n")
     );
+    let crashes = CRASHES.load(Relaxed);
     let (acked, torn, checked, scanned, spares) = (
         ACKED.load(Relaxed),
         TORN_TAILS.load(Relaxed),
@@ -211,7 +217,7 @@ fn power_loss_at_thousands_of_points() {
         SEALS_SCANNED.load(Relaxed),
         SPARES_RECYCLED.load(Relaxed),
     );
-    eprintln!("{seeds} seeds: {acked} records acknowledged, {checked} read back after recovery, {torn} torn tails truncated, {scanned} open segments scanned, {spares} spare segment files recycled");
+    eprintln!("{seeds} seeds: {crashes} crashes recovered from, {acked} records acknowledged, {checked} read back after recovery, {torn} torn tails truncated, {scanned} open segments scanned, {spares} spare segment files recycled");
     // The simulation must actually exercise crashes mid-write, not only clean stops.
     assert!(acked > seeds * 10 && checked > seeds * 10, "too little work: {acked} acked, {checked} checked");
     assert!(torn > seeds / 20, "too few torn tails ({torn}) for {seeds} seeds");

@@ -400,6 +400,34 @@ impl Drop for AgentChild {
     }
 }
 
+/// `churnlog agent --export disk0=IMG` arguments: points at every flush, NBD on an
+/// ephemeral 127.0.0.1 port, the dirty bitmap in `state`.
+fn export_args(ps: &str, cert: &Path, pass: &Path, machine: &str, img: &Path, state: &Path) -> Vec<String> {
+    let p = |p: &Path| p.display().to_string();
+    [
+        "agent",
+        "--ps",
+        ps,
+        "--ps-cert",
+        &p(cert),
+        "--passphrase-file",
+        &p(pass),
+        "--machine",
+        machine,
+        "--export",
+        &format!("disk0={}", p(img)),
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--state-dir",
+        &p(state),
+        "--point-interval",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// Chunks (of the capture's 64 KiB) that `cmds` touch.
 fn chunks_touched(cmds: &[String]) -> std::collections::BTreeSet<u64> {
     let chunk = churnlog::agent::capture::CHUNK;
@@ -451,29 +479,7 @@ async fn a_killed_agent_resumes_from_its_persistent_bitmap_without_a_full_copy()
     let mut expected = vec![0u8; size];
     fill(&mut expected[..6 << 20], 9);
     std::fs::write(&img, &expected).unwrap();
-    let p = |p: &Path| p.display().to_string();
-    let args: Vec<String> = [
-        "agent",
-        "--ps",
-        &ps_addr.to_string(),
-        "--ps-cert",
-        &p(&cert),
-        "--passphrase-file",
-        &p(&pass),
-        "--machine",
-        "vm-k9",
-        "--export",
-        &format!("disk0={}", p(&img)),
-        "--nbd-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        &p(&dir.path().join("state")),
-        "--point-interval",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = export_args(&ps_addr.to_string(), &cert, &pass, "vm-k9", &img, &dir.path().join("state"));
 
     // First run: the full copy, then a round whose point is uploaded.
     let agent = AgentChild::spawn(&args);
@@ -567,29 +573,8 @@ async fn a_killed_process_server_costs_no_full_copy_and_every_point_restores() {
     let mut expected = vec![0u8; size];
     fill(&mut expected[..3 << 20], 31);
     std::fs::write(&img, &expected).unwrap();
-    let p = |p: &Path| p.display().to_string();
-    let args: Vec<String> = [
-        "agent",
-        "--ps",
-        &format!("127.0.0.1:{port}"),
-        "--ps-cert",
-        &p(&ps_dir.join("tls/cert.pem")),
-        "--passphrase-file",
-        &p(&pass),
-        "--machine",
-        "vm-pk9",
-        "--export",
-        &format!("disk0={}", p(&img)),
-        "--nbd-listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        &p(&dir.path().join("state")),
-        "--point-interval",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let (ps_addr, cert) = (format!("127.0.0.1:{port}"), ps_dir.join("tls/cert.pem"));
+    let args = export_args(&ps_addr, &cert, &pass, "vm-pk9", &img, &dir.path().join("state"));
     let agent = AgentChild::spawn(&args);
     let mut writer = Writer { rng: 17 };
     let mut flushed = vec![expected.clone()];
@@ -632,4 +617,70 @@ async fn a_killed_process_server_costs_no_full_copy_and_every_point_restores() {
     }
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {seen:?}");
     assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
+}
+
+/// The agent's state directory lost while it was stopped, and the image changed behind
+/// its back meanwhile: the restarted agent compares the image with the server's block
+/// hashes (a delta resync) and sends only the chunks that differ, not a full copy; the
+/// final image restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_bitmap_means_a_delta_resync_not_a_full_copy() {
+    require("qemu-io");
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let server = start_ps(&dir.path().join("ps"), &store, 0).await;
+    let target = Target::from_url(&store, None).unwrap();
+    let cert = dir.path().join("ps.pem");
+    std::fs::write(&cert, &server.cert_pem).unwrap();
+    let pass = dir.path().join("pass");
+    std::fs::write(&pass, PASSPHRASE).unwrap();
+    std::fs::set_permissions(&pass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let img = dir.path().join("d0.img");
+    let size = 16 << 20;
+    let mut expected = vec![0u8; size];
+    fill(&mut expected[..5 << 20], 41);
+    std::fs::write(&img, &expected).unwrap();
+    let state = dir.path().join("state");
+    let args = export_args(&server.local_addr.to_string(), &cert, &pass, "vm-d", &img, &state);
+
+    let agent = AgentChild::spawn(&args);
+    let mut writer = Writer { rng: 43 };
+    let cmds = writer.round(&mut expected, 12);
+    qemu_io(agent.addr, "disk0", &cmds);
+    wait_for_point(&target, "vm-d", &expected, dir.path(), Duration::from_secs(120)).await;
+    drop(agent); // SIGKILL
+
+    // The state directory is gone, and three chunks change while no agent runs.
+    std::fs::remove_dir_all(&state).unwrap();
+    let chunk = churnlog::agent::capture::CHUNK as usize;
+    for (i, c) in [3usize, 100, 201].into_iter().enumerate() {
+        expected[c * chunk..(c + 1) * chunk].fill(0xA0 + i as u8);
+    }
+    std::fs::write(&img, &expected).unwrap();
+    let agent = AgentChild::spawn(&args);
+    let cmds = writer.round(&mut expected, 6);
+    let mut touched = chunks_touched(&cmds);
+    qemu_io(agent.addr, "disk0", &cmds);
+    // That round's flush may come while the differing chunks are still being caught up
+    // (its point is then not crash-consistent): one more round once they are sent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent.lines.lock().unwrap().iter().any(|l| l["delta_resyncs"] == 1 && l["dirty_chunks"] == 0) {
+        assert!(Instant::now() < deadline, "the delta resync did not finish: {:?}", agent.lines.lock().unwrap().last());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cmds = writer.round(&mut expected, 2);
+    touched.extend(chunks_touched(&cmds));
+    qemu_io(agent.addr, "disk0", &cmds);
+    wait_for_point(&target, "vm-d", &expected, dir.path(), Duration::from_secs(120)).await;
+    let st = agent.consistent_status().await;
+    eprintln!("after the lost bitmap: {st}");
+    assert_eq!((st["full_copies"].as_u64(), st["delta_resyncs"].as_u64()), (Some(0), Some(1)), "{st}");
+    let chunks = (size / chunk) as u64;
+    assert!(st["delta_equal_chunks"].as_u64().unwrap() >= chunks - 3 - touched.len() as u64, "{st}");
+    let bound = (3 + touched.len() as u64) * chunk as u64;
+    let sent = st["catchup_bytes"].as_u64().unwrap();
+    assert!(sent <= bound, "catch-up sent {sent} bytes, at most {bound} differ");
+    assert!(sent >= 3 * chunk as u64, "the three chunks changed behind its back are sent: {sent}");
+    drop(agent);
+    server.stop().await.unwrap();
 }

@@ -186,6 +186,17 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clears chunk `c`; whether it was set.
+    pub fn clear(&mut self, c: u64) -> bool {
+        let (w, b) = ((c / 64) as usize, c % 64);
+        let was = self.words[w] & (1 << b) != 0;
+        if was {
+            self.words[w] &= !(1 << b);
+            self.count -= 1;
+        }
+        was
+    }
+
     /// Clears and returns the next run of at most `max` dirty chunks: (first, count).
     pub fn take_run(&mut self, max: u64) -> Option<(u64, u64)> {
         if self.count == 0 || max == 0 {
@@ -217,6 +228,11 @@ pub struct CaptureStatus {
     /// Chunks a persistent bitmap held when the agent started (sent as catch-up instead
     /// of a full copy).
     pub resumed_chunks: u64,
+    /// Exports without a usable persistent bitmap compared with the server's block
+    /// hashes instead of copied in full ([`super::delta`]).
+    pub delta_resyncs: u64,
+    /// Chunks those comparisons found equal to what the server holds (not sent).
+    pub delta_equal_chunks: u64,
     /// Times the queue was full and capture fell back to the bitmap.
     pub overflows: u64,
     pub dirty_chunks: u64,
@@ -566,6 +582,53 @@ impl Capture {
         }
     }
 
+    /// Delta resync of export `disk`, whose persistent bitmap was lost (so every chunk
+    /// was marked dirty): the chunks whose content hashes to the server's `hashes` (one
+    /// per [`CHUNK`], [`super::delta`]) are no longer dirty. Reads under the capture's
+    /// lock, 1 MiB at a time, so no write lands between the read and the clearing (a
+    /// write since the start is queued, or dirty and read again). Returns the chunks
+    /// cleared. Blocking: call it off the async workers.
+    pub fn settle_equal_chunks(&self, disk: usize, hashes: &[u128]) -> std::io::Result<u64> {
+        let export = &self.exports[disk];
+        let chunks = export.size.div_ceil(CHUNK);
+        assert_eq!(hashes.len() as u64, chunks, "one hash per chunk");
+        const GROUP: u64 = 16;
+        let mut buf = vec![0u8; (GROUP * CHUNK) as usize];
+        let mut cleared = 0u64;
+        let mut first = 0u64;
+        while first < chunks {
+            let n = (chunks - first).min(GROUP);
+            let offset = first * CHUNK;
+            let len = (n * CHUNK).min(export.size - offset) as usize;
+            let mut s = self.state.lock();
+            export.file.read_exact_at(&mut buf[..len], offset)?;
+            for (i, chunk) in buf[..len].chunks(CHUNK as usize).enumerate() {
+                let c = first + i as u64;
+                if xxhash_rust::xxh3::xxh3_128(chunk) == hashes[c as usize] && s.dirty[disk].clear(c) {
+                    cleared += 1;
+                }
+            }
+            drop(s);
+            first += n;
+        }
+        // The persistent bitmap follows (stale set bits would only cost a resend).
+        let mut s = self.state.lock();
+        if s.persist[disk].is_some() {
+            let keep: Vec<(usize, u64)> =
+                (0..chunks.div_ceil(64) as usize).map(|w| (w, s.unsettled_word(disk, w))).collect();
+            if let Err(e) = s.persist[disk].as_mut().expect("checked").clear(keep) {
+                if let Err(e) = s.drop_persist(disk, e) {
+                    tracing::error!(error = %e, "a stale persistent dirty bitmap remains");
+                }
+            }
+        }
+        s.status.delta_resyncs += 1;
+        s.status.delta_equal_chunks += cleared;
+        drop(s);
+        self.notify.notify_one();
+        Ok(cleared)
+    }
+
     /// The whole of `disk` must be sent again (the first copy, or a full copy the process
     /// server asked for): every chunk becomes dirty, and points already queued are no
     /// longer crash-consistent (they would follow the resync base).
@@ -749,6 +812,8 @@ pub async fn replicate(
     let mut pending: VecDeque<Op> = VecDeque::new();
     let disks = capture.exports().len();
     let mut resync: VecDeque<u16> = (0..disks as u16).filter(|&d| capture.needs_full_copy(d as usize)).collect();
+    // Exports whose bitmap was lost try a delta resync before a full copy (once).
+    let mut delta_first: Vec<bool> = (0..disks).map(|d| capture.needs_full_copy(d)).collect();
     let mut delay = Duration::from_millis(100);
     // Crash-consistent points sent and not yet reported uploaded: (point id, marker seq).
     let mut awaiting_upload: Vec<(u64, u64)> = Vec::new();
@@ -783,6 +848,25 @@ pub async fn replicate(
         }
         let result = async {
             if let Some(&d) = resync.front() {
+                // Without a usable bitmap, first ask the server what it holds: only the
+                // chunks that differ are then sent (a delta resync).
+                if std::mem::take(&mut delta_first[d as usize]) && agent.cfg.block_size as u64 == CHUNK {
+                    let size = capture.exports()[d as usize].size;
+                    if let Some(hashes) = agent.delta_resync(d as usize, size).await? {
+                        let c = capture.clone();
+                        let settled = tokio::task::spawn_blocking(move || c.settle_equal_chunks(d as usize, &hashes))
+                            .await
+                            .map_err(|e| AgentError::Disk("delta resync".into(), std::io::Error::other(e.to_string())))?
+                            .map_err(|e| AgentError::Disk("delta resync read".into(), e))?;
+                        tracing::info!(
+                            disk = d,
+                            equal_chunks = settled,
+                            "delta resync: only the differing chunks follow"
+                        );
+                        resync.pop_front();
+                        return Ok(true);
+                    }
+                }
                 // The base first: what follows it rebuilds the disk from zeros.
                 agent.stream_resync(d).await?;
                 capture.state.lock().status.full_copies += 1;
