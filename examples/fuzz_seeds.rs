@@ -115,6 +115,10 @@ fn main() {
         ),
         ("write", Frame::Write { disk: 0, tag: 1, offset: 65536, data: vec![9; 100] }),
         ("point", Frame::Durable { upto_tag: 7 }),
+        ("hashes-request", Frame::HashesRequest { disk: 0, block_size: 65536 }),
+        ("hashes", Frame::Hashes { disk: 0, first_block: 0, hashes: vec![1, u128::MAX, 3] }),
+        ("hashes-end", Frame::HashesEnd { disk: 0, blocks: 3, head_seq: 9 }),
+        ("hashes-unavailable", Frame::HashesUnavailable { disk: 1, reason: "no history".into() }),
     ];
     for (name, frame) in frames {
         let mut out = Vec::new();

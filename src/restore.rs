@@ -47,6 +47,8 @@ pub enum RestoreError {
     PastEnd { seq: u64, what: &'static str, offset: u64, len: u64, disk_size: u64 },
     #[error("output {path}: {source}")]
     Output { path: PathBuf, source: std::io::Error },
+    #[error("{machine}/{disk}: the store's history was written by another cache ({found:016x}) and not handed over to this one")]
+    OtherCache { machine: String, disk: String, found: u64 },
     #[error("output {0} is not a regular file: restore writes an image file (copy it to a device afterwards)")]
     OutputNotAFile(PathBuf),
 }
@@ -192,17 +194,23 @@ pub async fn restore(
 /// uploaded record of `machine`/`disk` from its latest resync base on, whether or not a
 /// point follows them: what a later point will build on. Returns the head position, or
 /// `Ok(None)` when the store has no records for the disk. An unrestorable history (a gap
-/// after the last base) or a record past `disk_size` is an error.
+/// after the last base) or a record past `disk_size` is an error, and so is a history
+/// another cache wrote and did not hand over to `cache_id` (this cache's drain would
+/// continue it only after a gap).
 pub async fn rebuild_head(
     target: &Target,
     machine: &str,
     disk: &str,
+    cache_id: u64,
     disk_size: u64,
     file: &File,
     path: &Path,
 ) -> Result<Option<u64>, RestoreError> {
     let Some(manifest) = target.load_manifest(machine, disk).await? else { return Ok(None) };
     let Some(head) = manifest.objects.iter().map(|o| o.last_seq).max() else { return Ok(None) };
+    if manifest.cache_id != cache_id && manifest.handed_over_at != Some(manifest.highest_position()) {
+        return Err(RestoreError::OtherCache { machine: machine.into(), disk: disk.into(), found: manifest.cache_id });
+    }
     let base = manifest.base_for(head + 1).map_err(|gap| RestoreError::Unrestorable {
         machine: machine.into(),
         disk: disk.into(),

@@ -176,6 +176,11 @@ fn every_frame() -> Vec<Frame> {
         Frame::PointLost { point_id: 1 },
         Frame::Backpressure { retry_after_ms: 100 },
         Frame::Error { code: 3, message: "no".into() },
+        Frame::HashesRequest { disk: 0, block_size: 65536 },
+        Frame::Hashes { disk: 0, first_block: 0, hashes: vec![1] },
+        Frame::HashesEnd { disk: 0, blocks: 1, head_seq: 1 },
+        Frame::HashesPending { disk: 0 },
+        Frame::HashesUnavailable { disk: 0, reason: "no".into() },
     ]
 }
 
@@ -197,15 +202,39 @@ async fn every_frame_type_in_the_wrong_state_is_refused() {
         let got = until_closed(&mut s).await;
         assert!(matches!(got.as_slice(), [Frame::Challenge { .. }]), "{} instead of Auth: {got:?}", f.name());
     }
-    assert_eq!(server.stats().protocol_errors.load(Ordering::Relaxed), 14 + 14);
+    assert_eq!(server.stats().protocol_errors.load(Ordering::Relaxed), 19 + 19);
     // After login, every frame an agent does not send is refused by name.
-    let agent_frames = ["OpenDisk", "Write", "Zero", "Point", "Resync"];
+    let agent_frames = ["OpenDisk", "Write", "Zero", "Point", "Resync", "HashesRequest"];
     for f in frames.iter().filter(|f| !agent_frames.contains(&f.name())) {
         let mut s = server.login("m").await;
         send(&mut s, std::slice::from_ref(f)).await;
         refused(&mut s, E_PROTOCOL, &format!("refused: unexpected frame {}", f.name())).await;
     }
     assert_eq!(server.stats().auth_failures.load(Ordering::Relaxed), 0);
+    server.stop().await;
+}
+
+/// Only the newest session of a machine appends to a disk it opened: a session left
+/// behind (a killed agent's, or one its agent reconnected away from) is refused, so it
+/// cannot add records under the new one. A hashes request names an opened disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_session_of_the_machine_supersedes_the_older_one() {
+    let server = Server::start(false, |_| {}).await;
+    let mut old = server.login("m").await;
+    send(&mut old, &[open(0, 1 << 20, "d"), write(0, 1, 0, 16)]).await;
+    let mut buf = Vec::new();
+    assert_eq!(read_frame(&mut old, &mut buf).await.unwrap(), Frame::Durable { upto_tag: 1 });
+    let mut new = server.login("m").await;
+    send(&mut new, &[open(0, 1 << 20, "d"), write(0, 1, 4096, 16)]).await;
+    assert_eq!(read_frame(&mut new, &mut buf).await.unwrap(), Frame::Durable { upto_tag: 1 });
+    send(&mut old, &[write(0, 2, 8192, 16)]).await;
+    let message = "refused: a newer session of this machine opened disk d (one agent per machine; a reconnected agent resends on its new session)";
+    refused(&mut old, E_PROTOCOL, message).await;
+    // The new session goes on; a hashes request for a disk it did not open is refused.
+    send(&mut new, &[write(0, 2, 8192, 16)]).await;
+    assert_eq!(read_frame(&mut new, &mut buf).await.unwrap(), Frame::Durable { upto_tag: 2 });
+    send(&mut new, &[Frame::HashesRequest { disk: 5, block_size: 65536 }]).await;
+    refused(&mut new, E_PROTOCOL, "refused: hashes request on unopened disk 5").await;
     server.stop().await;
 }
 

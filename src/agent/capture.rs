@@ -850,9 +850,12 @@ pub async fn replicate(
             if let Some(&d) = resync.front() {
                 // Without a usable bitmap, first ask the server what it holds: only the
                 // chunks that differ are then sent (a delta resync).
-                if std::mem::take(&mut delta_first[d as usize]) && agent.cfg.block_size as u64 == CHUNK {
+                if delta_first[d as usize] && agent.cfg.block_size as u64 == CHUNK {
                     let size = capture.exports()[d as usize].size;
-                    if let Some(hashes) = agent.delta_resync(d as usize, size).await? {
+                    // An error (the server unreachable) leaves the delta to be tried again.
+                    let answer = agent.delta_resync(d as usize, size).await?;
+                    delta_first[d as usize] = false;
+                    if let Some(hashes) = answer {
                         let c = capture.clone();
                         let settled = tokio::task::spawn_blocking(move || c.settle_equal_chunks(d as usize, &hashes))
                             .await

@@ -11,9 +11,12 @@
 //! when anything about the answer is wrong (out of order, a count that does not match
 //! the disk, a lost connection three times): then the agent never guesses.
 
-use super::{state, Agent, AgentError};
+use super::{state, Agent, AgentError, Event};
 use crate::protocol::Frame;
 
+/// How the reader reports a server's protocol error (`Error{E_PROTOCOL}`): an older
+/// server's answer to a frame it does not know.
+const UNSUPPORTED: &str = "refused (code 3)";
 /// Connections lost while asking before the agent copies in full instead.
 const ATTEMPTS_MAX: usize = 3;
 
@@ -78,6 +81,14 @@ impl Agent {
                 // answer: silence is a silent server, as for acknowledgements.
                 let ack_timeout = self.cfg.ack_timeout;
                 match tokio::time::timeout(ack_timeout, conn.events.recv()).await {
+                    // A server older than the delta resync refuses the request as a protocol
+                    // error: copy in full (on a new connection) instead of stopping.
+                    Ok(Some(Event::Closed(why))) if why.starts_with(UNSUPPORTED) => {
+                        tracing::warn!(disk = %id, %why, "the process server does not know the delta resync: copying the disk in full");
+                        self.hash_fetch = None;
+                        self.conn = None;
+                        return Ok(None);
+                    }
                     Ok(event) => {
                         self.silent_connections = 0;
                         self.handle_event(event)?;

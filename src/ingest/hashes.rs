@@ -54,6 +54,9 @@ pub struct HashSource {
 /// timeout).
 pub const PENDING_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long an answer waits for its turn before giving up (the agent copies in full).
+pub const SLOT_WAIT_MAX: Duration = Duration::from_secs(600);
+
 /// Answers a server rebuilds at once by default.
 pub const CONCURRENT_ANSWERS: usize = 2;
 
@@ -131,7 +134,10 @@ async fn send_hashes(
     if blocks > HASH_BLOCKS_MAX {
         return Err(format!("{blocks} blocks: more than the {HASH_BLOCKS_MAX} one answer describes"));
     }
-    let _turn = source.concurrent.acquire().await.map_err(|_| "the server is stopping")?;
+    let _turn = match tokio::time::timeout(SLOT_WAIT_MAX, source.concurrent.acquire()).await {
+        Ok(permit) => permit.map_err(|_| "the server is stopping")?,
+        Err(_) => return Err(format!("other delta resyncs kept this server busy for {SLOT_WAIT_MAX:?}")),
+    };
     // Everything the cache holds for the stream must be in the store first.
     let deadline = Instant::now() + source.drain_wait_max;
     let info = loop {
@@ -158,6 +164,7 @@ async fn send_hashes(
         &source.target,
         &info.machine,
         &info.disk,
+        cache.cache_id(),
         size_bytes,
         &scratch,
         &source.scratch_dir,
@@ -177,6 +184,12 @@ async fn send_hashes(
         debug_assert_eq!(hashes.len() as u64, n);
         out.send(Frame::Hashes { disk, first_block: first, hashes }).await.map_err(|_| "the session ended")?;
         first += n;
+    }
+    // A record appended meanwhile (a superseded session's last one, between its check and
+    // its append) is not in the image: then the answer is void.
+    let now = cache.stream_info(stream).ok_or("the stream is gone from the cache")?;
+    if now.durable_upto != info.durable_upto || now.resync_required {
+        return Err("the stream changed while the answer was prepared".into());
     }
     Ok((blocks, head))
 }

@@ -211,6 +211,12 @@ struct Shared {
     acceptor: tokio_rustls::TlsAcceptor,
     throttle: LoginThrottle,
     quota: StreamQuota,
+    /// Per stream, the session that opened it last ([`session`]): only it may append, so
+    /// a session left behind by a killed or reconnected agent cannot add records under a
+    /// newer one (whose delta resync compares with what the stream holds).
+    writers: parking_lot::Mutex<std::collections::HashMap<crate::cache::StreamId, u64>>,
+    /// Numbers sessions for `writers`.
+    next_session: AtomicU64,
 }
 
 impl IngestServer {
@@ -226,6 +232,8 @@ impl IngestServer {
         let slots = LoginSlots::new(cfg.unauthenticated_per_address_max, cfg.unauthenticated_max, stats.clone());
         let shared = Arc::new(Shared {
             quota: StreamQuota::new(&cache, cfg.machine_streams_max),
+            writers: Default::default(),
+            next_session: AtomicU64::new(1),
             throttle: LoginThrottle::new(cfg.login_failures_free, cfg.login_block, cfg.login_block_max),
             acceptor: tokio_rustls::TlsAcceptor::from(tls),
             cache,

@@ -36,6 +36,8 @@ pub enum Refusal {
     MachineStreams { machine: String, max: usize },
     #[error("{what} past the disk's end: disk {disk}, offset {offset} + length {len} > size {size_bytes}")]
     PastEnd { what: &'static str, disk: u16, offset: u64, len: u64, size_bytes: u64 },
+    #[error("a newer session of this machine opened disk {disk} (one agent per machine; a reconnected agent resends on its new session)")]
+    Superseded { disk: String },
     #[error("point gives disk {disk} size {size_bytes}, below data written up to {written_end}")]
     PointBelowData { disk: u16, size_bytes: u64, written_end: u64 },
 }
@@ -88,6 +90,7 @@ where
         acks,
         not_reading: not_reading.clone(),
         book,
+        token: shared.next_session.fetch_add(1, Ordering::Relaxed),
         hashing: Default::default(),
     };
     let result = ctx.run(&mut rd, &mut buf, stop, moved).await;
@@ -212,6 +215,8 @@ struct Session<'a> {
     not_reading: Arc<AtomicBool>,
     /// With a CS: where the machine's assignment and resync requests are looked up.
     book: Option<Arc<MachineBook>>,
+    /// This session's number in `Shared::writers`.
+    token: u64,
     /// The delta-resync answer under way (one at a time; aborted with the session).
     hashing: parking_lot::Mutex<Option<AbortOnDrop>>,
 }
@@ -270,26 +275,36 @@ impl Session<'_> {
         let mut disks = Disks::default();
         let mut last_tag = 0u64;
         loop {
-            let read = tokio::select! {
-                // The machine moved away (or was unassigned): end the session, so the
-                // drain can finish its data and the CS hand it on.
-                why = moved_away(&mut moved, self.book.as_deref(), &self.machine) => {
-                    tracing::info!(machine = %self.machine, "{why}: closing its session");
-                    return Err(SessionEnd::Moved(why));
-                }
-                r = tokio::time::timeout(cfg.idle_timeout, read_frame_bytes(rd, buf)) => match r {
-                    // An agent waiting for its delta-resync answer sends nothing meanwhile.
-                    Err(_) if self.hashing.lock().as_ref().is_some_and(|t| !t.0.is_finished()) => continue,
-                    Err(_) => {
-                        stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                        return Err(SessionEnd::Timeout("idle"));
+            // One read per frame, kept across idle-timer expiries: a read dropped mid-frame
+            // would lose the bytes it took.
+            let read = {
+                let frame = read_frame_bytes(rd, buf);
+                tokio::pin!(frame);
+                loop {
+                    tokio::select! {
+                        // The machine moved away (or was unassigned): end the session, so
+                        // the drain can finish its data and the CS hand it on.
+                        why = moved_away(&mut moved, self.book.as_deref(), &self.machine) => {
+                            tracing::info!(machine = %self.machine, "{why}: closing its session");
+                            return Err(SessionEnd::Moved(why));
+                        }
+                        r = &mut frame => match r {
+                            Err(FrameError::Closed) => return Ok(()),
+                            r => break r,
+                        },
+                        _ = tokio::time::sleep(cfg.idle_timeout) => {
+                            // An agent waiting for its delta-resync answer sends nothing.
+                            if self.hashing.lock().as_ref().is_some_and(|t| !t.0.is_finished()) {
+                                continue;
+                            }
+                            stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                            return Err(SessionEnd::Timeout("idle"));
+                        }
+                        _ = stop.changed() => return Err(SessionEnd::Stopping),
+                        // The writer gave up on a peer that does not read.
+                        _ = self.out.closed() => return Err(self.gone()),
                     }
-                    Ok(Err(FrameError::Closed)) => return Ok(()),
-                    Ok(r) => r,
-                },
-                _ = stop.changed() => return Err(SessionEnd::Stopping),
-                // The writer gave up on a peer that does not read.
-                _ = self.out.closed() => return Err(self.gone()),
+                }
             };
             read?;
             let appended = std::time::Instant::now();
@@ -440,6 +455,8 @@ impl Session<'_> {
                 book.note_resync_marked(&self.machine, &name);
             }
         }
+        // From now on only this session appends to the stream.
+        self.shared.writers.lock().insert(stream, self.token);
         disks.names.insert(name);
         disks.by_index.insert(disk, OpenDisk { stream, size_bytes });
         self.acknowledge(AckWork::Disk(disk, stream)).await
@@ -460,6 +477,10 @@ impl Session<'_> {
         }
         let mut signalled = false;
         loop {
+            if self.shared.writers.lock().get(&stream) != Some(&self.token) {
+                let disk = cache.stream_info(stream).map_or_else(String::new, |i| i.disk);
+                return Err(Refusal::Superseded { disk }.into());
+            }
             // append may sleep briefly (throttling, a full batch): keep it off the reactor.
             match tokio::task::block_in_place(|| cache.append(stream, record)) {
                 Ok(t) => return Ok(t),

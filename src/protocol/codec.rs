@@ -115,8 +115,9 @@ pub enum Frame {
     },
 }
 
-/// Most block hashes one `Hashes` frame carries (1 MiB of hashes).
-pub const HASHES_PER_FRAME_MAX: usize = 1 << 16;
+/// Most block hashes one `Hashes` frame carries (64 KiB of hashes: a session's queue
+/// of outgoing frames holds at most 16 MiB of them).
+pub const HASHES_PER_FRAME_MAX: usize = 1 << 12;
 /// Longest reason in `HashesUnavailable` or message in `Error`, bytes.
 pub const MESSAGE_LEN_MAX: usize = 1024;
 
@@ -415,7 +416,8 @@ impl<'a> Reader<'a> {
         if n > MESSAGE_LEN_MAX {
             return Err(FrameError::Field("message length"));
         }
-        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+        // Strict, not lossy: a lossy decode could grow past the cap and not round-trip.
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError::Field("message is not UTF-8"))
     }
     fn u8(&mut self) -> Result<u8, FrameError> {
         Ok(self.take(1)?[0])
