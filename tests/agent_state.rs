@@ -85,6 +85,26 @@ async fn a_restarted_agent_sends_only_the_changed_blocks() {
     rig.stop().await;
 }
 
+/// A run over `disks` (disk0, disk1) that sends disk0's changed blocks, then fails on
+/// disk1 (moved away; returned) before its point; returns once disk0's new records are
+/// durable on the server, the session still alive, then drops the agent: it died with
+/// them durable and no new point.
+async fn send_then_die_on_disk1(rig: &Rig, disks: &[(String, PathBuf)], state: &Path) -> PathBuf {
+    let mut agent = agent(rig, disks.to_vec(), state);
+    let hidden = disks[1].1.with_extension("away");
+    std::fs::rename(&disks[1].1, &hidden).unwrap();
+    let stream = rig.cache.find_stream("vm-1", "disk0").unwrap();
+    let durable_before = rig.cache.stream_info(stream).unwrap().durable_upto;
+    let err = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap_err();
+    assert!(err.to_string().contains("disk1"), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rig.cache.stream_info(stream).unwrap().durable_upto <= durable_before {
+        assert!(std::time::Instant::now() < deadline, "disk0's changed blocks never became durable");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hidden
+}
+
 /// Blocks sent after the last acknowledged point, before the agent died, are recorded in
 /// the journal: a restarted agent sends them again even when the disk changed back to
 /// the content the state remembers (else the next point would keep the sent content).
@@ -105,20 +125,7 @@ async fn blocks_sent_before_a_crash_are_sent_again_after_the_restart() {
     // The second run sends disk0's changed block 7, then fails on disk1 before its
     // point: the process dies with block 7 durable on the server and no new point.
     change(&d0, &[7], 9);
-    let mut second = agent(&rig, disks.clone(), &state);
-    let hidden = work.join("d1.away");
-    std::fs::rename(&d1, &hidden).unwrap();
-    let stream = rig.cache.find_stream("vm-1", "disk0").unwrap();
-    let durable_before = rig.cache.stream_info(stream).unwrap().durable_upto;
-    let err = second.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap_err();
-    assert!(err.to_string().contains("disk1"), "{err}");
-    // Wait (while the session lives) until the block is durable on the server.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while rig.cache.stream_info(stream).unwrap().durable_upto <= durable_before {
-        assert!(std::time::Instant::now() < deadline, "block 7 never became durable");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    drop(second);
+    let hidden = send_then_die_on_disk1(&rig, &disks, &state).await;
     assert!(state.join("blocks-disk0.sent").exists(), "the journal records block 7");
 
     // Block 7 changes back to what the state remembers; the next run must send it.
@@ -225,18 +232,7 @@ async fn a_delta_resync_compares_with_blocks_sent_after_the_last_point() {
 
     // A run sends disk0's changed block 9, then fails on disk1 before its point.
     change(&d0, &[9], 27);
-    let mut second = agent(&rig, disks.clone(), &state);
-    let hidden = work.join("d1.away");
-    std::fs::rename(&d1, &hidden).unwrap();
-    let stream = rig.cache.find_stream("vm-1", "disk0").unwrap();
-    let durable_before = rig.cache.stream_info(stream).unwrap().durable_upto;
-    second.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap_err();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while rig.cache.stream_info(stream).unwrap().durable_upto <= durable_before {
-        assert!(std::time::Instant::now() < deadline, "block 9 never became durable");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    drop(second);
+    let hidden = send_then_die_on_disk1(&rig, &disks, &state).await;
 
     // The state directory is lost and block 9 changes back: the server holds the other
     // content, so the delta resync must send it.

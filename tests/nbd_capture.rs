@@ -459,6 +459,24 @@ async fn wait_for_point(target: &Target, machine: &str, want: &[u8], work: &Path
     }
 }
 
+/// Every crash-consistent point of `machine`/disk0 restores to one of the writer's
+/// `flushed` states, in flush order, and the last flush has a point.
+async fn points_are_flush_states_in_order(target: &Target, machine: &str, flushed: &[Vec<u8>], work: &Path) {
+    let states: HashMap<u128, usize> = flushed.iter().enumerate().map(|(i, f)| (h(f), i)).collect();
+    let points = list_points(target, machine, "disk0").await.unwrap();
+    let mut seen = Vec::new();
+    for pt in points.iter().filter(|pt| pt.point.kind == PointKind::CrashConsistent) {
+        assert!(pt.restorable, "{pt:?}");
+        let out = work.join("r");
+        restore(target, machine, "disk0", PointSelector::Id(pt.point.point_id), &out, |_, _| {}).await.unwrap();
+        let got = std::fs::read(&out).unwrap();
+        let Some(&i) = states.get(&h(&got)) else { panic!("point {} is no flush state", pt.point.point_id) };
+        seen.push(i);
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {seen:?}");
+    assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_agent_resumes_from_its_persistent_bitmap_without_a_full_copy() {
     require("qemu-io");
@@ -534,20 +552,7 @@ async fn a_killed_agent_resumes_from_its_persistent_bitmap_without_a_full_copy()
     }
     drop(agent);
 
-    // Every crash-consistent point is one of the writer's flush states; latest is the last.
-    let states: HashMap<u128, usize> = flushed.iter().enumerate().map(|(i, f)| (h(f), i)).collect();
-    let points = list_points(&target, "vm-k9", "disk0").await.unwrap();
-    let mut seen = Vec::new();
-    for pt in points.iter().filter(|pt| pt.point.kind == PointKind::CrashConsistent) {
-        assert!(pt.restorable, "{pt:?}");
-        let out = dir.path().join("r");
-        restore(&target, "vm-k9", "disk0", PointSelector::Id(pt.point.point_id), &out, |_, _| {}).await.unwrap();
-        let got = std::fs::read(&out).unwrap();
-        let Some(&i) = states.get(&h(&got)) else { panic!("point {} is no flush state", pt.point.point_id) };
-        seen.push(i);
-    }
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {seen:?}");
-    assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
+    points_are_flush_states_in_order(&target, "vm-k9", &flushed, dir.path()).await;
     server.unwrap().stop().await.unwrap();
 }
 
@@ -604,19 +609,7 @@ async fn a_killed_process_server_costs_no_full_copy_and_every_point_restores() {
     assert_eq!(last["full_copies"], 1, "only the first copy: {last}");
     drop(agent);
 
-    let states: HashMap<u128, usize> = flushed.iter().enumerate().map(|(i, f)| (h(f), i)).collect();
-    let points = list_points(&target, "vm-pk9", "disk0").await.unwrap();
-    let mut seen = Vec::new();
-    for pt in points.iter().filter(|pt| pt.point.kind == PointKind::CrashConsistent) {
-        assert!(pt.restorable, "{pt:?}");
-        let out = dir.path().join("r");
-        restore(&target, "vm-pk9", "disk0", PointSelector::Id(pt.point.point_id), &out, |_, _| {}).await.unwrap();
-        let got = std::fs::read(&out).unwrap();
-        let Some(&i) = states.get(&h(&got)) else { panic!("point {} is no flush state", pt.point.point_id) };
-        seen.push(i);
-    }
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "points in flush order: {seen:?}");
-    assert_eq!(seen.last(), Some(&(flushed.len() - 1)), "the last flush has a point");
+    points_are_flush_states_in_order(&target, "vm-pk9", &flushed, dir.path()).await;
 }
 
 /// The agent's state directory lost while it was stopped, and the image changed behind
