@@ -369,13 +369,27 @@ impl AgentChild {
         let sink = lines.clone();
         std::thread::spawn(move || {
             for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(serde_json::from_str(&line).expect("a JSON status line"));
+                let line: serde_json::Value = serde_json::from_str(&line).expect("a JSON status line");
+                sink.lock().unwrap().push(line);
             }
         });
         let mut child = AgentChild { child, addr: "127.0.0.1:1".parse().unwrap(), lines };
         let url = rx.recv_timeout(Duration::from_secs(60)).expect("the agent serves NBD");
         child.addr = url.parse().unwrap();
         child
+    }
+
+    /// The newest status line (bounded wait for the first).
+    async fn last_status(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = self.lines.lock().unwrap().last().cloned();
+            if let Some(l) = last {
+                return l;
+            }
+            assert!(Instant::now() < deadline, "no status line within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The first status line after a crash-consistent point (bounded wait): every chunk
@@ -605,7 +619,7 @@ async fn a_killed_process_server_costs_no_full_copy_and_every_point_restores() {
         wait_for_point(&target, "vm-pk9", &expected, dir.path(), Duration::from_secs(120)).await;
         eprintln!("after kill {kill}: the final image of the round has a point");
     }
-    let last = agent.lines.lock().unwrap().last().cloned().expect("status lines");
+    let last = agent.last_status().await;
     assert_eq!(last["full_copies"], 1, "only the first copy: {last}");
     drop(agent);
 

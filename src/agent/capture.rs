@@ -235,6 +235,10 @@ pub struct CaptureStatus {
     pub delta_equal_chunks: u64,
     /// Times the queue was full and capture fell back to the bitmap.
     pub overflows: u64,
+    /// Crash-consistent points tagged after the fact for a flush state that had none
+    /// (its flush came during catch-up or before the point interval had passed, and
+    /// nothing was written since).
+    pub settle_points: u64,
     pub dirty_chunks: u64,
     pub queued_bytes: usize,
     pub catchup_bytes: u64,
@@ -271,6 +275,13 @@ struct State {
     /// Per export: its persistent bitmap (with a state directory, while it can be kept).
     persist: Vec<Option<DirtyFile>>,
     last_point: Option<Instant>,
+    /// Writes and zeroings so far (a generation: the image changes with each).
+    write_gen: u64,
+    /// The newest FLUSH that completed with no write after it within the flush: the
+    /// generation it made durable, and when.
+    flushed: Option<(u64, Instant)>,
+    /// The generation the newest crash-consistent point marker stands for.
+    pointed: Option<u64>,
     status: CaptureStatus,
 }
 
@@ -314,9 +325,13 @@ impl State {
         }
     }
 
-    /// Queues a point marker (behind everything queued so far) and starts a new epoch.
-    fn push_point(&mut self) {
+    /// Queues a point marker (behind everything queued so far) and starts a new epoch;
+    /// `at` is the FLUSH it follows.
+    fn push_point(&mut self, at: Instant) {
         let consistent = !self.overflowing();
+        if consistent {
+            self.pointed = Some(self.write_gen);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         let fresh = self.since_point.iter().map(|b| DirtyBitmap::new(b.chunks * CHUNK)).collect();
@@ -330,7 +345,7 @@ impl State {
         }
         self.queued += 64;
         self.queue.push_back(Item::Point { consistent, seq });
-        self.marker_times.push_back((seq, Instant::now()));
+        self.marker_times.push_back((seq, at));
         if self.marker_times.len() > AGES_KEPT {
             self.marker_times.pop_front();
         }
@@ -440,6 +455,9 @@ impl Capture {
                 upload_ages_ms: VecDeque::new(),
                 persist,
                 last_point: None,
+                write_gen: 0,
+                flushed: None,
+                pointed: None,
                 status,
             }),
             notify: tokio::sync::Notify::new(),
@@ -482,6 +500,7 @@ impl Capture {
                 return Err(e);
             }
             s.status.writes += 1;
+            s.write_gen += 1;
             let len = data.len() as u64;
             s.push_or_dirty(Item::Write { disk: disk as u16, offset, data }, disk, offset, len, self.cfg.queue_bytes);
         }
@@ -503,6 +522,7 @@ impl Capture {
                 return Err(e);
             }
             s.status.zeroes += 1;
+            s.write_gen += 1;
             s.push_or_dirty(Item::Zero { disk: disk as u16, offset, len }, disk, offset, len, self.cfg.queue_bytes);
         }
         self.notify.notify_one();
@@ -514,25 +534,50 @@ impl Capture {
 
     /// FLUSH: the persistent bitmap's fdatasync (it covers every write before this
     /// flush), then the backing file's; then, when a point is due, a point marker right
-    /// behind everything the flush made durable.
+    /// behind everything the flush made durable. A flush state left without a
+    /// crash-consistent point (not due yet, or catch-up under way) gets one later from
+    /// [`Capture::next`] if nothing is written before then.
     pub fn flush(&self, disk: usize) -> std::io::Result<()> {
         self.sync_bitmap(disk)?;
         let due = |s: &State| s.last_point.is_none_or(|t| t.elapsed() >= self.cfg.point_interval);
-        if !due(&self.state.lock()) {
+        let gen = {
+            let s = self.state.lock();
+            (!due(&s)).then_some(s.write_gen)
+        };
+        if let Some(gen) = gen {
             self.exports[disk].file.sync_data()?;
-            self.state.lock().status.flushes += 1;
+            let mut s = self.state.lock();
+            s.status.flushes += 1;
+            if s.write_gen == gen {
+                s.flushed = Some((gen, Instant::now()));
+                drop(s);
+                self.notify.notify_one();
+            }
             return Ok(());
         }
         let mut s = self.state.lock();
         self.exports[disk].file.sync_data()?;
         s.status.flushes += 1;
+        let now = Instant::now();
+        s.flushed = Some((s.write_gen, now));
         if due(&s) {
-            s.last_point = Some(Instant::now());
-            s.push_point();
-            drop(s);
-            self.notify.notify_one();
+            s.last_point = Some(now);
+            s.push_point(now);
         }
+        drop(s);
+        self.notify.notify_one();
         Ok(())
+    }
+
+    /// How long until the newest flush state, which has no crash-consistent point yet
+    /// and nothing written after it, is due one (`None`: no such state).
+    pub fn settle_point_wait(&self) -> Option<Duration> {
+        let s = self.state.lock();
+        let (gen, _) = s.flushed?;
+        if gen != s.write_gen || s.pointed == Some(gen) || s.overflowing() {
+            return None;
+        }
+        Some(s.last_point.map_or(Duration::ZERO, |t| self.cfg.point_interval.saturating_sub(t.elapsed())))
     }
 
     /// fdatasyncs `disk`'s persistent bitmap when it has unsynced pages (outside the
@@ -647,12 +692,14 @@ impl Capture {
                 *consistent = false;
             }
         }
+        s.pointed = None;
         drop(s);
         self.notify.notify_one();
     }
 
     /// The next thing to send: queued items first, then a run of dirty chunks (at most
-    /// one write frame's worth), read from the backing file under the lock.
+    /// one write frame's worth), read from the backing file under the lock; then, when
+    /// everything is sent, a due crash-consistent point for a flush state that has none.
     pub fn next(&self) -> std::io::Result<Option<Work>> {
         let mut s = self.state.lock();
         if let Some(mut item) = s.queue.pop_front() {
@@ -689,6 +736,19 @@ impl Capture {
                     tracing::info!("dirty bitmap drained: streaming again");
                 }
                 return Ok(Some(Work::CatchUp { disk: d as u16, offset, data }));
+            }
+        }
+        // Nothing queued or dirty: the stream so far is exactly the image, and when no
+        // write came after the newest flush, that is the flush state.
+        if let Some((gen, at)) = s.flushed {
+            let due = s.last_point.is_none_or(|t| t.elapsed() >= self.cfg.point_interval);
+            if gen == s.write_gen && s.pointed != Some(gen) && due {
+                s.last_point = Some(Instant::now());
+                s.status.settle_points += 1;
+                s.push_point(at);
+                let item = s.queue.pop_front().expect("just queued");
+                s.queued -= item.cost();
+                return Ok(Some(Work::Item(item)));
             }
         }
         Ok(None)
@@ -920,9 +980,12 @@ pub async fn replicate(
                     awaiting_upload.drain(..awaiting_upload.len() - 64);
                 }
                 let waiting = agent.pending_frames() > 0 || !awaiting_upload.is_empty();
+                // A flush state without a crash-consistent point gets one when it is due.
+                let settle = capture.settle_point_wait();
                 tokio::select! {
                     _ = capture.notify.notified() => {}
                     _ = stop.changed() => {}
+                    _ = tokio::time::sleep(settle.unwrap_or_default()), if settle.is_some() => {}
                     r = agent.poll(), if waiting => {
                         if let Err(e) = r {
                             capture.note_error(Some(e.to_string()));
@@ -1000,13 +1063,16 @@ mod tests {
                 Work::Item(Item::Point { consistent, .. }) => points.push(consistent),
             }
         }
-        assert_eq!(points, vec![true, false], "the point during overflow is not crash-consistent");
+        // The point during overflow is not crash-consistent; once caught up, that flush
+        // state (nothing was written after it) gets a crash-consistent one.
+        assert_eq!(points, vec![true, false, true]);
+        assert_eq!(c.status().settle_points, 1);
         assert!(replica == c.read(0, 0, 4 << 20).unwrap());
         // Drained: streaming again, and the next point is crash-consistent.
         c.write(0, 8192, vec![4; 100], false).unwrap();
         c.flush(0).unwrap();
         assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Write { disk: 0, offset: 8192, data: vec![4; 100] })));
-        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 2 })));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 3 })));
         assert_eq!(c.next().unwrap(), None);
     }
 
@@ -1021,7 +1087,50 @@ mod tests {
         let Some(Work::CatchUp { offset: 0, data, .. }) = c.next().unwrap() else { panic!("catch-up") };
         assert_eq!(data.len(), 1 << 20);
         assert_eq!(&data[..11], &[9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 0]);
+        // Caught up, and still at the flush state: a crash-consistent point for it.
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 1 })));
         assert_eq!(c.next().unwrap(), None);
+    }
+
+    #[test]
+    fn a_flush_state_without_a_point_gets_one_only_if_nothing_was_written_since() {
+        let (_dir, c) = capture(1 << 20, 1 << 20);
+        c.mark_all_dirty(0);
+        c.write(0, 0, vec![1; 10], false).unwrap(); // during catch-up: into the bitmap
+        c.flush(0).unwrap();
+        c.write(0, 4096, vec![2; 10], false).unwrap(); // after the flush
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: false, seq: 0 })));
+        assert!(matches!(c.next().unwrap(), Some(Work::CatchUp { .. })));
+        assert_eq!(c.next().unwrap(), None, "the image is no flush state: no point");
+        assert_eq!(c.settle_point_wait(), None);
+        c.flush(0).unwrap(); // streaming again: a point at once
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 1 })));
+        assert_eq!(c.next().unwrap(), None);
+        assert_eq!(c.settle_point_wait(), None, "that state has its point");
+        assert_eq!(c.status().settle_points, 0);
+    }
+
+    #[test]
+    fn a_flush_before_the_point_interval_gets_its_point_when_the_interval_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = tempfile::tempfile_in(dir.path()).unwrap();
+        file.set_len(1 << 20).unwrap();
+        let cfg = CaptureConfig { queue_bytes: 1 << 20, point_interval: Duration::from_secs(3600), persist: None };
+        let c = Capture::new(vec![Export { id: "d".into(), file, size: 1 << 20 }], cfg);
+        c.write(0, 0, vec![1; 10], false).unwrap();
+        c.flush(0).unwrap(); // the first point
+        c.write(0, 0, vec![2; 10], false).unwrap();
+        c.flush(0).unwrap(); // not due
+        assert!(matches!(c.next().unwrap(), Some(Work::Item(Item::Write { .. }))));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 0 })));
+        assert!(matches!(c.next().unwrap(), Some(Work::Item(Item::Write { .. }))));
+        assert_eq!(c.next().unwrap(), None, "not due yet");
+        let wait = c.settle_point_wait().expect("a flush state waits for its point");
+        assert!(wait > Duration::from_secs(3000) && wait <= Duration::from_secs(3600), "{wait:?}");
+        c.state.lock().last_point = Some(Instant::now() - Duration::from_secs(3600));
+        assert_eq!(c.settle_point_wait(), Some(Duration::ZERO));
+        assert_eq!(c.next().unwrap(), Some(Work::Item(Item::Point { consistent: true, seq: 1 })));
+        assert_eq!(c.status().settle_points, 1);
     }
 
     /// The chunks a fresh capture over the same state directory would catch up.

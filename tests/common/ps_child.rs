@@ -38,12 +38,21 @@ pub fn start_ps(dir: &Path, port: u16) -> Ps {
         .stderr(if std::env::var_os("CHURNLOG_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
         .spawn()
         .expect("spawn churnlog ps run");
+    let mut ps = Ps { child };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    loop {
+        // A child that exited could not listen (the port taken meanwhile, say): said
+        // plainly rather than found later as a server that never answers.
+        if let Some(status) = ps.child.try_wait().unwrap() {
+            panic!("churnlog ps run on port {port} exited: {status}");
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
         assert!(Instant::now() < deadline, "process server did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ps { child }
+    ps
 }
 
 /// SIGKILL, then reap.
