@@ -113,7 +113,7 @@ fn main() {
                 client_nonce: [1; 32],
             },
         ),
-        ("write", Frame::Write { disk: 0, tag: 1, offset: 65536, data: vec![9; 100] }),
+        ("write", Frame::Write { disk: 0, tag: 1, offset: 65536, data: vec![9; 100].into() }),
         ("point", Frame::Durable { upto_tag: 7 }),
         ("hashes-request", Frame::HashesRequest { disk: 0, block_size: 65536 }),
         ("hashes", Frame::Hashes { disk: 0, first_block: 0, hashes: vec![1, u128::MAX, 3] }),

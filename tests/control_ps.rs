@@ -161,7 +161,7 @@ async fn machines_log_in_with_their_own_credential_and_move_away_cleanly() {
 
     // A writes and tags a point; the drain uploads it and A gets an RPO.
     send(&mut a, &[Frame::OpenDisk { disk: 0, size_bytes: 1 << 20, name: "disk0".into() }]).await;
-    send(&mut a, &[Frame::Write { disk: 0, tag: 1, offset: 0, data: vec![7u8; 64 << 10] }]).await;
+    send(&mut a, &[Frame::Write { disk: 0, tag: 1, offset: 0, data: vec![7u8; 64 << 10].into() }]).await;
     let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let point =
         Frame::Point { tag: 2, point_id: 1, kind: PointKind::CrashConsistent, unix_ms, disks: vec![(0, 1 << 20)] };
@@ -186,7 +186,7 @@ async fn machines_log_in_with_their_own_credential_and_move_away_cleanly() {
     .await;
     // Data still pending when the move begins: the release waits for its upload.
     ps.pause_drain().await.unwrap();
-    send(&mut a, &[Frame::Write { disk: 0, tag: 3, offset: 0, data: vec![9u8; 64 << 10] }]).await;
+    send(&mut a, &[Frame::Write { disk: 0, tag: 3, offset: 0, data: vec![9u8; 64 << 10].into() }]).await;
     read_until(&mut a, "durable", |f| matches!(f, Frame::Durable { upto_tag: 3 })).await;
     let moved: api::Migrated = c
         .post(api::PATH_MIGRATE, &api::Migrate { machine: Some("m-a".into()), all_from: None, to: "ps2".into() })
@@ -428,7 +428,7 @@ async fn a_filling_cache_warns_then_goes_critical_then_throttles_ingest() {
     let throttled_before = ps.stats.throttled_records.load(Ordering::Relaxed);
     let mut s = login(&ps, "m-w", &key_of(&cred)).await.unwrap();
     send(&mut s, &[Frame::OpenDisk { disk: 0, size_bytes: 1 << 20, name: "disk0".into() }]).await;
-    send(&mut s, &[Frame::Write { disk: 0, tag: 1, offset: 0, data: vec![1u8; 4096] }]).await;
+    send(&mut s, &[Frame::Write { disk: 0, tag: 1, offset: 0, data: vec![1u8; 4096].into() }]).await;
     read_until(&mut s, "durable", |f| matches!(f, Frame::Durable { upto_tag: 1 })).await;
     assert!(ps.stats.throttled_records.load(Ordering::Relaxed) > throttled_before);
     // The counters reach /metrics at the monitor's next sample; the record is counted

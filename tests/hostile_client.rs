@@ -155,7 +155,7 @@ fn open(disk: u16, size_bytes: u64, name: &str) -> Frame {
 }
 
 fn write(disk: u16, tag: u64, offset: u64, len: usize) -> Frame {
-    Frame::Write { disk, tag, offset, data: vec![0xAB; len] }
+    Frame::Write { disk, tag, offset, data: vec![0xAB; len].into() }
 }
 
 /// One of every frame type, with tag 1 and disk 0 where they have them.

@@ -711,6 +711,10 @@ impl Capture {
                     if *d != *disk || *o != *offset + data.len() as u64 || data.len() + next.len() > WRITE_DATA_MAX {
                         break;
                     }
+                    if data.capacity() < WRITE_DATA_MAX {
+                        // One allocation for the whole merged frame, not one per doubling.
+                        data.reserve_exact(WRITE_DATA_MAX - data.len());
+                    }
                     let Some(next) = s.queue.pop_front() else { break };
                     s.queued -= next.cost();
                     if let Item::Write { data: more, .. } = next {
@@ -823,21 +827,29 @@ async fn back_off(
     *delay = (*delay * 2).min(Duration::from_secs(5));
 }
 
+/// Whether `data` is all zeros (compared a page at a time: memcmp, not a byte loop).
+fn is_zero(data: &[u8]) -> bool {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
+}
+
 /// One frame's worth of work for the agent.
 enum Op {
-    Write { disk: u16, offset: u64, data: Vec<u8> },
+    Write { disk: u16, offset: u64, data: bytes::Bytes },
     Zero { disk: u16, offset: u64, len: u64 },
     Point { consistent: bool, seq: u64 },
 }
 
 fn ops(work: Work) -> Vec<Op> {
     let write = |disk: u16, offset: u64, data: Vec<u8>| -> Vec<Op> {
-        if data.len() <= WRITE_DATA_MAX {
-            return vec![Op::Write { disk, offset, data }];
-        }
-        data.chunks(WRITE_DATA_MAX)
-            .enumerate()
-            .map(|(i, c)| Op::Write { disk, offset: offset + (i * WRITE_DATA_MAX) as u64, data: c.to_vec() })
+        let data = bytes::Bytes::from(data);
+        (0..data.len())
+            .step_by(WRITE_DATA_MAX)
+            .map(|at| Op::Write {
+                disk,
+                offset: offset + at as u64,
+                data: data.slice(at..(at + WRITE_DATA_MAX).min(data.len())),
+            })
             .collect()
     };
     match work {
@@ -853,7 +865,7 @@ fn ops(work: Work) -> Vec<Op> {
             out
         }
         Work::Item(Item::Point { consistent, seq }) => vec![Op::Point { consistent, seq }],
-        Work::CatchUp { disk, offset, data } if data.iter().all(|&b| b == 0) => {
+        Work::CatchUp { disk, offset, data } if is_zero(&data) => {
             vec![Op::Zero { disk, offset, len: data.len() as u64 }]
         }
         Work::CatchUp { disk, offset, data } => write(disk, offset, data),

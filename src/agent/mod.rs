@@ -400,7 +400,7 @@ impl Agent {
     /// Streaming (NBD exports, [`capture`]): queues a write of `data` (at most
     /// [`crate::protocol::WRITE_DATA_MAX`] bytes) at `offset` of disk number `disk`, in
     /// order after everything sent before it; resent after reconnects until durable.
-    pub async fn stream_write(&mut self, disk: u16, offset: u64, data: Vec<u8>) -> Result<(), AgentError> {
+    pub async fn stream_write(&mut self, disk: u16, offset: u64, data: bytes::Bytes) -> Result<(), AgentError> {
         self.send(Frame::Write { disk, tag: 0, offset, data }).await
     }
 
@@ -597,7 +597,8 @@ impl Agent {
                     continue;
                 }
                 self.flush_zero_run(d as u16, &mut zero_run, report).await?;
-                self.send(Frame::Write { disk: d as u16, tag: 0, offset, data: block.to_vec() }).await?;
+                self.send(Frame::Write { disk: d as u16, tag: 0, offset, data: bytes::Bytes::copy_from_slice(block) })
+                    .await?;
                 report.blocks_sent += 1;
                 report.bytes_sent += len as u64;
                 if report.blocks_read.is_multiple_of(64) {

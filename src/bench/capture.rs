@@ -50,6 +50,52 @@ pub struct OverheadRow {
     /// path alone (writes recorded in the dirty bitmap), without replication's CPU.
     pub export_unreplicated_mib_s: f64,
     pub ratio_unreplicated: f64,
+    /// CPU seconds per GiB written, both runs of each side together.
+    pub cpu: CpuPerGib,
+}
+
+/// Where the CPU went, seconds per GiB the writer wrote. The process server runs on its
+/// own runtime (threads `ps-rt`, and the engine's `churnlog-*`), so its share is told
+/// apart from the agent's (every other thread of this process).
+#[derive(Debug, Default, serde::Serialize)]
+pub struct CpuPerGib {
+    /// qemu-img writing the plain file.
+    pub file_writer: f64,
+    /// qemu-img writing through the replicated export, the agent, and the process server
+    /// (until replication has caught up).
+    pub export_writer: f64,
+    pub export_agent: f64,
+    pub export_ps: f64,
+    /// qemu-img and the agent through the export whose process server is unreachable.
+    pub unreplicated_writer: f64,
+    pub unreplicated_agent: f64,
+}
+
+/// CPU seconds used so far: (process-server threads, other threads of this process,
+/// children waited for).
+fn cpu_seconds() -> (f64, f64, f64) {
+    // Fields after the parenthesised name: state is field 3, utime 14, stime 15,
+    // cutime 16, cstime 17 (clock ticks).
+    fn fields(stat: &str) -> Option<(&str, Vec<f64>)> {
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1;
+        let f: Vec<f64> = rest.split_whitespace().skip(11).take(4).filter_map(|x| x.parse().ok()).collect();
+        (f.len() == 4).then_some((comm, f))
+    }
+    let tick = rustix::param::clock_ticks_per_second() as f64;
+    let own = std::fs::read_to_string("/proc/self/stat").ok();
+    let Some((_, f)) = own.as_deref().and_then(fields) else { return (0.0, 0.0, 0.0) };
+    let (total, children) = ((f[0] + f[1]) / tick, (f[2] + f[3]) / tick);
+    let mut ps = 0.0;
+    for task in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else { continue };
+        if let Some((comm, f)) = fields(&stat) {
+            if comm.starts_with("ps-rt") || comm.starts_with("churnlog-") {
+                ps += (f[0] + f[1]) / tick;
+            }
+        }
+    }
+    (ps, total - ps, children)
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -93,6 +139,12 @@ impl std::fmt::Display for CaptureResult {
                 r.ratio,
                 r.export_unreplicated_mib_s,
                 r.ratio_unreplicated
+            )?;
+            let c = &r.cpu;
+            writeln!(
+                f,
+                "      CPU s/GiB: file: writer {:.2}; export: writer {:.2} + agent {:.2} + PS {:.2}; unreachable: writer {:.2} + agent {:.2}",
+                c.file_writer, c.export_writer, c.export_agent, c.export_ps, c.unreplicated_writer, c.unreplicated_agent
             )?;
         }
         writeln!(f, "RPO: paced qemu-io writer, 1 MiB writes, a FLUSH every second; age of each point at upload")?;
@@ -208,7 +260,16 @@ pub async fn run(p: &CaptureParams) -> anyhow::Result<CaptureResult> {
     let ingest = IngestConfig::new("127.0.0.1:0".parse()?, dir.join("tls"), passphrase);
     let mut cfg = ProcessServerConfig::new(dir.join("cache"), (p.image_bytes * 4).max(4 << 30), ingest, target);
     cfg.cache.segment_size = 64 << 20;
-    let server = ProcessServer::start(cfg).await?;
+    // The process server on a runtime of its own, so its CPU can be told from the
+    // agent's (its blocking threads kept alive: an exited thread's time is not
+    // attributable any more).
+    let ps_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ps-rt")
+        .thread_keep_alive(Duration::from_secs(24 * 3600))
+        .enable_all()
+        .build()?;
+    let server = ps_runtime.spawn(ProcessServer::start(cfg)).await??;
 
     let file_img = dir.join("file.img");
     let export_img = dir.join("export.img");
@@ -255,11 +316,24 @@ pub async fn run(p: &CaptureParams) -> anyhow::Result<CaptureResult> {
         // Alternate, file first, and keep each side's better run of two: the page cache
         // and the replication catching up between runs weigh on both alike.
         let (mut file_mib_s, mut export_mib_s, mut alone_mib_s) = (0f64, 0f64, 0f64);
+        let mut cpu = CpuPerGib::default();
+        let gib = 2.0 * (block * requests) as f64 / (1u64 << 30) as f64;
         for _ in 0..2 {
+            let (_, _, c0) = cpu_seconds();
             file_mib_s = file_mib_s.max(qemu_img_bench(&file_img.display().to_string(), block, requests, p)?);
+            let (ps0, agent0, c1) = cpu_seconds();
             export_mib_s = export_mib_s.max(qemu_img_bench(&url, block, requests, p)?);
+            let (_, _, c2) = cpu_seconds();
             wait_until(&running, Duration::from_secs(600), idle).await;
+            let (ps1, agent1, _) = cpu_seconds();
             alone_mib_s = alone_mib_s.max(qemu_img_bench(&alone_url, block, requests, p)?);
+            let (_, agent2, c3) = cpu_seconds();
+            cpu.file_writer += (c1 - c0) / gib;
+            cpu.export_writer += (c2 - c1) / gib;
+            cpu.export_agent += (agent1 - agent0) / gib;
+            cpu.export_ps += (ps1 - ps0) / gib;
+            cpu.unreplicated_writer += (c3 - c2) / gib;
+            cpu.unreplicated_agent += (agent2 - agent1) / gib;
         }
         overhead.push(OverheadRow {
             block_bytes: block,
@@ -269,6 +343,7 @@ pub async fn run(p: &CaptureParams) -> anyhow::Result<CaptureResult> {
             ratio: export_mib_s / file_mib_s.max(1e-9),
             export_unreplicated_mib_s: alone_mib_s,
             ratio_unreplicated: alone_mib_s / file_mib_s.max(1e-9),
+            cpu,
         });
     }
 
@@ -302,7 +377,8 @@ pub async fn run(p: &CaptureParams) -> anyhow::Result<CaptureResult> {
     r?;
     let (_agent, r) = alone.stop().await;
     r?;
-    server.stop().await?;
+    ps_runtime.spawn(server.stop()).await??;
+    ps_runtime.shutdown_background();
     Ok(CaptureResult {
         image_mib: p.image_bytes >> 20,
         depth: p.depth,

@@ -35,7 +35,8 @@ pub enum Frame {
         disk: u16,
         tag: u64,
         offset: u64,
-        data: Vec<u8>,
+        /// Shared, not copied, between the agent's resend window and the frame sent.
+        data: bytes::Bytes,
     },
     /// `len` bytes at `offset` are zeros (cheaper than sending them).
     Zero {
@@ -343,7 +344,7 @@ impl Frame {
             T_OPEN_DISK => Frame::OpenDisk { disk: r.u16()?, size_bytes: r.u64()?, name: r.name()? },
             T_WRITE => {
                 let (disk, tag, offset) = (r.u16()?, r.u64()?, r.u64()?);
-                let data = r.rest().to_vec();
+                let data = bytes::Bytes::copy_from_slice(r.rest());
                 if data.is_empty() || data.len() > WRITE_DATA_MAX {
                     return Err(FrameError::Field("write data length"));
                 }
@@ -537,7 +538,7 @@ mod tests {
                 name
             }),
             (any::<u16>(), any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 1..3000))
-                .prop_map(|(disk, tag, offset, data)| Frame::Write { disk, tag, offset, data }),
+                .prop_map(|(disk, tag, offset, data)| Frame::Write { disk, tag, offset, data: data.into() }),
             (any::<u64>(), any::<u64>(), any::<u64>(), proptest::collection::vec((any::<u16>(), any::<u64>()), 1..10))
                 .prop_map(|(tag, point_id, unix_ms, disks)| Frame::Point {
                     tag,

@@ -138,14 +138,14 @@ mod tests {
         fn a_write_frame_becomes_its_record_in_place(disk in any::<u16>(), tag in any::<u64>(), offset in any::<u64>(),
                                                      data in proptest::collection::vec(any::<u8>(), 1..3000)) {
             let mut bytes = Vec::new();
-            Frame::Write { disk, tag, offset, data: data.clone() }.encode(&mut bytes);
+            Frame::Write { disk, tag, offset, data: data.clone().into() }.encode(&mut bytes);
             let mut buf = bytes[4..].to_vec();
             let (d, t, o, record) = write_frame_as_record(&mut buf).unwrap();
             prop_assert_eq!((d, t, o), (disk, tag, offset));
             prop_assert_eq!(record.to_vec(), StreamRecord::Write { offset, data: data.clone() }.encode());
             // The async writer's fast path sends the same bytes as encode.
             let mut sent = Vec::new();
-            futures::executor::block_on(write_frame(&mut sent, &Frame::Write { disk, tag, offset, data })).unwrap();
+            futures::executor::block_on(write_frame(&mut sent, &Frame::Write { disk, tag, offset, data: data.into() })).unwrap();
             prop_assert_eq!(sent, bytes);
         }
 

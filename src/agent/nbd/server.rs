@@ -126,6 +126,19 @@ fn errno(e: &std::io::Error) -> u32 {
     }
 }
 
+/// A write's `len` bytes of data (checked against the cap before), read into a buffer
+/// that is not zeroed first.
+async fn read_payload<R: AsyncRead + Unpin>(s: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        let n = (&mut *s).take((len - data.len()) as u64).read_buf(&mut data).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(data)
+}
+
 async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     capture: &Arc<Capture>,
@@ -133,7 +146,7 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<(), NbdError> {
     // Buffered both ways: a client with requests in flight gets its replies in one
     // write once no further request has arrived, not one write per reply.
-    let mut s = tokio::io::BufReader::with_capacity(256 << 10, tokio::io::BufWriter::with_capacity(256 << 10, s));
+    let mut s = tokio::io::BufReader::with_capacity(32 << 10, tokio::io::BufWriter::with_capacity(256 << 10, s));
     let s = &mut s;
     let size = capture.exports()[disk].size;
     let id = capture.exports()[disk].id.clone();
@@ -171,13 +184,11 @@ async fn transmission<S: AsyncRead + AsyncWrite + Unpin>(
             // hand-off to a blocking thread per request would cost more than the copy).
             Command::Read { offset, len } => c.read(disk, offset, len as usize).map(Some),
             Command::Write { offset, len, fua: false } => {
-                let mut data = vec![0u8; len as usize];
-                s.read_exact(&mut data).await?;
+                let data = read_payload(s, len as usize).await?;
                 c.write(disk, offset, data, false).map(|_| None)
             }
             Command::Write { offset, len, fua: true } => {
-                let mut data = vec![0u8; len as usize];
-                s.read_exact(&mut data).await?;
+                let data = read_payload(s, len as usize).await?;
                 blocking(move || c.write(disk, offset, data, true).map(|_| None)).await
             }
             Command::Flush => blocking(move || c.flush(disk).map(|_| None)).await,
