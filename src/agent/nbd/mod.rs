@@ -84,52 +84,11 @@ pub async fn start(
     if let Some(addr) = tcp {
         let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::Listen(addr.to_string(), e))?;
         tcp_addr = Some(l.local_addr().map_err(|e| StartError::Listen(addr.to_string(), e))?);
-        let c = capture.clone();
-        listeners.push(tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                match l.accept().await {
-                    Ok((s, peer)) => {
-                        let _ = s.set_nodelay(true);
-                        let c = c.clone();
-                        conns.spawn(async move {
-                            if let Err(e) = server::handle(s, c).await {
-                                tracing::warn!(%peer, error = %e, "NBD connection closed");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "NBD accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-                while conns.try_join_next().is_some() {}
-            }
-        }));
+        listeners.push(tokio::spawn(accept_loop(l, capture.clone())));
     }
     if let Some(path) = &unix {
         let l = tokio::net::UnixListener::bind(path).map_err(|e| StartError::Listen(path.display().to_string(), e))?;
-        let c = capture.clone();
-        listeners.push(tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                match l.accept().await {
-                    Ok((s, _)) => {
-                        let c = c.clone();
-                        conns.spawn(async move {
-                            if let Err(e) = server::handle(s, c).await {
-                                tracing::warn!(error = %e, "NBD connection closed");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "NBD accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    }
-                }
-                while conns.try_join_next().is_some() {}
-            }
-        }));
+        listeners.push(tokio::spawn(accept_loop(l, capture.clone())));
     }
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let c = capture.clone();
@@ -138,6 +97,54 @@ pub async fn start(
         (agent, r)
     });
     Ok(Running { tcp_addr, unix_path: unix, capture, listeners, stop, replication })
+}
+
+/// A listening socket NBD clients connect to (TCP or Unix).
+trait Listener: Send + 'static {
+    type Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// The next connection and who it is from (for the log).
+    fn accept_one(&self) -> impl std::future::Future<Output = std::io::Result<(Self::Stream, String)>> + Send;
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, peer) = self.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, String)> {
+        let (s, _) = self.accept().await?;
+        Ok((s, "unix socket".into()))
+    }
+}
+
+/// Serves every connection `l` accepts in a task of its own, until aborted (which
+/// drops the connections with it); an accept error (out of file descriptors, say)
+/// backs off instead of spinning.
+async fn accept_loop(l: impl Listener, capture: Arc<Capture>) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        match l.accept_one().await {
+            Ok((s, peer)) => {
+                let c = capture.clone();
+                conns.spawn(async move {
+                    if let Err(e) = server::handle(s, c).await {
+                        tracing::warn!(%peer, error = %e, "NBD connection closed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "NBD accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+        while conns.try_join_next().is_some() {}
+    }
 }
 
 impl Running {
