@@ -29,7 +29,7 @@ pub enum RestoreError {
     ObjectStore(#[from] object_store::Error),
     #[error("no manifest for {machine}/{disk} in {target}")]
     NoManifest { machine: String, disk: String, target: String },
-    #[error("no restorable recovery point {point:?} for {machine}/{disk}")]
+    #[error("no restorable recovery point {point:?} for {machine}/{disk} (`latest` skips points that are not crash-consistent; `latest-any` takes them too)")]
     NoPoint { machine: String, disk: String, point: PointSelector },
     #[error("{machine}/{disk} point {point_id}: positions {}..={} were dropped before upload and no full resync began between them and the point", gap.first_seq, gap.last_seq)]
     Unrestorable { machine: String, disk: String, point_id: u64, gap: GapEntry },
@@ -56,17 +56,26 @@ pub enum RestoreError {
 /// Which recovery point to restore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PointSelector {
+    /// The newest restorable point that is a state the disk had: crash- or
+    /// application-consistent (`latest`).
     Latest,
+    /// The newest restorable point of any kind, a not crash-consistent one included
+    /// (`latest-any`): newer data, but possibly a mix the file system never saw.
+    LatestAny,
     Id(u64),
 }
 
 impl std::str::FromStr for PointSelector {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "latest" {
-            return Ok(PointSelector::Latest);
+        match s {
+            "latest" => return Ok(PointSelector::Latest),
+            "latest-any" => return Ok(PointSelector::LatestAny),
+            _ => {}
         }
-        s.parse().map(PointSelector::Id).map_err(|_| format!("expected `latest` or a point id, got {s:?}"))
+        s.parse()
+            .map(PointSelector::Id)
+            .map_err(|_| format!("expected `latest`, `latest-any` or a point id, got {s:?}"))
     }
 }
 
@@ -133,6 +142,22 @@ async fn load(target: &Target, machine: &str, disk: &str) -> Result<Manifest, Re
     })
 }
 
+/// The manifest's entry `point` selects (restorable or not, for an id).
+fn choose(manifest: &Manifest, point: PointSelector) -> Option<&PointEntry> {
+    let restorable = |p: &&PointEntry| manifest.base_for(p.seq).is_ok();
+    match point {
+        // The latest point that can be restored and is a state the disk had.
+        PointSelector::Latest => manifest
+            .points
+            .iter()
+            .filter(|p| p.kind != crate::protocol::PointKind::NotCrashConsistent)
+            .filter(restorable)
+            .max_by_key(|p| p.seq),
+        PointSelector::LatestAny => manifest.points.iter().filter(restorable).max_by_key(|p| p.seq),
+        PointSelector::Id(id) => manifest.points.iter().filter(|p| p.point_id == id).max_by_key(|p| p.seq),
+    }
+}
+
 /// Rebuilds `machine`/`disk` at `point` into the file `out` (replaced only on success).
 pub async fn restore(
     target: &Target,
@@ -144,15 +169,11 @@ pub async fn restore(
 ) -> Result<RestoreReport, RestoreError> {
     let started = Instant::now();
     let manifest = load(target, machine, disk).await?;
-    let chosen = match point {
-        // The latest point that can be restored.
-        PointSelector::Latest => {
-            manifest.points.iter().filter(|p| manifest.base_for(p.seq).is_ok()).max_by_key(|p| p.seq)
-        }
-        PointSelector::Id(id) => manifest.points.iter().filter(|p| p.point_id == id).max_by_key(|p| p.seq),
-    }
-    .cloned()
-    .ok_or_else(|| RestoreError::NoPoint { machine: machine.into(), disk: disk.into(), point })?;
+    let chosen = choose(&manifest, point).cloned().ok_or_else(|| RestoreError::NoPoint {
+        machine: machine.into(),
+        disk: disk.into(),
+        point,
+    })?;
     let base = manifest.base_for(chosen.seq).map_err(|gap| RestoreError::Unrestorable {
         machine: machine.into(),
         disk: disk.into(),
@@ -345,4 +366,40 @@ async fn apply(
         return Err(missing(applied + 1, point.seq));
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::PointKind;
+
+    fn point(point_id: u64, kind: PointKind, seq: u64) -> PointEntry {
+        PointEntry { point_id, kind, unix_ms: point_id, seq, disk_size: 1, uploaded_unix_ms: None }
+    }
+
+    #[test]
+    fn latest_skips_points_that_are_not_crash_consistent_and_latest_any_does_not() {
+        let mut m = Manifest {
+            points: vec![
+                point(1, PointKind::CrashConsistent, 10),
+                point(2, PointKind::AppConsistent, 20),
+                point(3, PointKind::NotCrashConsistent, 30),
+            ],
+            ..Manifest::default()
+        };
+        let id = |p: PointSelector, m: &Manifest| choose(m, p).map(|e| e.point_id);
+        assert_eq!(id(PointSelector::Latest, &m), Some(2));
+        assert_eq!(id(PointSelector::LatestAny, &m), Some(3));
+        assert_eq!(id(PointSelector::Id(3), &m), Some(3), "an id is taken as asked");
+        // An unrestorable newest point is skipped by both.
+        m.points.push(point(4, PointKind::CrashConsistent, 40));
+        m.gaps.push(GapEntry { first_seq: 35, last_seq: 36 });
+        assert_eq!((id(PointSelector::Latest, &m), id(PointSelector::LatestAny, &m)), (Some(2), Some(3)));
+        // Nothing but catch-up points: `latest` finds none.
+        m.points.retain(|p| p.kind == PointKind::NotCrashConsistent);
+        assert_eq!((id(PointSelector::Latest, &m), id(PointSelector::LatestAny, &m)), (None, Some(3)));
+        assert_eq!("latest-any".parse::<PointSelector>(), Ok(PointSelector::LatestAny));
+        assert_eq!("latest".parse::<PointSelector>(), Ok(PointSelector::Latest));
+        assert!("newest".parse::<PointSelector>().unwrap_err().contains("latest-any"));
+    }
 }

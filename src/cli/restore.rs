@@ -17,7 +17,8 @@ pub struct RestoreArgs {
     machine: String,
     #[arg(long)]
     disk: String,
-    /// `latest` or a point id.
+    /// `latest` (the newest crash- or application-consistent point), `latest-any` (the
+    /// newest of any kind) or a point id.
     #[arg(long, default_value = "latest")]
     point: String,
     #[arg(long)]
