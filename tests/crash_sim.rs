@@ -3,25 +3,45 @@
 //! nothing comes back corrupt, every stream is a gap-free prefix, uploads never go back.
 //! `CHURNLOG_CRASH_SEEDS=N` sets how many seeds run (default 2000); a failure prints its
 //! seed, and `CHURNLOG_CRASH_SEED=S` replays one.
+//!
+//! A second run (`power_loss_with_the_background_reclaimer_eviction_and_salvage`) does the
+//! same with the engine's background roles on, in a cache small enough to fill: the
+//! reclaimer thread (reclaim, compaction) every millisecond racing the explicit reclaims,
+//! eviction of the largest backlog at the hard watermark, and salvage as the recovery
+//! mode. An evicted stream may lose its unuploaded records (it is marked resync
+//! required, the engine's contract); everything else is checked as above. The background
+//! thread's timing is not seeded, so a failing seed replays the same workload but not
+//! always the same interleaving (`CHURNLOG_CRASH_BG_SEEDS=N`, default 300).
 
 mod common;
 
 use std::collections::HashMap;
 
 use churnlog::cache::io::fault::{FaultStorage, Rng};
-use churnlog::cache::{AppendTicket, Options};
+use churnlog::cache::{AppendError, AppendTicket, EvictionPolicy, Options, RecoveryMode};
 use common::{data, open, tiny_options};
 
 const STREAMS: u32 = 3;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-static ACKED: AtomicU64 = AtomicU64::new(0);
-static TORN_TAILS: AtomicU64 = AtomicU64::new(0);
-static RECORDS_CHECKED: AtomicU64 = AtomicU64::new(0);
-static SEALS_SCANNED: AtomicU64 = AtomicU64::new(0);
-static SPARES_RECYCLED: AtomicU64 = AtomicU64::new(0);
-/// Crashes simulated (power cuts and kills), each followed by a recovery.
-static CRASHES: AtomicU64 = AtomicU64::new(0);
+use std::cell::Cell;
+// Per test thread: the two tests run side by side and count apart.
+thread_local! {
+    static ACKED: Cell<u64> = const { Cell::new(0) };
+    static TORN_TAILS: Cell<u64> = const { Cell::new(0) };
+    static RECORDS_CHECKED: Cell<u64> = const { Cell::new(0) };
+    static SEALS_SCANNED: Cell<u64> = const { Cell::new(0) };
+    static SPARES_RECYCLED: Cell<u64> = const { Cell::new(0) };
+    /// Crashes simulated (power cuts and kills), each followed by a recovery.
+    static CRASHES: Cell<u64> = const { Cell::new(0) };
+    /// Appends refused with backpressure (and retried) while eviction is on.
+    static BACKPRESSURED: Cell<u64> = const { Cell::new(0) };
+    /// Recoveries that found a stream evicted (resync required) under `LargestBacklog`.
+    static EVICTED: Cell<u64> = const { Cell::new(0) };
+}
+
+fn bump(counter: &'static std::thread::LocalKey<Cell<u64>>, n: u64) {
+    counter.with(|c| c.set(c.get() + n));
+}
 
 struct Model {
     /// Contents of every record ever given a sequence number (the last given wins).
@@ -32,6 +52,7 @@ struct Model {
 }
 
 fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
+    let evicting = opts.eviction != EvictionPolicy::Never;
     let st = FaultStorage::new();
     let mut rng = Rng::new(seed);
     let mut model = Model {
@@ -50,13 +71,13 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
             Ok(c) => c,
             Err(e) if st.powered_off() => {
                 let _ = e;
-                CRASHES.fetch_add(1, Relaxed);
+                bump(&CRASHES, 1);
                 st.crash(rng.next_u64());
                 continue;
             }
             Err(e) => return Err(format!("cycle {cycle}: open failed without a power cut: {e}")),
         };
-        check(&cache, &model, cycle)?;
+        check(&cache, &model, cycle, evicting)?;
         // Forget what the crash dropped: those sequence numbers will be given again.
         for s in 0..STREAMS {
             if let Some(id) = cache.find_stream(&format!("m{s}"), "d") {
@@ -83,7 +104,18 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
                 let next = next_seq[&s.0];
                 let len = 1 + rng.below(3000) as usize;
                 let bytes = data(s.0, next ^ (cycle as u64) << 32, len);
-                match cache.append(s, &bytes) {
+                let mut appended = cache.append(s, &bytes);
+                // Full: with eviction on, give the background reclaimer a few chances to
+                // make room (by reclaim or by evicting the largest backlog).
+                for _ in 0..20 {
+                    if !(evicting && matches!(appended, Err(AppendError::Backpressure { .. }))) {
+                        break;
+                    }
+                    bump(&BACKPRESSURED, 1);
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    appended = cache.append(s, &bytes);
+                }
+                match appended {
                     Ok(t) => {
                         // A failed batch rolls sequences back; only then may they differ.
                         if t.seq != next && !st.powered_off() {
@@ -100,7 +132,7 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
                 let (s, seq) = (t.stream.0, t.seq);
                 match t.wait() {
                     Ok(_) => {
-                        ACKED.fetch_add(1, Relaxed);
+                        bump(&ACKED, 1);
                         let a = model.acked.entry(s).or_default();
                         *a = (*a).max(seq);
                     }
@@ -126,24 +158,34 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
         if rng.below(4) == 0 {
             st.power_cut_after(u64::MAX / 2);
             if cache.close().is_err() || st.powered_off() {
-                CRASHES.fetch_add(1, Relaxed);
+                bump(&CRASHES, 1);
                 st.crash(rng.next_u64());
             }
         } else {
-            CRASHES.fetch_add(1, Relaxed);
+            bump(&CRASHES, 1);
             common::kill(&st, cache, rng.next_u64());
         }
     }
     st.power_cut_after(u64::MAX / 2);
     let cache = open(&st, opts).map_err(|e| format!("final open: {e}"))?;
-    check(&cache, &model, 99)
+    check(&cache, &model, 99, evicting)
 }
 
-fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize) -> Result<(), String> {
+/// [`run_seed`], with a panic (an engine assertion) reported as that seed's failure.
+fn run_caught(seed: u64, opts: &Options) -> Result<(), String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, opts))).unwrap_or_else(|p| {
+        let what = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(format!("panicked: {}", what.unwrap_or_default()))
+    })
+}
+
+/// `evicting`: eviction is on, so a stream marked resync required may have had its
+/// unuploaded records dropped (its upload cursor jumps to its durable end).
+fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize, evicting: bool) -> Result<(), String> {
     let report = cache.recovery_report();
-    TORN_TAILS.fetch_add(u64::from(report.torn_tail.is_some()), Relaxed);
-    SEALS_SCANNED.fetch_add(report.segments_scanned.len() as u64, Relaxed);
-    SPARES_RECYCLED.fetch_add(u64::from(report.spare_segment.is_some()), Relaxed);
+    bump(&TORN_TAILS, u64::from(report.torn_tail.is_some()));
+    bump(&SEALS_SCANNED, report.segments_scanned.len() as u64);
+    bump(&SPARES_RECYCLED, u64::from(report.spare_segment.is_some()));
     if !report.damage.is_empty() || !report.damaged_streams.is_empty() {
         return Err(format!("cycle {cycle}: recovery reports damage after a plain crash: {report}"));
     }
@@ -164,7 +206,11 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize) -> Result<
                 info.durable_upto, acked
             ));
         }
-        if info.uploaded_upto < up_ok || info.uploaded_upto > up_tried {
+        let evicted = evicting && info.resync_required;
+        if evicted {
+            bump(&EVICTED, 1);
+        }
+        if info.uploaded_upto < up_ok || (info.uploaded_upto > up_tried && !evicted) {
             return Err(format!(
                 "cycle {cycle}: stream {s} uploaded cursor {} outside [{up_ok}, {up_tried}]",
                 info.uploaded_upto
@@ -172,7 +218,7 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize) -> Result<
         }
         for seq in info.uploaded_upto + 1..=info.durable_upto {
             let got = cache.read(id, seq).map_err(|e| format!("cycle {cycle}: stream {s} seq {seq}: {e}"))?;
-            RECORDS_CHECKED.fetch_add(1, Relaxed);
+            bump(&RECORDS_CHECKED, 1);
             match model.written.get(&(id.0, seq)) {
                 Some(want) if *want == got => {}
                 Some(_) => return Err(format!("cycle {cycle}: stream {s} seq {seq} reads back different bytes")),
@@ -196,7 +242,7 @@ fn power_loss_at_thousands_of_points() {
     let base: u64 = std::env::var("CHURNLOG_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut failures = Vec::new();
     for seed in base..base + seeds {
-        if let Err(e) = run_seed(seed, &opts) {
+        if let Err(e) = run_caught(seed, &opts) {
             failures.push(format!("seed {seed}: {e}"));
             if failures.len() >= 5 {
                 break;
@@ -209,13 +255,13 @@ fn power_loss_at_thousands_of_points() {
         failures.len(),
         failures.join("\n")
     );
-    let crashes = CRASHES.load(Relaxed);
+    let crashes = CRASHES.with(Cell::get);
     let (acked, torn, checked, scanned, spares) = (
-        ACKED.load(Relaxed),
-        TORN_TAILS.load(Relaxed),
-        RECORDS_CHECKED.load(Relaxed),
-        SEALS_SCANNED.load(Relaxed),
-        SPARES_RECYCLED.load(Relaxed),
+        ACKED.with(Cell::get),
+        TORN_TAILS.with(Cell::get),
+        RECORDS_CHECKED.with(Cell::get),
+        SEALS_SCANNED.with(Cell::get),
+        SPARES_RECYCLED.with(Cell::get),
     );
     eprintln!("{seeds} seeds: {crashes} crashes recovered from, {acked} records acknowledged, {checked} read back after recovery, {torn} torn tails truncated, {scanned} open segments scanned, {spares} spare segment files recycled");
     // The simulation must actually exercise crashes mid-write, not only clean stops.
@@ -276,4 +322,56 @@ fn the_spare_segment_is_recycled_after_a_crash_and_retired_on_close() {
     for (i, want) in written.iter().enumerate() {
         assert_eq!(&cache.read(s, i as u64 + 1).unwrap(), want, "seq {}", i + 1);
     }
+}
+
+/// The background roles on: see the module's comment.
+#[test]
+fn power_loss_with_the_background_reclaimer_eviction_and_salvage() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("off").try_init();
+    let opts = Options {
+        // 4 segments of 64 KiB: a cycle's work fills it, so reclaim, compaction and
+        // eviction all run.
+        capacity_bytes: 256 << 10,
+        background_reclaim: true,
+        reclaim_interval: std::time::Duration::from_millis(1),
+        eviction: EvictionPolicy::LargestBacklog,
+        recovery_mode: RecoveryMode::SalvageMarkResync,
+        compact_usage_min: 0.0,
+        compact_live_ratio_max: 0.5,
+        throttle_delay_us_max: 100,
+        ..tiny_options()
+    };
+    if let Ok(seed) = std::env::var("CHURNLOG_CRASH_SEED") {
+        let seed: u64 = seed.parse().expect("CHURNLOG_CRASH_SEED is a number");
+        run_seed(seed, &opts).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        return;
+    }
+    let seeds: u64 = std::env::var("CHURNLOG_CRASH_BG_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let base: u64 = std::env::var("CHURNLOG_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (crashes0, acked0, checked0, evicted0) =
+        (CRASHES.with(Cell::get), ACKED.with(Cell::get), RECORDS_CHECKED.with(Cell::get), EVICTED.with(Cell::get));
+    let mut failures = Vec::new();
+    for seed in base..base + seeds {
+        if let Err(e) = run_caught(seed, &opts) {
+            failures.push(format!("seed {seed}: {e}"));
+            if failures.len() >= 5 {
+                break;
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing seed(s) with the background roles on (replay with CHURNLOG_CRASH_SEED=S):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let (crashes, acked, checked, evicted) = (
+        CRASHES.with(Cell::get) - crashes0,
+        ACKED.with(Cell::get) - acked0,
+        RECORDS_CHECKED.with(Cell::get) - checked0,
+        EVICTED.with(Cell::get) - evicted0,
+    );
+    eprintln!("{seeds} seeds, background roles on: {crashes} crashes recovered from, {acked} records acknowledged, {checked} read back after recovery, {evicted} recoveries found an evicted stream, {} appends refused for space and retried", BACKPRESSURED.with(Cell::get));
+    assert!(acked > seeds * 10 && checked > seeds * 5, "too little work: {acked} acked, {checked} checked");
+    assert!(evicted > 0, "no seed filled the cache far enough to evict");
 }

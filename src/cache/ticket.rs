@@ -72,8 +72,11 @@ impl AppendTicket {
             if let Some(r) = resolution(&c, self.batch_no) {
                 return (c, r.map(|()| self.seq));
             }
-            // One batch in flight and one filling: parity tells the two apart.
-            debug_assert!(self.batch_no <= c.completed + 2, "ticket of a batch not yet taken");
+            // One batch in flight and one filling: parity tells the two apart. Briefly
+            // one more: when the batch in flight fails, the flusher fails the pending one
+            // with it and a new batch starts filling before both are resolved (that
+            // resolution jumps by two and wakes both parities, so no waiter is missed).
+            debug_assert!(self.batch_no <= c.completed + 3, "ticket of a batch not yet taken");
             self.inner.commit_cv[CommitState::parity(self.batch_no)].wait(&mut c);
         }
     }
