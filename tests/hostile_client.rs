@@ -471,6 +471,12 @@ async fn an_agent_keeps_replicating_byte_identical_under_a_connection_flood() {
     }
     assert_eq!(server.stats().sessions.load(Ordering::Relaxed), 1);
 
+    // Memory: the peak resident set from here to the end of the attack (this process
+    // holds the server, the agent and the attackers; the other tests of this file run
+    // beside it, so the bound is loose; what it catches is per-connection buffers that
+    // grow with the announced frame length or the number of connections).
+    let rss_before_kib = status_kib("VmRSS");
+    let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
     // 1. 300 connections each announcing a maximum-length frame before login: each is
     //    closed at once (the login frame cap), never after the 30 s handshake timeout.
     let protocol_errors = server.stats().protocol_errors.load(Ordering::Relaxed);
@@ -529,6 +535,20 @@ async fn an_agent_keeps_replicating_byte_identical_under_a_connection_flood() {
     assert_eq!(server.stats().auth_failures.load(Ordering::Relaxed), 6);
     assert_eq!(server.stats().login_throttled.load(Ordering::Relaxed), 1);
 
+    let peak_kib = status_kib("VmHWM");
+    eprintln!(
+        "resident memory: {} MiB before the flood, peak {} MiB during it (peak {})",
+        rss_before_kib >> 10,
+        peak_kib >> 10,
+        if hwm_reset { "since the flood began" } else { "of the whole process: clear_refs refused" }
+    );
+    if hwm_reset {
+        assert!(
+            peak_kib.saturating_sub(rss_before_kib) < 256 << 10,
+            "the flood grew resident memory from {rss_before_kib} KiB to {peak_kib} KiB"
+        );
+    }
+
     attack_done.send(true).unwrap();
     let (point_id, want) = good.await.unwrap();
     let out = work.join("restored.img");
@@ -536,6 +556,13 @@ async fn an_agent_keeps_replicating_byte_identical_under_a_connection_flood() {
     assert!(std::fs::read(&out).unwrap() == want, "the restored image differs");
     assert_eq!(server.stats().sessions.load(Ordering::Relaxed), 1, "the agent never lost its session");
     Arc::into_inner(server).expect("no task holds the server").stop().await;
+}
+
+/// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM`), KiB.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:"))).expect("the field");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("a number of kB")
 }
 
 /// Polls `done` for up to 20 s.
