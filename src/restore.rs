@@ -142,6 +142,15 @@ async fn load(target: &Target, machine: &str, disk: &str) -> Result<Manifest, Re
     })
 }
 
+/// Runs blocking `f` in place, telling a multi-threaded tokio runtime first so it moves
+/// its other tasks elsewhere (a current-thread runtime, or none, just runs it).
+fn blocking_section<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The manifest's entry `point` selects (restorable or not, for an id).
 fn choose(manifest: &Manifest, point: PointSelector) -> Option<&PointEntry> {
     let restorable = |p: &&PointEntry| manifest.base_for(p.seq).is_ok();
@@ -333,33 +342,39 @@ async fn apply(
         }
         let body = got.bytes().await?;
         done.objects += 1;
-        let mut records = ObjectRecords::check(&body).map_err(object_error)?;
-        while let Some(seq) = records.next_into(&mut data) {
-            let seq = seq.map_err(object_error)?;
-            if seq <= applied {
-                continue;
-            }
-            if seq > point.seq {
-                break;
-            }
-            if seq != applied + 1 {
-                return Err(missing(applied + 1, seq - 1));
-            }
-            match StreamRecord::decode(&data).map_err(|e| RestoreError::Record { seq, why: e.to_string() })? {
-                StreamRecord::Write { offset, data } => {
-                    image.check_range(seq, "write", offset, data.len() as u64)?;
-                    image.file.write_all_at(&data, offset).map_err(output_error)?;
-                    done.bytes += data.len() as u64;
+        // Checking, decoding and writing an object (up to its cap) is blocking work: off
+        // the async workers where the runtime allows it (the process server rebuilds
+        // heads for delta resyncs on its ingest runtime).
+        blocking_section(|| {
+            let mut records = ObjectRecords::check(&body).map_err(object_error)?;
+            while let Some(seq) = records.next_into(&mut data) {
+                let seq = seq.map_err(object_error)?;
+                if seq <= applied {
+                    continue;
                 }
-                StreamRecord::Zero { offset, len } => {
-                    image.check_range(seq, "zero run", offset, len)?;
-                    image.zero(offset, len).map_err(output_error)?;
+                if seq > point.seq {
+                    break;
                 }
-                StreamRecord::Point { .. } | StreamRecord::ResyncBase { .. } => {}
+                if seq != applied + 1 {
+                    return Err(missing(applied + 1, seq - 1));
+                }
+                match StreamRecord::decode(&data).map_err(|e| RestoreError::Record { seq, why: e.to_string() })? {
+                    StreamRecord::Write { offset, data } => {
+                        image.check_range(seq, "write", offset, data.len() as u64)?;
+                        image.file.write_all_at(&data, offset).map_err(output_error)?;
+                        done.bytes += data.len() as u64;
+                    }
+                    StreamRecord::Zero { offset, len } => {
+                        image.check_range(seq, "zero run", offset, len)?;
+                        image.zero(offset, len).map_err(output_error)?;
+                    }
+                    StreamRecord::Point { .. } | StreamRecord::ResyncBase { .. } => {}
+                }
+                applied = seq;
+                done.records += 1;
             }
-            applied = seq;
-            done.records += 1;
-        }
+            Ok(())
+        })?;
         progress(applied - base, point.seq - base);
     }
     if applied != point.seq {
