@@ -195,19 +195,74 @@ async fn send_hashes(
 }
 
 /// The xxh3-128 hashes of blocks `first..first + n` of the image (the last one short).
+/// Ranges the file holds as holes (most of a rebuilt image whose disk is mostly unused)
+/// hash as zeros without being read.
 fn hash_blocks(file: &std::fs::File, first: u64, n: u64, block_size: u32, size: u64) -> std::io::Result<Vec<u128>> {
     let bs = block_size as u64;
     let chunk_blocks = ((1u64 << 20) / bs).max(1);
     let mut buf = vec![0u8; (chunk_blocks * bs) as usize];
+    let zero_block = xxhash_rust::xxh3::xxh3_128(&vec![0u8; bs as usize]);
     let mut hashes = Vec::with_capacity(n as usize);
     let mut b = first;
     while b < first + n {
         let offset = b * bs;
         let take = (first + n - b).min(chunk_blocks);
         let len = ((take * bs).min(size - offset)) as usize;
-        file.read_exact_at(&mut buf[..len], offset)?;
-        hashes.extend(buf[..len].chunks(bs as usize).map(xxhash_rust::xxh3::xxh3_128));
+        if next_data(file, offset)?.is_none_or(|data| data >= offset + len as u64) {
+            // A hole: full blocks of zeros, and the image's short last block if in range.
+            let full = len as u64 / bs;
+            hashes.extend(std::iter::repeat_n(zero_block, full as usize));
+            if !(len as u64).is_multiple_of(bs) {
+                hashes.push(xxhash_rust::xxh3::xxh3_128(&vec![0u8; (len as u64 % bs) as usize]));
+            }
+        } else {
+            file.read_exact_at(&mut buf[..len], offset)?;
+            hashes.extend(buf[..len].chunks(bs as usize).map(xxhash_rust::xxh3::xxh3_128));
+        }
         b += take;
     }
     Ok(hashes)
+}
+
+/// Where the file's next data at or after `offset` begins (`SEEK_DATA`); `None` when
+/// only a hole follows. A file system without `SEEK_DATA` reports data everywhere.
+fn next_data(file: &std::fs::File, offset: u64) -> std::io::Result<Option<u64>> {
+    match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(at) => Ok(Some(at)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::OPNOTSUPP) => Ok(Some(offset)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn holes_hash_as_zeros_without_changing_any_hash() {
+        let bs = 64u64 << 10;
+        let size = 40 * bs + 1000; // a short last block
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        file.write_all_at(&[7u8; 5000], 3 * bs + 10).unwrap();
+        file.write_all_at(&[9u8; 100], 39 * bs + 500).unwrap(); // data near the end
+        file.write_all_at(&[0u8; 4096], 20 * bs).unwrap(); // written zeros: data, not a hole
+        let mut image = vec![0u8; size as usize];
+        file.read_exact_at(&mut image, 0).unwrap();
+        let want: Vec<u128> = image.chunks(bs as usize).map(xxhash_rust::xxh3::xxh3_128).collect();
+        assert_eq!(want.len(), 41);
+        // Whole, and in pieces that start and end anywhere.
+        assert_eq!(hash_blocks(&file, 0, 41, bs as u32, size).unwrap(), want);
+        for (first, n) in [(0, 3), (3, 1), (4, 30), (34, 7), (40, 1)] {
+            let got = hash_blocks(&file, first, n, bs as u32, size).unwrap();
+            assert_eq!(got, want[first as usize..(first + n) as usize], "blocks {first}+{n}");
+        }
+        // Where the file system keeps holes (ext4, xfs, tmpfs), the gap is skipped; one
+        // without SEEK_DATA reports data at once (and every block is read).
+        let next = next_data(&file, 5 * bs).unwrap();
+        assert!(next == Some(20 * bs) || next == Some(5 * bs), "{next:?}");
+        assert_eq!(next_data(&file, 39 * bs + 4096).unwrap(), None, "only a hole after the last data");
+    }
 }
