@@ -171,6 +171,35 @@ fn run_seed(seed: u64, opts: &Options) -> Result<(), String> {
     check(&cache, &model, 99, evicting)
 }
 
+/// Replays `CHURNLOG_CRASH_SEED` alone when set (`None`), or runs the number of seeds
+/// `count_var` says (`default`) from `CHURNLOG_CRASH_BASE`, failing with the first five
+/// failing seeds; returns the number run.
+fn run_seeds(opts: &Options, count_var: &str, default: u64) -> Option<u64> {
+    if let Ok(seed) = std::env::var("CHURNLOG_CRASH_SEED") {
+        let seed: u64 = seed.parse().expect("CHURNLOG_CRASH_SEED is a number");
+        run_seed(seed, opts).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        return None;
+    }
+    let seeds: u64 = std::env::var(count_var).ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let base: u64 = std::env::var("CHURNLOG_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut failures = Vec::new();
+    for seed in base..base + seeds {
+        if let Err(e) = run_caught(seed, opts) {
+            failures.push(format!("seed {seed}: {e}"));
+            if failures.len() >= 5 {
+                break;
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failing seed(s) (replay with CHURNLOG_CRASH_SEED=S):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Some(seeds)
+}
+
 /// [`run_seed`], with a panic (an engine assertion) reported as that seed's failure.
 fn run_caught(seed: u64, opts: &Options) -> Result<(), String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_seed(seed, opts))).unwrap_or_else(|p| {
@@ -232,29 +261,7 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize, evicting: 
 #[test]
 fn power_loss_at_thousands_of_points() {
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("warn").try_init();
-    let opts = tiny_options();
-    if let Ok(seed) = std::env::var("CHURNLOG_CRASH_SEED") {
-        let seed: u64 = seed.parse().expect("CHURNLOG_CRASH_SEED is a number");
-        run_seed(seed, &opts).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        return;
-    }
-    let seeds: u64 = std::env::var("CHURNLOG_CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2000);
-    let base: u64 = std::env::var("CHURNLOG_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut failures = Vec::new();
-    for seed in base..base + seeds {
-        if let Err(e) = run_caught(seed, &opts) {
-            failures.push(format!("seed {seed}: {e}"));
-            if failures.len() >= 5 {
-                break;
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failing seed(s) (replay with CHURNLOG_CRASH_SEED=S):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    let Some(seeds) = run_seeds(&tiny_options(), "CHURNLOG_CRASH_SEEDS", 2000) else { return };
     let crashes = CRASHES.with(Cell::get);
     let (acked, torn, checked, scanned, spares) = (
         ACKED.with(Cell::get),
@@ -341,36 +348,9 @@ fn power_loss_with_the_background_reclaimer_eviction_and_salvage() {
         throttle_delay_us_max: 100,
         ..tiny_options()
     };
-    if let Ok(seed) = std::env::var("CHURNLOG_CRASH_SEED") {
-        let seed: u64 = seed.parse().expect("CHURNLOG_CRASH_SEED is a number");
-        run_seed(seed, &opts).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-        return;
-    }
-    let seeds: u64 = std::env::var("CHURNLOG_CRASH_BG_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
-    let base: u64 = std::env::var("CHURNLOG_CRASH_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (crashes0, acked0, checked0, evicted0) =
+    let Some(seeds) = run_seeds(&opts, "CHURNLOG_CRASH_BG_SEEDS", 300) else { return };
+    let (crashes, acked, checked, evicted) =
         (CRASHES.with(Cell::get), ACKED.with(Cell::get), RECORDS_CHECKED.with(Cell::get), EVICTED.with(Cell::get));
-    let mut failures = Vec::new();
-    for seed in base..base + seeds {
-        if let Err(e) = run_caught(seed, &opts) {
-            failures.push(format!("seed {seed}: {e}"));
-            if failures.len() >= 5 {
-                break;
-            }
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failing seed(s) with the background roles on (replay with CHURNLOG_CRASH_SEED=S):\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-    let (crashes, acked, checked, evicted) = (
-        CRASHES.with(Cell::get) - crashes0,
-        ACKED.with(Cell::get) - acked0,
-        RECORDS_CHECKED.with(Cell::get) - checked0,
-        EVICTED.with(Cell::get) - evicted0,
-    );
     eprintln!("{seeds} seeds, background roles on: {crashes} crashes recovered from, {acked} records acknowledged, {checked} read back after recovery, {evicted} recoveries found an evicted stream, {} appends refused for space and retried", BACKPRESSURED.with(Cell::get));
     assert!(acked > seeds * 10 && checked > seeds * 5, "too little work: {acked} acked, {checked} checked");
     assert!(evicted > 0, "no seed filled the cache far enough to evict");
