@@ -325,6 +325,21 @@ impl State {
         }
     }
 
+    /// How long until a point is due (zero: due now).
+    fn point_wait(&self, interval: Duration) -> Duration {
+        self.last_point.map_or(Duration::ZERO, |t| interval.saturating_sub(t.elapsed()))
+    }
+
+    /// The newest flush state that has no crash-consistent point, nothing written after
+    /// it and nothing dirty: when its FLUSH was, and how long until its point is due.
+    fn settle_wait(&self, interval: Duration) -> Option<(Instant, Duration)> {
+        let (gen, at) = self.flushed?;
+        if gen != self.write_gen || self.pointed == Some(gen) || self.overflowing() {
+            return None;
+        }
+        Some((at, self.point_wait(interval)))
+    }
+
     /// Queues a point marker (behind everything queued so far) and starts a new epoch;
     /// `at` is the FLUSH it follows.
     fn push_point(&mut self, at: Instant) {
@@ -539,7 +554,7 @@ impl Capture {
     /// [`Capture::next`] if nothing is written before then.
     pub fn flush(&self, disk: usize) -> std::io::Result<()> {
         self.sync_bitmap(disk)?;
-        let due = |s: &State| s.last_point.is_none_or(|t| t.elapsed() >= self.cfg.point_interval);
+        let due = |s: &State| s.point_wait(self.cfg.point_interval).is_zero();
         let gen = {
             let s = self.state.lock();
             (!due(&s)).then_some(s.write_gen)
@@ -572,12 +587,7 @@ impl Capture {
     /// How long until the newest flush state, which has no crash-consistent point yet
     /// and nothing written after it, is due one (`None`: no such state).
     pub fn settle_point_wait(&self) -> Option<Duration> {
-        let s = self.state.lock();
-        let (gen, _) = s.flushed?;
-        if gen != s.write_gen || s.pointed == Some(gen) || s.overflowing() {
-            return None;
-        }
-        Some(s.last_point.map_or(Duration::ZERO, |t| self.cfg.point_interval.saturating_sub(t.elapsed())))
+        self.state.lock().settle_wait(self.cfg.point_interval).map(|(_, wait)| wait)
     }
 
     /// fdatasyncs `disk`'s persistent bitmap when it has unsynced pages (outside the
@@ -744,16 +754,13 @@ impl Capture {
         }
         // Nothing queued or dirty: the stream so far is exactly the image, and when no
         // write came after the newest flush, that is the flush state.
-        if let Some((gen, at)) = s.flushed {
-            let due = s.last_point.is_none_or(|t| t.elapsed() >= self.cfg.point_interval);
-            if gen == s.write_gen && s.pointed != Some(gen) && due {
-                s.last_point = Some(Instant::now());
-                s.status.settle_points += 1;
-                s.push_point(at);
-                let item = s.queue.pop_front().expect("just queued");
-                s.queued -= item.cost();
-                return Ok(Some(Work::Item(item)));
-            }
+        if let Some((at, Duration::ZERO)) = s.settle_wait(self.cfg.point_interval) {
+            s.last_point = Some(Instant::now());
+            s.status.settle_points += 1;
+            s.push_point(at);
+            let item = s.queue.pop_front().expect("just queued");
+            s.queued -= item.cost();
+            return Ok(Some(Work::Item(item)));
         }
         Ok(None)
     }
