@@ -426,6 +426,56 @@ async fn a_client_that_never_reads_is_dropped() {
     server.stop().await;
 }
 
+/// 1,000 connections open at once from 20 addresses (within the default login-slot caps:
+/// 64 per address, 1,024 in total), then each announces the largest frame before login
+/// (half the cap, half u32::MAX): every one is closed at once with no frame, none is
+/// refused at accept, memory stays bounded, and an agent keeps replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_connections_announcing_the_largest_frame_are_each_closed_at_once() {
+    const CONNECTIONS: usize = 1000;
+    // Client and server ends of every connection live in this process.
+    let fds = churnlog::ingest::limits::raise_open_files_limit().unwrap();
+    assert!(fds >= 4 * CONNECTIONS as u64, "the open-files hard limit ({fds}) is too low for this test");
+    let server = Arc::new(Server::start(true, |_| {}).await);
+    let good = GoodAgent::start(&server).await;
+    let memory = PeakMemory::start();
+    let protocol_errors = server.stats().protocol_errors.load(Ordering::Relaxed);
+
+    let (ready, mut readies) = tokio::sync::mpsc::channel::<()>(CONNECTIONS);
+    let (go, _) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..CONNECTIONS {
+        let (server, ready, mut go) = (server.clone(), ready.clone(), go.subscribe());
+        tasks.spawn(async move {
+            let mut s = server.tls_from(attacker(10 + (i % 20) as u8)).await.unwrap();
+            ready.send(()).await.unwrap();
+            go.wait_for(|go| *go).await.unwrap();
+            let len = if i % 2 == 0 { FRAME_LEN_MAX } else { u32::MAX };
+            s.write_all(&len.to_le_bytes()).await.unwrap();
+            s.write_all(&[0x01]).await.unwrap();
+            s.flush().await.unwrap();
+            assert_eq!(until_closed(&mut s).await, vec![]);
+        });
+    }
+    for _ in 0..CONNECTIONS {
+        readies.recv().await.unwrap();
+    }
+    // All of them are past TLS and hold a login slot at the same moment.
+    assert_eq!(server.stats().logging_in.load(Ordering::Relaxed), CONNECTIONS as u64);
+    go.send(true).unwrap();
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(server.stats().protocol_errors.load(Ordering::Relaxed), protocol_errors + CONNECTIONS as u64);
+    assert_eq!(server.stats().admission_refusals.load(Ordering::Relaxed), 0);
+    wait_for(|| server.stats().logging_in.load(Ordering::Relaxed) == 0).await;
+    // Measured: 130-140 MiB for both ends of 1,000 TLS connections; one buffer of the
+    // announced length (the cap, 1 MiB) per connection would be 1,000 MiB more.
+    memory.assert_bounded("1,000 concurrent connections", 512);
+    good.finish(&server).await;
+    Arc::into_inner(server).expect("no task holds the server").stop().await;
+}
+
 /// The attack: 300 connections that hold login slots, 300 that announce the largest
 /// frame before logging in, and a passphrase guesser, while an agent replicates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -435,48 +485,9 @@ async fn an_agent_keeps_replicating_byte_identical_under_a_connection_flood() {
         cfg.unauthenticated_max = 56;
     })
     .await;
-    let work = server.dir.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let img = work.join("good.img");
-    image(&img, 8 << 20, 9);
-    let cfg = churnlog::agent::AgentConfig::new(
-        server.server.local_addr.to_string(),
-        server.server.cert_pem.clone(),
-        "good-vm".into(),
-        vec![("d".into(), img.clone())],
-    );
-    let mut agent = churnlog::agent::Agent::new(cfg, PASSPHRASE).unwrap();
-    let (attack_done, mut attacked) = tokio::sync::watch::channel(false);
-    let img2 = img.clone();
-    let good = tokio::spawn(async move {
-        let mut last = None;
-        for round in 0u64.. {
-            if round > 0 {
-                churn(&img2, 7, round);
-            }
-            let r = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.expect("undisturbed");
-            last = Some((r.point_id, std::fs::read(&img2).unwrap()));
-            if round >= 1 && *attacked.borrow_and_update() {
-                break;
-            }
-        }
-        last.unwrap()
-    });
-    // The agent logs in before the flood: its own login is not what is tested here.
-    for _ in 0..1000 {
-        if server.stats().sessions.load(Ordering::Relaxed) >= 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(server.stats().sessions.load(Ordering::Relaxed), 1);
+    let good = GoodAgent::start(&server).await;
 
-    // Memory: the peak resident set from here to the end of the attack (this process
-    // holds the server, the agent and the attackers; the other tests of this file run
-    // beside it, so the bound is loose; what it catches is per-connection buffers that
-    // grow with the announced frame length or the number of connections).
-    let rss_before_kib = status_kib("VmRSS");
-    let hwm_reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let memory = PeakMemory::start();
     // 1. 300 connections each announcing a maximum-length frame before login: each is
     //    closed at once (the login frame cap), never after the 30 s handshake timeout.
     let protocol_errors = server.stats().protocol_errors.load(Ordering::Relaxed);
@@ -535,27 +546,96 @@ async fn an_agent_keeps_replicating_byte_identical_under_a_connection_flood() {
     assert_eq!(server.stats().auth_failures.load(Ordering::Relaxed), 6);
     assert_eq!(server.stats().login_throttled.load(Ordering::Relaxed), 1);
 
-    let peak_kib = status_kib("VmHWM");
-    eprintln!(
-        "resident memory: {} MiB before the flood, peak {} MiB during it (peak {})",
-        rss_before_kib >> 10,
-        peak_kib >> 10,
-        if hwm_reset { "since the flood began" } else { "of the whole process: clear_refs refused" }
-    );
-    if hwm_reset {
-        assert!(
-            peak_kib.saturating_sub(rss_before_kib) < 256 << 10,
-            "the flood grew resident memory from {rss_before_kib} KiB to {peak_kib} KiB"
+    memory.assert_bounded("the flood", 256);
+    good.finish(&server).await;
+    Arc::into_inner(server).expect("no task holds the server").stop().await;
+}
+
+/// A well-behaved agent replicating an 8 MiB disk of `good-vm`, churned between passes,
+/// from 127.0.0.1 while an attack runs.
+struct GoodAgent {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(u64, Vec<u8>)>,
+    work: std::path::PathBuf,
+}
+
+impl GoodAgent {
+    /// Starts it and waits until it is logged in: its own login is not what is tested.
+    async fn start(server: &Server) -> GoodAgent {
+        let work = server.dir.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let img = work.join("good.img");
+        image(&img, 8 << 20, 9);
+        let cfg = churnlog::agent::AgentConfig::new(
+            server.server.local_addr.to_string(),
+            server.server.cert_pem.clone(),
+            "good-vm".into(),
+            vec![("d".into(), img.clone())],
         );
+        let mut agent = churnlog::agent::Agent::new(cfg, PASSPHRASE).unwrap();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut last = None;
+            for round in 0u64.. {
+                if round > 0 {
+                    churn(&img, 7, round);
+                }
+                let r = agent.pass(PointKind::CrashConsistent, true, |_, _| {}).await.expect("undisturbed");
+                last = Some((r.point_id, std::fs::read(&img).unwrap()));
+                if round >= 1 && *stopped.borrow_and_update() {
+                    break;
+                }
+            }
+            last.unwrap()
+        });
+        wait_for(|| server.stats().sessions.load(Ordering::Relaxed) >= 1).await;
+        assert_eq!(server.stats().sessions.load(Ordering::Relaxed), 1);
+        GoodAgent { stop, task, work }
     }
 
-    attack_done.send(true).unwrap();
-    let (point_id, want) = good.await.unwrap();
-    let out = work.join("restored.img");
-    restore(&server.target, "good-vm", "d", PointSelector::Id(point_id), &out, |_, _| {}).await.unwrap();
-    assert!(std::fs::read(&out).unwrap() == want, "the restored image differs");
-    assert_eq!(server.stats().sessions.load(Ordering::Relaxed), 1, "the agent never lost its session");
-    Arc::into_inner(server).expect("no task holds the server").stop().await;
+    /// Stops it after one more pass and restores its last point: byte-identical, and it
+    /// never lost its session.
+    async fn finish(self, server: &Server) {
+        self.stop.send(true).unwrap();
+        let (point_id, want) = self.task.await.unwrap();
+        let out = self.work.join("restored.img");
+        restore(&server.target, "good-vm", "d", PointSelector::Id(point_id), &out, |_, _| {}).await.unwrap();
+        assert!(std::fs::read(&out).unwrap() == want, "the restored image differs");
+        assert_eq!(server.stats().sessions.load(Ordering::Relaxed), 1, "the agent never lost its session");
+    }
+}
+
+/// The peak resident set from `start` to `assert_bounded`. This process holds the
+/// server, the agent and the attackers, and the other tests of this file run beside it,
+/// so the bound is loose; what it catches is per-connection buffers that grow with the
+/// announced frame length or the number of connections.
+struct PeakMemory {
+    rss_before_kib: u64,
+    hwm_reset: bool,
+}
+
+impl PeakMemory {
+    fn start() -> PeakMemory {
+        let rss_before_kib = status_kib("VmRSS");
+        PeakMemory { rss_before_kib, hwm_reset: std::fs::write("/proc/self/clear_refs", "5").is_ok() }
+    }
+
+    fn assert_bounded(&self, what: &str, growth_max_mib: u64) {
+        let peak_kib = status_kib("VmHWM");
+        eprintln!(
+            "resident memory: {} MiB before {what}, peak {} MiB during it (peak {})",
+            self.rss_before_kib >> 10,
+            peak_kib >> 10,
+            if self.hwm_reset { "since it began" } else { "of the whole process: clear_refs refused" }
+        );
+        if self.hwm_reset {
+            assert!(
+                peak_kib.saturating_sub(self.rss_before_kib) < growth_max_mib << 10,
+                "{what} grew resident memory from {} KiB to {peak_kib} KiB",
+                self.rss_before_kib
+            );
+        }
+    }
 }
 
 /// A `kB` field of `/proc/self/status` (`VmRSS`, `VmHWM`), KiB.

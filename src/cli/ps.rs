@@ -277,6 +277,16 @@ fn ps_run(settings: PsRunSettings) -> anyhow::Result<ExitCode> {
     }
     cfg.drain = DrainConfig { bandwidth, ..DrainConfig::default() };
     cfg.control = ControlConfig { link, thresholds: health, metrics_listen, ..ControlConfig::default() };
+    // Login slots, sessions, segments and store connections are all file descriptors;
+    // the login-slot cap, not EMFILE, should be what refuses a flood.
+    let fds_wanted = 2 * cfg.ingest.unauthenticated_max as u64 + 1024;
+    match churnlog::ingest::limits::raise_open_files_limit() {
+        Ok(fds) if fds < fds_wanted => tracing::warn!(
+            "open-files limit {fds} (hard) is below the {fds_wanted} this server may use; raise it (LimitNOFILE=, ulimit -Hn)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not raise the open-files limit: {e}"),
+    }
     runtime()?.block_on(async move {
         let server = ProcessServer::start(cfg).await?;
         eprintln!(

@@ -24,6 +24,20 @@ pub fn address_key(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit and returns the
+/// soft limit now in force. Distributions start services with a soft limit of 1,024,
+/// which a server holding 1,024 login slots plus its sessions, cache segments and
+/// object-store connections would hit (`EMFILE`) before its own caps; the hard limit
+/// is the operator's real bound.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current != now.maximum {
+        setrlimit(Resource::Nofile, Rlimit { current: now.maximum, maximum: now.maximum })?;
+    }
+    Ok(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX))
+}
+
 /// Why a connection was closed at accept, before TLS.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AdmissionRefusal {
