@@ -215,6 +215,65 @@ async fn state_of_another_server_another_size_or_deleted_means_a_delta_resync() 
     rig.stop().await;
 }
 
+/// A new server directory holding only `rig`'s TLS identity (its certificate and key),
+/// and the URL of an empty object store inside it: `rig` rebuilt from scratch.
+fn rebuilt_with_the_same_identity(rig: &Rig) -> (tempfile::TempDir, String) {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::DirBuilder::new().mode(0o700).create(&tls).unwrap();
+    for f in std::fs::read_dir(rig.dir.path().join("tls")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), tls.join(f.file_name())).unwrap();
+    }
+    let url = format!("file://{}", dir.path().join("store").display());
+    (dir, url)
+}
+
+/// A process server rebuilt with the same certificate (the agent's state still names it)
+/// but an empty cache and an empty object store: the changes an agent sends from its
+/// state would build on a base the store never had. The server asks for a full copy
+/// instead, of an agent that kept running and of one restarted from its state directory,
+/// and each point restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_rebuilt_with_the_same_certificate_and_an_empty_store_gets_a_full_copy() {
+    let rig = Rig::start(Duration::from_secs(60)).await;
+    let work = tempfile::tempdir().unwrap();
+    let (disk, state) = (work.path().join("d0.img"), work.path().join("state"));
+    image(&disk, 4 << 20, 23);
+    let disks = vec![("disk0".to_string(), disk.clone())];
+    let mut kept = agent(&rig, disks.clone(), &state);
+    let p1 = kept.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    assert_eq!(p1.full_copies, 1, "{p1:?}");
+    change(&disk, &[3, 30], 24);
+    let p2 = kept.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    assert_eq!((p2.full_copies, p2.blocks_sent), (0, 2), "{p2:?}");
+
+    // The agent keeps running; its server is rebuilt with the same identity.
+    let (dir, url) = rebuilt_with_the_same_identity(&rig);
+    let cert = rig.server.cert_pem.clone();
+    rig.stop().await;
+    let rebuilt = Rig::start_with(dir, &url, Duration::from_secs(60)).await;
+    assert_eq!(rebuilt.server.cert_pem, cert, "the same certificate");
+    kept.set_process_server(rebuilt.server.local_addr.to_string(), cert.clone()).unwrap();
+    change(&disk, &[7], 25);
+    let p3 = kept.pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    assert!(p3.full_copies >= 1 && p3.repeated_passes >= 1, "the rebuilt server asked for a full copy: {p3:?}");
+    restores_to(&rebuilt, "disk0", p3.point_id, &disk, &work.path().join("r-kept")).await;
+    drop(kept);
+
+    // Rebuilt once more; this time the agent restarts from its state directory, which
+    // still names this certificate and a point the new store has never seen.
+    let (dir, url) = rebuilt_with_the_same_identity(&rebuilt);
+    rebuilt.stop().await;
+    let again = Rig::start_with(dir, &url, Duration::from_secs(60)).await;
+    change(&disk, &[9], 26);
+    let p4 = agent(&again, disks, &state).pass(PointKind::CrashConsistent, true, |_, _| {}).await.unwrap();
+    assert!(p4.full_copies >= 1 && p4.repeated_passes >= 1, "the rebuilt server asked for a full copy: {p4:?}");
+    restores_to(&again, "disk0", p4.point_id, &disk, &work.path().join("r-restarted")).await;
+    again.stop().await;
+}
+
 /// The delta resync compares with everything the server holds, not only with its last
 /// point: a block sent after that point by an agent that then died, and changed back
 /// since, is sent again even though the state (and its journal) is gone.

@@ -160,11 +160,13 @@ async fn machines_log_in_with_their_own_credential_and_move_away_cleanly() {
     let mut a = login(&ps, "m-a", &key_of(&cred_a)).await.expect("A logs in with its own credential");
 
     // A writes and tags a point; the drain uploads it and A gets an RPO.
+    // A new disk's history begins with a full copy (Resync), as an agent sends it.
     send(&mut a, &[Frame::OpenDisk { disk: 0, size_bytes: 1 << 20, name: "disk0".into() }]).await;
-    send(&mut a, &[Frame::Write { disk: 0, tag: 1, offset: 0, data: vec![7u8; 64 << 10].into() }]).await;
+    send(&mut a, &[Frame::Resync { disk: 0, tag: 1 }]).await;
+    send(&mut a, &[Frame::Write { disk: 0, tag: 2, offset: 0, data: vec![7u8; 64 << 10].into() }]).await;
     let unix_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let point =
-        Frame::Point { tag: 2, point_id: 1, kind: PointKind::CrashConsistent, unix_ms, disks: vec![(0, 1 << 20)] };
+        Frame::Point { tag: 3, point_id: 1, kind: PointKind::CrashConsistent, unix_ms, disks: vec![(0, 1 << 20)] };
     send(&mut a, &[point]).await;
     read_until(&mut a, "the point's upload", |f| matches!(f, Frame::Uploaded { point_id: 1 })).await;
     wait_until(WAIT, "A's RPO in the report", || async {
@@ -186,8 +188,8 @@ async fn machines_log_in_with_their_own_credential_and_move_away_cleanly() {
     .await;
     // Data still pending when the move begins: the release waits for its upload.
     ps.pause_drain().await.unwrap();
-    send(&mut a, &[Frame::Write { disk: 0, tag: 3, offset: 0, data: vec![9u8; 64 << 10].into() }]).await;
-    read_until(&mut a, "durable", |f| matches!(f, Frame::Durable { upto_tag: 3 })).await;
+    send(&mut a, &[Frame::Write { disk: 0, tag: 4, offset: 0, data: vec![9u8; 64 << 10].into() }]).await;
+    read_until(&mut a, "durable", |f| matches!(f, Frame::Durable { upto_tag: 4 })).await;
     let moved: api::Migrated = c
         .post(api::PATH_MIGRATE, &api::Migrate { machine: Some("m-a".into()), all_from: None, to: "ps2".into() })
         .await
@@ -369,6 +371,9 @@ async fn a_filling_cache_warns_then_goes_critical_then_throttles_ingest() {
     let metrics_addr = ps.metrics_addr.unwrap();
     let cache = ps.cache().clone();
     let stream = cache.stream("m-fill", "disk0").unwrap();
+    // A disk's history begins with a full copy's base, as an agent's Resync writes it.
+    let base = churnlog::protocol::StreamRecord::ResyncBase { unix_ms: 1 }.encode();
+    cache.append(stream, &base).unwrap().wait().unwrap();
     let mut seed = 1;
     let alerts = |hb: &Heartbeat| -> Vec<(String, HealthLevel)> {
         hb.alerts.iter().map(|a| (a.kind.clone(), a.level)).collect()
@@ -428,8 +433,9 @@ async fn a_filling_cache_warns_then_goes_critical_then_throttles_ingest() {
     let throttled_before = ps.stats.throttled_records.load(Ordering::Relaxed);
     let mut s = login(&ps, "m-w", &key_of(&cred)).await.unwrap();
     send(&mut s, &[Frame::OpenDisk { disk: 0, size_bytes: 1 << 20, name: "disk0".into() }]).await;
-    send(&mut s, &[Frame::Write { disk: 0, tag: 1, offset: 0, data: vec![1u8; 4096].into() }]).await;
-    read_until(&mut s, "durable", |f| matches!(f, Frame::Durable { upto_tag: 1 })).await;
+    send(&mut s, &[Frame::Resync { disk: 0, tag: 1 }]).await;
+    send(&mut s, &[Frame::Write { disk: 0, tag: 2, offset: 0, data: vec![1u8; 4096].into() }]).await;
+    read_until(&mut s, "durable", |f| matches!(f, Frame::Durable { upto_tag: 2 })).await;
     assert!(ps.stats.throttled_records.load(Ordering::Relaxed) > throttled_before);
     // The counters reach /metrics at the monitor's next sample; the record is counted
     // throttled before its 10 ms delay and received after it, so a sample can fall in

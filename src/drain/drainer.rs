@@ -178,6 +178,7 @@ impl Drainer {
         }
         let cache_id = self.cache.cache_id();
         let (loaded, mut version) = self.target.load_manifest_versioned(&info.machine, &info.disk).await?;
+        let fresh = loaded.is_none();
         let mut m = loaded.unwrap_or_else(|| Manifest {
             machine: info.machine.clone(),
             disk: info.disk.clone(),
@@ -205,18 +206,34 @@ impl Drainer {
             m.recorded_upto = gap.last_seq;
             m.cache_id = cache_id;
             m.gaps.push(gap);
-            let first_is_base = matches!(
-                self.cache.read(info.id, info.uploaded_upto + 1).ok().map(|d| StreamRecord::decode(&d)),
-                Some(Ok(StreamRecord::ResyncBase { .. }))
-            );
-            if !first_is_base {
+            if !self.first_to_upload_is_base(info) {
                 // Nothing here can be restored without a full copy after the junction.
                 self.cache.evict_stream(info.id, "the target holds this disk's history from another cache")?;
             }
             version = self.target.put_manifest(&mut m, &version).await?;
+        } else if fresh && !self.first_to_upload_is_base(info) {
+            // The target has no history of this disk, yet this cache's records do not
+            // begin with a full copy: they change a base the target never had (a server
+            // rebuilt with the same certificate and an empty store, under an agent that
+            // kept its block state). Restoring them would build on zeros; a full copy is
+            // asked for instead, and the points before it are lost, loudly.
+            tracing::warn!(machine = %info.machine, disk = %info.disk, from = info.uploaded_upto + 1,
+                "the target holds no history of this disk and its records do not begin with a full copy: points need a resync");
+            // The eviction's gap (`drain_stream`) then starts at position 1, covering also
+            // what this cache uploaded before, if the store was emptied under it.
+            self.cache.evict_stream(info.id, "the target holds no history of this disk")?;
         }
         self.manifests.insert(info.id, (m, version));
         Ok(())
+    }
+
+    /// Whether the stream's first record not yet uploaded is the base of a full copy
+    /// (`ResyncBase`): only then can a history begin, or continue after a gap, there.
+    fn first_to_upload_is_base(&self, info: &StreamInfo) -> bool {
+        matches!(
+            self.cache.read(info.id, info.uploaded_upto + 1).ok().map(|d| StreamRecord::decode(&d)),
+            Some(Ok(StreamRecord::ResyncBase { .. }))
+        )
     }
 
     /// For each machine being handed over whose streams are all uploaded (and
