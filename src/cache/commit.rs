@@ -41,6 +41,18 @@ pub(crate) struct AppendState {
     pub refuse: Option<AppendError>,
     /// The flusher has been asked to stop once the pending batch is written.
     pub closing: bool,
+    /// Holds on starting a batch ([`crate::cache::Cache::hold_commits`]).
+    pub held: u32,
+    /// Producers waiting for room in a full batch: a held batch is started for them.
+    pub room_waiters: u32,
+}
+
+impl AppendState {
+    /// Whether the flusher may take the pending batch now: it holds records, and nobody
+    /// holds commits (or a producer needs the room, or the cache is stopping).
+    pub fn batch_ready(&self, stopping: bool) -> bool {
+        !self.records.is_empty() && (self.held == 0 || self.room_waiters > 0 || self.closing || stopping)
+    }
 }
 
 impl AppendState {
@@ -203,7 +215,13 @@ pub(crate) fn enqueue(
         if st.records.is_empty() || st.buf.len() + need <= commit_bytes_max as usize {
             break;
         }
+        st.room_waiters += 1;
+        if st.held > 0 {
+            // A held flusher waits for this: the full batch is started after all.
+            work_cv.notify_one();
+        }
         room_cv.wait(&mut st);
+        st.room_waiters -= 1;
     }
     let seq = match rewrite {
         Some((seq, _)) => seq,

@@ -72,6 +72,21 @@ use io::Storage;
 use state::{Counters, Inner};
 
 /// An open cache. Share it between threads with `Arc<Cache>`.
+/// See [`Cache::hold_commits`].
+#[must_use = "the hold ends when the guard is dropped"]
+pub struct CommitHold<'a> {
+    inner: &'a Arc<Inner>,
+}
+
+impl Drop for CommitHold<'_> {
+    fn drop(&mut self) {
+        let mut st = self.inner.append.lock();
+        st.held -= 1;
+        drop(st);
+        self.inner.work_cv.notify_all();
+    }
+}
+
 pub struct Cache {
     inner: Arc<Inner>,
     flusher: Option<JoinHandle<Result<(), CloseError>>>,
@@ -107,6 +122,8 @@ impl Cache {
                 next_seq: recovered.next_seq.clone(),
                 refuse: opts.read_only.then_some(AppendError::Closed),
                 closing: false,
+                held: 0,
+                room_waiters: 0,
             }),
             work_cv: Condvar::new(),
             room_cv: Condvar::new(),
@@ -201,6 +218,17 @@ impl Cache {
             inner.compress_hints.record(stream.0, codec);
             inner.enqueue(stream.0, None, Encoded { codec, stored, logical_len: data.len() as u32, payload_crc: crc })
         })
+    }
+
+    /// Holds the flusher from starting a batch until the guard is dropped, so that the
+    /// records appended meanwhile are committed together: batch boundaries then depend on
+    /// the records alone, not on thread timing (the power-loss simulation replays a seed
+    /// exactly this way). A batch too full for the next record is started anyway, and
+    /// closing or a poisoning ends the hold. Tickets of held records resolve only after
+    /// the guard is dropped: do not wait on one while holding it.
+    pub fn hold_commits(&self) -> CommitHold<'_> {
+        self.inner.append.lock().held += 1;
+        CommitHold { inner: &self.inner }
     }
 
     /// Reads record `seq` of `stream`, verified (header, CRC, length) and decompressed.

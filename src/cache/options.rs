@@ -80,6 +80,11 @@ pub struct Options {
     pub lz4_acceleration_max: u32,
     /// Run the background reclaimer; tests switch it off and call `reclaim` themselves.
     pub background_reclaim: bool,
+    /// Make the next segment's file on a thread of its own, ahead of rotation (the
+    /// default). Off: the flusher makes it itself right after opening a segment, so the
+    /// same files appear on disk in a fixed order (the power-loss simulation relies on
+    /// this to replay a seed exactly).
+    pub segment_preparer_thread: bool,
     pub reclaim_interval: Duration,
     /// Open for inspection only: no file is created, changed or removed.
     pub read_only: bool,
@@ -106,6 +111,7 @@ impl Default for Options {
             compress_ratio_max: 0.90,
             lz4_acceleration_max: 4,
             background_reclaim: true,
+            segment_preparer_thread: true,
             reclaim_interval: Duration::from_millis(200),
             read_only: false,
         }

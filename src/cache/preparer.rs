@@ -42,23 +42,33 @@ struct Slot {
 pub(crate) struct Preparer {
     slot: Arc<Slot>,
     thread: Option<JoinHandle<()>>,
+    /// Without a thread by choice (`Options::segment_preparer_thread` off): `request`
+    /// makes the file at once, on the flusher's thread.
+    inline: Option<Arc<Inner>>,
 }
 
 impl Preparer {
     /// Starts the thread. If it cannot be spawned the flusher makes every file itself.
     pub fn start(inner: Arc<Inner>) -> Preparer {
         let slot = Arc::new(Slot::default());
+        if !inner.opts.segment_preparer_thread {
+            return Preparer { slot, thread: None, inline: Some(inner) };
+        }
         let slot2 = slot.clone();
         let thread = std::thread::Builder::new()
             .name("churnlog-preparer".into())
             .spawn(move || run(&inner, &slot2))
             .map_err(|e| tracing::warn!(error = %e, "no segment preparer thread; rotation makes files inline"))
             .ok();
-        Preparer { slot, thread }
+        Preparer { slot, thread, inline: None }
     }
 
     /// Asks for segment `id`'s file to be made ready.
     pub fn request(&self, id: u64) {
+        if let Some(inner) = &self.inline {
+            prepare(inner, &self.slot, id);
+            return;
+        }
         if self.thread.is_none() {
             return;
         }
@@ -124,18 +134,24 @@ fn run(inner: &Inner, slot: &Slot) {
                 slot.cv.wait(&mut st);
             }
         };
-        let made = make_segment_file(inner, id);
-        if let Err(PrepareError::DirSync(e)) = &made {
-            // Never retried (the flusher would fsync the directory again at rotation).
-            inner.poison(format!("fsync directory for segment {id}: {e}"));
-        }
-        let mut st = slot.state.lock();
-        st.busy = None;
-        match made {
-            Ok(file) => st.ready = Some((id, file)),
-            // The flusher makes the file itself at rotation and reports what fails there.
-            Err(e) => tracing::debug!(segment = id, error = %e, "spare segment not prepared"),
-        }
-        slot.cv.notify_all();
+        prepare(inner, slot, id);
     }
+}
+
+/// Makes segment `id`'s file and leaves it in `slot` (on the preparer's thread, or on
+/// the flusher's when there is none by choice).
+fn prepare(inner: &Inner, slot: &Slot, id: u64) {
+    let made = make_segment_file(inner, id);
+    if let Err(PrepareError::DirSync(e)) = &made {
+        // Never retried (the flusher would fsync the directory again at rotation).
+        inner.poison(format!("fsync directory for segment {id}: {e}"));
+    }
+    let mut st = slot.state.lock();
+    st.busy = None;
+    match made {
+        Ok(file) => st.ready = Some((id, file)),
+        // The flusher makes the file itself at rotation and reports what fails there.
+        Err(e) => tracing::debug!(segment = id, error = %e, "spare segment not prepared"),
+    }
+    slot.cv.notify_all();
 }

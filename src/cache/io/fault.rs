@@ -7,7 +7,7 @@
 //! Calls can be made to fail with EIO or ENOSPC, the device can "lose power" after the
 //! N-th mutating call, and bits can be flipped in durable bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 
@@ -60,7 +60,8 @@ enum DirOp {
 
 #[derive(Default)]
 struct State {
-    inodes: HashMap<u64, Inode>,
+    /// Ordered, so that `crash` draws its random outcomes in the same order every run.
+    inodes: BTreeMap<u64, Inode>,
     next_ino: u64,
     dir: BTreeMap<String, u64>,
     dir_durable: BTreeMap<String, u64>,
@@ -74,6 +75,9 @@ struct State {
     rules: Vec<FailRule>,
     syncs: u64,
     read_hook: Option<ReadHook>,
+    /// A running hash of every mutating call that passed (kind, file, offset, length):
+    /// two runs with the same trace did the same storage work in the same order.
+    trace: u64,
 }
 
 /// Called at the start of every positioned read (offset, length), on the reading thread
@@ -86,7 +90,8 @@ impl State {
         self.inodes.values().map(|i| i.current.len() as u64).sum()
     }
 
-    fn check(&mut self, op: Op, epoch: Option<u64>) -> io::Result<()> {
+    /// `what` identifies the call's file and range (for the trace; 0 for reads).
+    fn check(&mut self, op: Op, epoch: Option<u64>, what: u64) -> io::Result<()> {
         if self.powered_off || epoch.is_some_and(|e| e != self.epoch) {
             return Err(io::Error::other("fault: device lost power"));
         }
@@ -105,6 +110,9 @@ impl State {
             if self.power_cut_after.is_some_and(|n| self.mutating_ops > n) {
                 self.powered_off = true;
                 return Err(io::Error::other("fault: device lost power"));
+            }
+            for word in [op as u64, what] {
+                self.trace = (self.trace ^ word).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
             }
         }
         Ok(())
@@ -203,6 +211,11 @@ impl FaultStorage {
 
     pub fn mutating_ops(&self) -> u64 {
         self.state.lock().mutating_ops
+    }
+
+    /// The hash of every mutating call so far, in order (see `State::trace`).
+    pub fn trace(&self) -> u64 {
+        self.state.lock().trace
     }
 
     pub fn syncs(&self) -> u64 {
@@ -339,7 +352,7 @@ impl StorageFile for FaultFile {
             hook(offset, buf.len());
         }
         let mut s = self.state.lock();
-        s.check(Op::Read, Some(self.epoch))?;
+        s.check(Op::Read, Some(self.epoch), 0)?;
         let inode = s.inodes.get(&self.ino).ok_or_else(|| io::Error::other("fault: stale inode"))?;
         let end = offset as usize + buf.len();
         if end > inode.current.len() {
@@ -351,7 +364,7 @@ impl StorageFile for FaultFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::Write, Some(self.epoch))?;
+        s.check(Op::Write, Some(self.epoch), self.ino ^ offset << 16 ^ (buf.len() as u64) << 40)?;
         s.grow_check(self.ino, offset + buf.len() as u64)?;
         let inode = s.inodes.get_mut(&self.ino).ok_or_else(|| io::Error::other("fault: stale inode"))?;
         let op = Pending::Write { offset, data: buf.to_vec() };
@@ -362,7 +375,7 @@ impl StorageFile for FaultFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.state.lock();
-        if let Err(e) = s.check(Op::Sync, Some(self.epoch)) {
+        if let Err(e) = s.check(Op::Sync, Some(self.epoch), self.ino) {
             // As Linux does after a failed fsync: the dirty pages are marked clean and
             // their data is lost to the disk, and the error is reported once (a later
             // sync succeeds without them). Reads still see them until a crash.
@@ -383,7 +396,7 @@ impl StorageFile for FaultFile {
 
     fn allocate(&self, len: u64) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::Allocate, Some(self.epoch))?;
+        s.check(Op::Allocate, Some(self.epoch), self.ino ^ len << 16)?;
         s.grow_check(self.ino, len)?;
         let inode = s.inodes.get_mut(&self.ino).ok_or_else(|| io::Error::other("fault: stale inode"))?;
         if (inode.current.len() as u64) < len {
@@ -396,13 +409,13 @@ impl StorageFile for FaultFile {
 
     fn size(&self) -> io::Result<u64> {
         let mut s = self.state.lock();
-        s.check(Op::Read, Some(self.epoch))?;
+        s.check(Op::Read, Some(self.epoch), 0)?;
         Ok(s.inodes.get(&self.ino).map_or(0, |i| i.current.len() as u64))
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::Allocate, Some(self.epoch))?;
+        s.check(Op::Allocate, Some(self.epoch), !(self.ino ^ len << 16))?;
         s.grow_check(self.ino, len)?;
         let inode = s.inodes.get_mut(&self.ino).ok_or_else(|| io::Error::other("fault: stale inode"))?;
         let op = Pending::SetLen(len);
@@ -410,6 +423,11 @@ impl StorageFile for FaultFile {
         inode.pending.push(op);
         Ok(())
     }
+}
+
+/// FNV-1a of a file name, for the trace.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 struct FaultLock(Arc<Mutex<State>>, u64);
@@ -429,7 +447,7 @@ impl Storage for FaultStorage {
         let ino = match s.dir.get(name) {
             Some(&ino) => ino,
             None if create => {
-                s.check(Op::Rename, None)?;
+                s.check(Op::Rename, None, name_hash(name))?;
                 s.next_ino += 1;
                 let ino = s.next_ino;
                 s.inodes.insert(ino, Inode::default());
@@ -444,7 +462,7 @@ impl Storage for FaultStorage {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::Remove, None)?;
+        s.check(Op::Remove, None, name_hash(name))?;
         let ino = s.dir.remove(name).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         s.dir_pending.push(DirOp::Unlink(name.to_string()));
         // Space is given back at once; the durable directory may still name the inode
@@ -460,7 +478,7 @@ impl Storage for FaultStorage {
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::Rename, None)?;
+        s.check(Op::Rename, None, name_hash(from) ^ name_hash(to).rotate_left(32))?;
         let ino = s.dir.remove(from).ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         if let Some(old) = s.dir.insert(to.to_string(), ino) {
             if old != ino && !s.dir_durable.values().any(|&i| i == old) {
@@ -474,7 +492,7 @@ impl Storage for FaultStorage {
 
     fn sync_dir(&self) -> io::Result<()> {
         let mut s = self.state.lock();
-        s.check(Op::SyncDir, None)?;
+        s.check(Op::SyncDir, None, 0)?;
         s.dir_pending.clear();
         s.dir_durable = s.dir.clone();
         let live: std::collections::HashSet<u64> = s.dir.values().copied().collect();
@@ -484,7 +502,7 @@ impl Storage for FaultStorage {
 
     fn list(&self) -> io::Result<Vec<String>> {
         let mut s = self.state.lock();
-        s.check(Op::Read, None)?;
+        s.check(Op::Read, None, 0)?;
         Ok(s.dir.keys().cloned().collect())
     }
 
