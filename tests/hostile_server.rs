@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use churnlog::agent::{Agent, AgentConfig, AgentError};
 use churnlog::protocol::auth::{nonce, AuthKey};
+use churnlog::protocol::codec::E_PROTOCOL;
 use churnlog::protocol::{read_frame, write_frame, Frame, PointKind, PROTOCOL_VERSION};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -25,6 +26,10 @@ enum Misbehaviour {
     NeverAcknowledges,
     /// Sends something other than a challenge.
     WrongFrame,
+    /// A server older than the delta resync: it logs the agent in and acknowledges what
+    /// it knows, but answers `HashesRequest` as any unknown frame, with a protocol error
+    /// and a close. Not hostile: the agent must fall back to a full copy.
+    OlderServer,
 }
 
 /// A TLS server with the identity in `tls_dir`, misbehaving on every connection.
@@ -59,6 +64,30 @@ async fn serve(tls_dir: &Path, how: Misbehaviour) -> (String, tokio::task::JoinH
                         let _ = write_frame(&mut wr, &Frame::Uploaded { point_id: 7 }).await;
                         let _ = wr.flush().await;
                         tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                    Misbehaviour::OlderServer => {
+                        let _ = write_frame(&mut wr, &challenge).await;
+                        let _ = wr.flush().await;
+                        let Ok(Frame::Auth { .. }) = read_frame(&mut rd, &mut buf).await else { return };
+                        let key = AuthKey::from_passphrase(PASSPHRASE);
+                        let mac = key.server_mac(&client_nonce, &server_nonce, &machine);
+                        let _ = write_frame(&mut wr, &Frame::AuthOk { mac }).await;
+                        let _ = wr.flush().await;
+                        while let Ok(frame) = read_frame(&mut rd, &mut buf).await {
+                            let tag = match frame {
+                                Frame::HashesRequest { .. } => {
+                                    let message = "refused: unexpected frame HashesRequest".to_string();
+                                    let _ = write_frame(&mut wr, &Frame::Error { code: E_PROTOCOL, message }).await;
+                                    let _ = wr.flush().await;
+                                    return;
+                                }
+                                Frame::Write { tag, .. } | Frame::Zero { tag, .. } | Frame::Resync { tag, .. } => tag,
+                                Frame::Point { tag, .. } => tag,
+                                _ => continue,
+                            };
+                            let _ = write_frame(&mut wr, &Frame::Durable { upto_tag: tag }).await;
+                            let _ = wr.flush().await;
+                        }
                     }
                     Misbehaviour::BadMac | Misbehaviour::NeverAcknowledges => {
                         let _ = write_frame(&mut wr, &challenge).await;
@@ -148,4 +177,25 @@ async fn a_wrong_frame_in_the_login_is_a_protocol_error() {
 async fn a_server_that_acknowledges_nothing_is_given_up_on() {
     let err = pass_against(Misbehaviour::NeverAcknowledges).await;
     assert!(matches!(err, AgentError::Unresponsive(2, _)), "{err:?}");
+}
+
+/// An older server that does not know the delta resync: an agent without block state
+/// asks it for hashes, gets the protocol error an unknown frame earns, and copies the
+/// disk in full on a new connection instead of stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_older_than_the_delta_resync_gets_a_full_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d0.img");
+    std::fs::write(&disk, vec![7u8; 1 << 20]).unwrap();
+    let (addr, server) = serve(&dir.path().join("tls"), Misbehaviour::OlderServer).await;
+    let cert = std::fs::read_to_string(dir.path().join("tls").join("cert.pem")).unwrap();
+    let mut agent = agent(addr, cert, &disk);
+    let report =
+        tokio::time::timeout(Duration::from_secs(30), agent.pass(PointKind::CrashConsistent, false, |_, _| {}))
+            .await
+            .expect("the pass ends within its limits")
+            .expect("a full copy instead of the delta resync");
+    server.abort();
+    assert_eq!((report.full_copies, report.delta_resyncs), (1, 0), "{report:?}");
+    assert_eq!(report.bytes_sent, 1 << 20, "the whole disk: {report:?}");
 }
