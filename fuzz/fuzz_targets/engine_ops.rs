@@ -53,6 +53,10 @@ fn options() -> Options {
         record_size_max: 4 << 10,
         commit_bytes_max: 16 << 10,
         background_reclaim: false,
+        // No preparer thread and one LZ4 effort: the same input does the same storage
+        // work every run (what libFuzzer assumes), and one thread fewer per open.
+        segment_preparer_thread: false,
+        lz4_acceleration_max: 1,
         ..Options::default()
     }
 }

@@ -25,6 +25,10 @@ fn options(mode: RecoveryMode) -> Options {
         commit_bytes_max: 16 << 10,
         record_size_max: 8 << 10,
         background_reclaim: false,
+        // No preparer thread and one LZ4 effort: the same input does the same storage
+        // work every run (what libFuzzer assumes), and one thread fewer per open.
+        segment_preparer_thread: false,
+        lz4_acceleration_max: 1,
         recovery_mode: mode,
         ..Options::default()
     }
