@@ -78,6 +78,13 @@ pub struct CommitHold<'a> {
     inner: &'a Arc<Inner>,
 }
 
+impl CommitHold<'_> {
+    pub(crate) fn new(inner: &Arc<Inner>) -> CommitHold<'_> {
+        inner.append.lock().held += 1;
+        CommitHold { inner }
+    }
+}
+
 impl Drop for CommitHold<'_> {
     fn drop(&mut self) {
         let mut st = self.inner.append.lock();
@@ -227,8 +234,7 @@ impl Cache {
     /// closing or a poisoning ends the hold. Tickets of held records resolve only after
     /// the guard is dropped: do not wait on one while holding it.
     pub fn hold_commits(&self) -> CommitHold<'_> {
-        self.inner.append.lock().held += 1;
-        CommitHold { inner: &self.inner }
+        CommitHold::new(&self.inner)
     }
 
     /// Reads record `seq` of `stream`, verified (header, CRC, length) and decompressed.

@@ -141,6 +141,9 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
         };
         let mut tickets = Vec::with_capacity(live.len());
         let mut raw = Vec::new();
+        // The segment's copies are committed together, in as few batches (and fsyncs) as
+        // their bytes need, not one batch per copy the flusher happens to wake for.
+        let hold = super::CommitHold::new(inner);
         for (stream, seq, loc) in &live {
             raw.resize(RECORD_HEADER_LEN + loc.stored_len as usize, 0);
             file.read_exact_at(&mut raw, u64::from(loc.offset))
@@ -162,6 +165,7 @@ fn compact(inner: &Arc<Inner>, report: &mut ReclaimReport) -> Result<(), Reclaim
                 .map_err(ReclaimError::Rewrite)?;
             tickets.push(ticket);
         }
+        drop(hold);
         for t in tickets {
             t.wait().map_err(ReclaimError::Rewrite)?;
         }
