@@ -298,7 +298,12 @@ fn check(cache: &churnlog::cache::Cache, model: &Model, cycle: usize, evicting: 
 /// spare segment made by the flusher, not a thread of its own; one LZ4 effort), so a
 /// seed replays exactly.
 fn deterministic_options() -> Options {
-    Options { segment_preparer_thread: false, lz4_acceleration_max: 1, ..tiny_options() }
+    deterministic(tiny_options())
+}
+
+/// `opts` without the preparer thread and with one LZ4 effort.
+fn deterministic(opts: Options) -> Options {
+    Options { segment_preparer_thread: false, lz4_acceleration_max: 1, ..opts }
 }
 
 #[test]
@@ -405,8 +410,7 @@ fn filling_options() -> Options {
 /// [`filling_options`] with the reclaimer run by the simulator (when an append is refused
 /// for space, and at random moments) instead of a thread, so that a seed replays exactly.
 fn stepped_reclaimer_options() -> Options {
-    // Without the preparer thread and with one LZ4 effort, as [`deterministic_options`].
-    Options { background_reclaim: false, segment_preparer_thread: false, lz4_acceleration_max: 1, ..filling_options() }
+    deterministic(Options { background_reclaim: false, ..filling_options() })
 }
 
 /// Eviction, compaction and salvage, with the reclaimer stepped by the seed: replays

@@ -49,9 +49,9 @@ pub(crate) struct AppendState {
 
 impl AppendState {
     /// Whether the flusher may take the pending batch now: it holds records, and nobody
-    /// holds commits (or a producer needs the room, or the cache is stopping).
-    pub fn batch_ready(&self, stopping: bool) -> bool {
-        !self.records.is_empty() && (self.held == 0 || self.room_waiters > 0 || self.closing || stopping)
+    /// holds commits (or a producer needs the room, or the cache is closing or poisoned).
+    pub fn batch_ready(&self, poisoned: bool) -> bool {
+        !self.records.is_empty() && (self.held == 0 || self.room_waiters > 0 || self.closing || poisoned)
     }
 }
 

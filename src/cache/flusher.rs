@@ -84,10 +84,11 @@ impl Writer {
             let (mut buf, mut records, batch_no) = {
                 let mut st = inner.append.lock();
                 loop {
-                    if st.batch_ready(inner.poisoned.load(Ordering::Acquire)) {
+                    let poisoned = inner.poisoned.load(Ordering::Acquire);
+                    if st.batch_ready(poisoned) {
                         break;
                     }
-                    if st.records.is_empty() && (st.closing || inner.poisoned.load(Ordering::Acquire)) {
+                    if st.records.is_empty() && (st.closing || poisoned) {
                         // Leaving: every later append must be refused (`Inner::poison`
                         // sets both under this lock), or its ticket would never resolve.
                         debug_assert!(st.closing || st.refuse.is_some(), "poisoned, yet appends are accepted");
