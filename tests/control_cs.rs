@@ -23,6 +23,7 @@ const WAIT: Duration = Duration::from_secs(60);
 on_both_backends!(
     registration_and_version_gate,
     bad_credentials_replays_and_tampering_are_refused,
+    a_request_replayed_to_another_instance_on_the_same_database_is_refused,
     machine_names_are_owned_until_reassigned,
     assignment_goes_to_the_least_loaded_eligible_server,
     silent_servers_go_disconnected_with_an_alert,
@@ -144,6 +145,42 @@ async fn bad_credentials_replays_and_tampering_are_refused(b: Backend) {
     assert_eq!(e.code(), Some("unauthorized"));
     let e = m2.post::<_, api::Reassign>(api::PATH_MACHINE_REASSIGN, &api::Reassign { name: "m1".into() }).await;
     assert_eq!(e.unwrap_err().code(), Some("unauthorized"));
+    rig.stop().await;
+}
+
+/// Two CS instances behind one load balancer share the database (and here the TLS
+/// identity): a signed request one of them accepted is refused by the other too.
+async fn a_request_replayed_to_another_instance_on_the_same_database_is_refused(b: Backend) {
+    let Some(rig) = CsRig::start(b, LONG).await else { return };
+    let second = ConfigServer::start(config(rig.dir.path(), &rig.db, LONG)).await.unwrap();
+    assert_eq!(second.cert_pem, rig.cs.cert_pem, "one TLS identity for both instances");
+    let http = raw_client(&rig.cs.cert_pem);
+    let key = AuthKey::from_passphrase(PASSPHRASE);
+    let body = serde_json::to_vec(&api::MachineRegistration { name: "m1".into() }).unwrap();
+    let header = auth::sign(&Principal::Passphrase, &key, "POST", api::PATH_MACHINE_REGISTER, &body);
+    let url = |addr: std::net::SocketAddr| format!("https://{addr}{}", api::PATH_MACHINE_REGISTER);
+    let r = http.post(url(rig.cs.local_addr)).header("authorization", &header).body(body.clone()).send().await;
+    assert_eq!(r.unwrap().status().as_u16(), 200);
+    let r = http.post(url(second.local_addr)).header("authorization", &header).body(body.clone()).send().await;
+    let r = r.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let e: api::ApiError = r.json().await.unwrap();
+    assert!(e.error.contains("already used"), "{e}");
+    // The other way round, with a status read: accepted by the second, refused by the first.
+    let header = auth::sign(&Principal::Passphrase, &key, "GET", api::PATH_STATUS, b"");
+    let status_url = |addr: std::net::SocketAddr| format!("https://{addr}{}", api::PATH_STATUS);
+    let r = http.get(status_url(second.local_addr)).header("authorization", &header).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let s: api::StatusReport = r.json().await.unwrap();
+    assert_eq!(s.machines.len(), 1, "the first instance's registration, read through the second");
+    let r = http.get(status_url(rig.cs.local_addr)).header("authorization", &header).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    // Fresh signatures are accepted by either.
+    let c = rig.client();
+    status(&c).await;
+    let c2 = CsClient::new(&second.local_addr.to_string(), &second.cert_pem, Principal::Passphrase, key).unwrap();
+    assert_eq!(status(&c2).await.machines.len(), 1);
+    second.stop().await;
     rig.stop().await;
 }
 

@@ -8,12 +8,12 @@
 //!
 //! The principal is `passphrase` (process servers, operators, agent registration) or
 //! `machine:<name>` (an agent with its credential). The server accepts a timestamp within
-//! [`CLOCK_SKEW_MAX`] of its own clock and each nonce once ([`ReplayGuard`]), so a
-//! captured request cannot be replayed; TLS with the pinned CS certificate protects the
+//! [`CLOCK_SKEW_MAX`] of its own clock and each nonce once: the nonce is recorded in the
+//! CS database until [`Signature::nonce_expires_at`], so no CS instance sharing that
+//! database accepts a captured request again. TLS with the pinned CS certificate protects the
 //! replies. The read-only status page uses `Authorization: Bearer <view token>`, a token
 //! derived from the passphrase that grants nothing but `GET /api/v1/status`.
 
-use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -27,10 +27,6 @@ pub const SCHEME: &str = "Churnlog-MAC";
 
 /// Largest difference between the caller's clock and the server's.
 pub const CLOCK_SKEW_MAX: Duration = Duration::from_secs(300);
-
-/// Nonces remembered at most (a flood of valid requests cannot grow the set without
-/// bound; the oldest drop out, and a timestamp older than the window is refused anyway).
-pub const NONCES_REMEMBERED_MAX: usize = 1 << 20;
 
 /// Who signed a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,7 +74,8 @@ pub enum AuthError {
     BadMac,
 }
 
-fn now_unix() -> u64 {
+/// This host's clock, Unix seconds (what request timestamps are checked against).
+pub fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -145,35 +142,12 @@ impl Signature {
             .verify_slice(&self.mac)
             .map_err(|_| AuthError::BadMac)
     }
-}
 
-/// Remembers the nonces of accepted requests for twice the clock window, so each is
-/// accepted once. (Several CS instances behind one load balancer each keep their own: a
-/// replay to another instance within the window is possible; see `docs/protocol.md` §9.)
-#[derive(Default)]
-pub struct ReplayGuard {
-    seen: HashMap<String, u64>,
-    order: VecDeque<(u64, String)>,
-}
-
-impl ReplayGuard {
-    /// Records the nonce; an error when it was seen before. Call after the MAC checked out.
-    pub fn check_and_remember(&mut self, sig: &Signature) -> Result<(), AuthError> {
-        let now = now_unix();
-        let horizon = now.saturating_sub(2 * CLOCK_SKEW_MAX.as_secs());
-        while let Some((t, _)) = self.order.front() {
-            if *t >= horizon && self.order.len() < NONCES_REMEMBERED_MAX {
-                break;
-            }
-            let (_, n) = self.order.pop_front().expect("front exists");
-            self.seen.remove(&n);
-        }
-        if self.seen.contains_key(&sig.nonce) {
-            return Err(AuthError::Replayed);
-        }
-        self.seen.insert(sig.nonce.clone(), now);
-        self.order.push_back((now, sig.nonce.clone()));
-        Ok(())
+    /// Until when (Unix seconds) the nonce must be remembered: past it, no CS instance
+    /// accepts the request's timestamp any more, even one whose clock is up to
+    /// [`CLOCK_SKEW_MAX`] behind the one that accepted it.
+    pub fn nonce_expires_at(&self) -> u64 {
+        self.unix_seconds.saturating_add(2 * CLOCK_SKEW_MAX.as_secs())
     }
 }
 
@@ -209,9 +183,7 @@ mod tests {
         assert_eq!(sig.verify(&key, "POST", "/api/v1/x", b"{ }"), Err(AuthError::BadMac));
         let other = AuthKey::from_passphrase("another passphrase here");
         assert_eq!(sig.verify(&other, "POST", "/api/v1/x", b"{}"), Err(AuthError::BadMac));
-        let mut guard = ReplayGuard::default();
-        assert_eq!(guard.check_and_remember(&sig), Ok(()));
-        assert_eq!(guard.check_and_remember(&sig), Err(AuthError::Replayed));
+        assert_eq!(sig.nonce_expires_at(), sig.unix_seconds + 600);
     }
 
     #[test]

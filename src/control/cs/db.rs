@@ -7,6 +7,7 @@
 //! read-modify-write sequences).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ use crate::control::api::{
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/cs");
+
+/// Seconds between one instance's deletions of expired request nonces.
+const NONCE_PURGE_INTERVAL_S: i64 = 60;
 
 /// Key of the PostgreSQL advisory lock that serialises writes across CS instances.
 const PG_WRITE_LOCK: i64 = 0x6368_7572_6e6c_6f67; // "churnlog"
@@ -81,6 +85,8 @@ pub struct Db {
     /// Heartbeat age beyond which a process server counts as disconnected.
     timeout_ms: i64,
     status_cache: parking_lot::Mutex<StatusCache>,
+    /// When (Unix seconds) this instance last deleted expired request nonces.
+    nonces_purged_at: AtomicI64,
 }
 
 /// The connection URL for `--db`: a `postgres://` or `sqlite:` URL as given, anything
@@ -171,6 +177,7 @@ impl Db {
             write_lock: tokio::sync::Mutex::new(()),
             timeout_ms: heartbeat_timeout.as_millis().min(i64::MAX as u128) as i64,
             status_cache: parking_lot::Mutex::new(StatusCache::default()),
+            nonces_purged_at: AtomicI64::new(0),
         })
     }
 
@@ -207,6 +214,33 @@ impl Db {
             }
         };
         Ok((guard, tx))
+    }
+
+    /// Records a signed request's nonce for every CS instance sharing this database,
+    /// until `expires_at` (Unix seconds); false when one of them recorded it before (a
+    /// replay). Expired nonces are deleted at most once a minute per instance.
+    pub async fn remember_nonce(&self, nonce: &str, expires_at: u64, now_s: u64) -> Result<bool, CsError> {
+        // SQLite has one writer at a time: queue behind this instance's writers instead of
+        // spinning in SQLite's busy handler. PostgreSQL's unique index settles races alone.
+        let _serialised = match self.backend {
+            Backend::Sqlite => Some(self.write_lock.lock().await),
+            Backend::Postgres => None,
+        };
+        let now_s = to_i64(now_s);
+        let last = self.nonces_purged_at.load(Ordering::Relaxed);
+        if now_s.saturating_sub(last) >= NONCE_PURGE_INTERVAL_S
+            && self.nonces_purged_at.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            sqlx::query("DELETE FROM request_nonces WHERE expires_at < $1").bind(now_s).execute(&self.pool).await?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO request_nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
+        )
+        .bind(nonce)
+        .bind(to_i64(expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
     }
 
     async fn ps(conn: &mut AnyConnection, id: &str) -> Result<Option<PsRow>, CsError> {
@@ -831,6 +865,32 @@ mod tests {
         assert_eq!(after.machines[0].ps_id.as_deref(), Some(other));
         assert_eq!(after.machines[0].moving_to, None);
         assert!(after.reports[&on].machines.is_empty());
+        a.close().await;
+        b.close().await;
+    }
+
+    /// A nonce recorded through one instance is a replay to every instance on the
+    /// database; it is forgotten only after it expires (and then only by a purge).
+    #[tokio::test]
+    async fn a_nonce_is_accepted_once_across_instances_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cs.db");
+        let spec = file.to_str().unwrap();
+        let a = Db::open(spec, Duration::from_secs(900)).await.unwrap();
+        let b = Db::open(spec, Duration::from_secs(900)).await.unwrap();
+        let now = 1_000_000;
+        assert!(a.remember_nonce("n1", now + 600, now).await.unwrap());
+        assert!(!a.remember_nonce("n1", now + 600, now).await.unwrap(), "replayed to the same instance");
+        assert!(!b.remember_nonce("n1", now + 600, now).await.unwrap(), "replayed to another instance");
+        assert!(b.remember_nonce("n2", now + 600, now).await.unwrap());
+        // Within the purge interval nothing is deleted, even what has expired.
+        assert!(!b.remember_nonce("n1", now + 700, now + 30).await.unwrap());
+        // A purge (b's first after its interval) deletes only expired rows.
+        assert!(b.remember_nonce("n3", now + 2000, now + 601).await.unwrap());
+        assert!(a.remember_nonce("n1", now + 1300, now + 601).await.unwrap(), "expired and purged");
+        assert!(!a.remember_nonce("n3", now + 2000, now + 601).await.unwrap(), "not expired: kept");
+        let rows: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM request_nonces").fetch_one(&a.pool).await.unwrap();
+        assert_eq!(rows.0, 2, "n1 again and n3");
         a.close().await;
         b.close().await;
     }

@@ -23,7 +23,7 @@ use super::db::Db;
 use super::metrics::Metrics;
 use super::{now_ms, CsConfig, CsError};
 use crate::control::api::{self, ApiError, BODY_BYTES_MAX};
-use crate::control::auth::{self, AuthError, Principal, ReplayGuard};
+use crate::control::auth::{self, AuthError, Principal};
 use crate::control::{parse_version, VERSION};
 use crate::protocol::auth::AuthKey;
 
@@ -49,7 +49,6 @@ struct Peer(SocketAddr);
 struct AppState {
     db: Db,
     key: AuthKey,
-    replay: parking_lot::Mutex<ReplayGuard>,
     metrics: Metrics,
     heartbeat_interval_seconds: u64,
 }
@@ -91,7 +90,6 @@ impl ConfigServer {
         let local_addr = listener.local_addr().map_err(|source| CsError::Listen { address: config.listen, source })?;
         let state = Arc::new(AppState {
             db,
-            replay: parking_lot::Mutex::new(ReplayGuard::default()),
             metrics: Metrics::new()?,
             heartbeat_interval_seconds: (config.heartbeat_timeout.as_secs() / 5).clamp(1, 60),
             key: key.clone(),
@@ -302,7 +300,11 @@ async fn check(st: &AppState, method: &Method, path: &str, header: &str, body: &
         }
     };
     sig.verify(&key, method.as_str(), path, body)?;
-    st.replay.lock().check_and_remember(&sig)?;
+    // Recorded in the database, not in this process: a replay to any CS instance sharing
+    // it is refused.
+    if !st.db.remember_nonce(&sig.nonce, sig.nonce_expires_at(), auth::now_unix()).await? {
+        return Err(AuthError::Replayed.into());
+    }
     Ok(caller)
 }
 
