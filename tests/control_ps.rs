@@ -1,8 +1,9 @@
 //! The process server's side of the control plane, against a real configuration server
-//! (SQLite) and real process servers on 127.0.0.1: registration and heartbeats, logins
-//! with each machine's own credential (impersonation refused), MovingAway closing
-//! sessions and ending in `released`, and the health watermarks of a small cache in
-//! `/status.json` and `/metrics`, with ingest throttled below the last one.
+//! (each scenario on SQLite and on PostgreSQL) and real process servers on 127.0.0.1:
+//! registration and heartbeats, logins with each machine's own credential (impersonation
+//! refused), MovingAway closing sessions and ending in `released`, and the health
+//! watermarks of a small cache in `/status.json`, the CS's status and `/metrics`, with
+//! ingest throttled below the last one.
 
 mod cs_support;
 
@@ -27,6 +28,13 @@ use tokio::io::AsyncWriteExt;
 type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
 const WAIT: Duration = Duration::from_secs(30);
+
+on_both_backends!(
+    machines_log_in_with_their_own_credential_and_move_away_cleanly,
+    a_resync_asked_by_the_cs_reaches_the_disk_and_is_reported,
+    a_newer_process_server_is_refused_at_start_with_the_cs_sentence,
+    a_filling_cache_warns_then_goes_critical_then_throttles_ingest,
+);
 
 /// A process server in `dir`, linked to the CS when `cs` is given.
 async fn start_ps(
@@ -120,9 +128,8 @@ fn assignment_client(rig: &CsRig, name: &str, credential: &str) -> CsClient {
     rig.client().as_principal(Principal::Machine(name.into()), key_of(credential))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn machines_log_in_with_their_own_credential_and_move_away_cleanly() {
-    let rig = CsRig::start(Backend::Sqlite, Duration::from_secs(60)).await.unwrap();
+async fn machines_log_in_with_their_own_credential_and_move_away_cleanly(b: Backend) {
+    let Some(rig) = CsRig::start(b, Duration::from_secs(60)).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut ps = start_ps(dir.path(), Some((&rig, "ps1")), |_| {}).await.unwrap();
     let c = rig.client();
@@ -236,9 +243,8 @@ async fn machines_log_in_with_their_own_credential_and_move_away_cleanly() {
     rig.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_resync_asked_by_the_cs_reaches_the_disk_and_is_reported() {
-    let rig = CsRig::start(Backend::Sqlite, Duration::from_secs(3)).await.unwrap();
+async fn a_resync_asked_by_the_cs_reaches_the_disk_and_is_reported(b: Backend) {
+    let Some(rig) = CsRig::start(b, Duration::from_secs(3)).await else { return };
     let c = rig.client();
     // ps-old holds m-r, then goes silent and is purged: m-r moves to ps1 marked resync.
     register_ps(&c, "ps-old", &rig.cs.cert_pem).await;
@@ -291,9 +297,8 @@ async fn a_resync_asked_by_the_cs_reaches_the_disk_and_is_reported() {
     rig.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_newer_process_server_is_refused_at_start_with_the_cs_sentence() {
-    let rig = CsRig::start(Backend::Sqlite, Duration::from_secs(60)).await.unwrap();
+async fn a_newer_process_server_is_refused_at_start_with_the_cs_sentence(b: Backend) {
+    let Some(rig) = CsRig::start(b, Duration::from_secs(60)).await else { return };
     let dir = tempfile::tempdir().unwrap();
     // The CS refuses a version newer than its own; a PS of this build is not newer, so the
     // refusal is provoked through the same register call with a bumped version.
@@ -353,9 +358,8 @@ fn metric(text: &str, line_start: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(line_start).and_then(|v| v.trim().parse().ok()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_filling_cache_warns_then_goes_critical_then_throttles_ingest() {
-    let rig = CsRig::start(Backend::Sqlite, Duration::from_secs(60)).await.unwrap();
+async fn a_filling_cache_warns_then_goes_critical_then_throttles_ingest(b: Backend) {
+    let Some(rig) = CsRig::start(b, Duration::from_secs(60)).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let mut ps = start_ps(dir.path(), Some((&rig, "ps-small")), |cfg| {
         // 20 segments of 8 MiB: free space moves in 5% steps.
