@@ -161,7 +161,7 @@ impl ProcessServer {
     /// Opens (recovers) the cache; with a CS, registers and fetches its machines; starts
     /// listening, draining, sampling health (and serving metrics), and heartbeats.
     pub async fn start(cfg: ProcessServerConfig) -> Result<ProcessServer, ProcessServerError> {
-        let ProcessServerConfig { cache_dir, cache: options, mut ingest, target, drain, control } = cfg;
+        let ProcessServerConfig { cache_dir, cache: options, mut ingest, target, mut drain, control } = cfg;
         control.thresholds.validate()?;
         let cache_size_bytes = options.capacity_bytes;
         // Recovery reads the whole cache directory: off the runtime's worker threads.
@@ -187,6 +187,9 @@ impl ProcessServer {
             }
             tracing::info!(cs = %cfg.cs_address, cs_version = %registered.cs_version, ps_id = %cfg.ps_id, "registered with the configuration server");
             link = Some((client, book, interval, cfg.ps_id.clone()));
+            // Nothing is uploaded until the first heartbeat's reply says which machines
+            // are this server's (a server purged while away must not upload them).
+            drain.ownership = crate::drain::Ownership::linked();
         }
         if ingest.hashes.is_none() {
             ingest.hashes = Some(crate::ingest::hashes::HashSource::new(target.clone()));
@@ -242,6 +245,7 @@ impl ProcessServer {
                 book,
                 cache: server.cache.clone(),
                 handoffs: server.drain_config.handoffs.clone(),
+                ownership: server.drain_config.ownership.clone(),
             };
             // The first heartbeat now: the machines assigned here can log in at once.
             if let Err(e) = beat.once().await {

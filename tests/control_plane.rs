@@ -3,7 +3,8 @@
 //! machines and learn their server from it. A machine moved while it writes, a whole
 //! server switched, a server decommissioned: every point restores byte for byte and no
 //! move costs a full copy. A process server killed with SIGKILL goes disconnected, is
-//! purged, and only its machines are reassigned and marked resync-required.
+//! purged, and only its machines are reassigned and marked resync-required; one that comes
+//! back after its purge uploads nothing of the machines now elsewhere.
 
 mod common;
 mod cs_support;
@@ -28,7 +29,8 @@ const WAIT: Duration = Duration::from_secs(90);
 
 on_both_backends!(
     moves_switches_and_decommission_keep_every_point_without_a_full_copy,
-    a_killed_server_is_purged_and_only_its_machines_resync
+    a_killed_server_is_purged_and_only_its_machines_resync,
+    a_purged_server_that_comes_back_holds_its_records_instead_of_uploading_them
 );
 
 /// An in-process process server registered with the CS, heartbeating every 200 ms.
@@ -356,5 +358,76 @@ async fn a_killed_server_is_purged_and_only_its_machines_resync(b: Backend) {
     bystander.check_every_point(&target, out.path()).await;
     drop((victim, bystander));
     ps.stop().await.unwrap();
+    cs.stop().await;
+}
+
+/// A server purged while away (here: stopped with records not yet uploaded) and then
+/// started again with its cache must not upload those records: its machine continues on
+/// another server after a full copy, and stale records from the old cache would break
+/// that history (a gap "from another cache", an eviction, another full copy). They are
+/// held in the cache and reported instead.
+async fn a_purged_server_that_comes_back_holds_its_records_instead_of_uploading_them(b: Backend) {
+    let Some(cs) = CsRig::start(b, Duration::from_secs(3)).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", dir.path().join("store").display());
+    let target = Target::from_url(&url, None).unwrap();
+    let mut old = start_ps(&cs, "ps-old", dir.path(), &url).await;
+    let mut victim = Protected::new(&cs, "victim", dir.path(), 5).await;
+    victim.write_and_pass(0, 0).await;
+    assert_eq!(settled_on(&cs, "victim").await, "ps-old");
+    // A point durable on ps-old but never uploaded: it is lost with the purge.
+    old.pause_drain().await.unwrap();
+    churn(&victim.disk, 5, 60);
+    let stranded = victim.agent.pass(PointKind::CrashConsistent, false, |_, _| {}).await.unwrap();
+    assert!(old.status().records_not_uploaded > 0);
+    old.stop().await.unwrap();
+
+    let new = start_ps(&cs, "ps-new", dir.path(), &url).await;
+    wait_until(WAIT, "ps-old to show as disconnected", || async {
+        let st = status(&cs.client()).await;
+        st.process_servers.iter().any(|p| p.id == "ps-old" && p.state == PsState::Disconnected)
+    })
+    .await;
+    let purged: api::Unregistered = cs
+        .client()
+        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-old".into(), purge: true, force: false })
+        .await
+        .unwrap();
+    assert_eq!(purged.moved, vec![("victim".to_string(), "ps-new".to_string())]);
+    let report = victim.write_and_pass(3, 61).await;
+    assert!(report.full_copies >= 1, "the purged machine is copied again: {report:?}");
+    wait_until(WAIT, "the victim's resync to be applied", || async {
+        let st = status(&cs.client()).await;
+        !st.machines.iter().find(|m| m.name == "victim").unwrap().resync_required
+    })
+    .await;
+    let manifest_before = target.load_manifest("victim", "disk0").await.unwrap().unwrap();
+
+    // ps-old comes back with its cache: it registers anew and owns no machine.
+    let old = start_ps(&cs, "ps-old", dir.path(), &url).await;
+    assert!(old.status().records_not_uploaded > 0, "the stranded records are still cached");
+    wait_until(WAIT, "ps-old to report the victim's records held", || async {
+        old.report().alerts.iter().any(|a| a.kind == "held_records" && a.message.contains("victim"))
+    })
+    .await;
+    // Several drain passes later, still nothing uploaded and the history untouched.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(old.drain_stats().uploaded_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(old.status().records_not_uploaded > 0, "held, not dropped");
+    assert_eq!(target.load_manifest("victim", "disk0").await.unwrap().unwrap(), manifest_before);
+    let st = status(&cs.client()).await;
+    let p = st.process_servers.iter().find(|p| p.id == "ps-old").unwrap();
+    assert!(p.alerts.iter().any(|a| a.kind == "held_records"), "the CS shows it too: {p:?}");
+
+    // The victim goes on on ps-new with changed blocks only; every point since the
+    // full copy (and the one uploaded before the purge) restores byte for byte.
+    let report = victim.write_and_pass(3, 62).await;
+    assert_eq!(report.full_copies, 0, "{report:?}");
+    victim.points.retain(|(id, _)| *id != stranded.point_id);
+    let out = tempfile::tempdir().unwrap();
+    victim.check_every_point(&target, out.path()).await;
+    drop(victim);
+    old.stop().await.unwrap();
+    new.stop().await.unwrap();
     cs.stop().await;
 }

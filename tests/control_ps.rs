@@ -385,13 +385,18 @@ async fn a_filling_cache_warns_then_goes_critical_then_throttles_ingest(b: Backe
 
     let hb = status_json(&ps).await;
     assert_eq!(hb.health, HealthLevel::Ok, "{:?}", hb.alerts);
-    // A machine placed here while the server is healthy (a critical one gets no new ones).
+    // Machines placed here while the server is healthy (a critical one gets no new ones):
+    // m-fill, whose stream fills the cache (only an assigned machine's records are
+    // uploaded), and m-w, which writes through the ingest.
+    let fill_cred = register_machine(&c, "m-fill").await.unwrap();
+    let _: api::Assignment =
+        assignment_client(&rig, "m-fill", &fill_cred).get(api::PATH_MACHINE_ASSIGNMENT).await.unwrap();
     let cred = register_machine(&c, "m-w").await.unwrap();
     let _: api::Assignment = assignment_client(&rig, "m-w", &cred).get(api::PATH_MACHINE_ASSIGNMENT).await.unwrap();
     let book = ps.book().unwrap().clone();
-    wait_until(WAIT, "m-w in the book", || {
+    wait_until(WAIT, "m-fill and m-w in the book", || {
         let book = book.clone();
-        async move { book.admit("m-w").is_ok() }
+        async move { book.admit("m-fill").is_ok() && book.admit("m-w").is_ok() }
     })
     .await;
 

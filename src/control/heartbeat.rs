@@ -26,6 +26,8 @@ pub struct Beat {
     /// The drain's hand-overs: a machine assigned here again is taken back before its
     /// sessions are admitted, so the drain uploads its records instead of dropping them.
     pub handoffs: crate::drain::Handoffs,
+    /// Which machines' records the drain may upload: those of the latest reply.
+    pub ownership: crate::drain::Ownership,
 }
 
 impl Beat {
@@ -38,6 +40,8 @@ impl Beat {
             // elsewhere now, so admit none until `ps register` registers it again.
             Err(ClientError::Refused(e)) if e.code == "not_found" => {
                 self.book.update(&[], true);
+                // Nor upload for them: their new servers continue their histories.
+                self.ownership.assign([]);
                 return Err(ClientError::Refused(e));
             }
             Err(e) => return Err(e),
@@ -46,6 +50,7 @@ impl Beat {
             self.handoffs.cancel(&m.name);
         }
         self.book.update(&reply.machines, reply.decommissioning);
+        self.ownership.assign(reply.machines.iter().map(|m| m.name.as_str()));
         // Disks of such a machine that are already cached are marked now; the sessions
         // mark the ones they open later.
         let wanted: Vec<&str> = reply.machines.iter().filter(|m| m.resync_required).map(|m| m.name.as_str()).collect();

@@ -2,7 +2,7 @@
 //! to the cache so their segments are reclaimed. Failures are retried with backoff; a
 //! crash resumes from the cache's persisted upload cursor.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,8 @@ pub struct DrainConfig {
     pub retry_delay_max: Duration,
     /// Machines to hand over to another process server once uploaded.
     pub handoffs: super::Handoffs,
+    /// Machines whose records may be uploaded (all, unless linked to a CS).
+    pub ownership: super::Ownership,
 }
 
 impl Default for DrainConfig {
@@ -46,6 +48,7 @@ impl Default for DrainConfig {
             poll_interval: Duration::from_millis(50),
             retry_delay_max: Duration::from_secs(5),
             handoffs: super::Handoffs::default(),
+            ownership: super::Ownership::default(),
         }
     }
 }
@@ -60,6 +63,9 @@ pub struct DrainStats {
     /// stream's manifest (the agent stamps it when it tags the point, after the point's
     /// last write).
     pub newest_point_ms: parking_lot::Mutex<HashMap<(String, String), u64>>,
+    /// Per machine not assigned here (by [`super::Ownership`]): its records held in the
+    /// cache, not uploaded, as of the last pass.
+    pub held_records: parking_lot::Mutex<BTreeMap<String, u64>>,
 }
 
 impl DrainStats {
@@ -135,6 +141,7 @@ impl Drainer {
     pub async fn drain_once(&mut self) -> Result<usize, DrainError> {
         let mut uploaded = 0;
         let mut first_error = None;
+        let mut held: BTreeMap<String, u64> = BTreeMap::new();
         for info in self.cache.streams() {
             if self.cfg.handoffs.is_done(&info.machine) {
                 // The disk's history continues on another server now. Records that
@@ -142,6 +149,14 @@ impl Drainer {
                 // session closed; its agent resends it there) must never follow it.
                 if info.durable_upto > info.uploaded_upto {
                     self.cache.evict_stream(info.id, "records arrived after the machine was handed over")?;
+                }
+                continue;
+            }
+            if !self.cfg.ownership.may_upload(&info.machine) {
+                // Assigned elsewhere (or this server unknown to the CS): another server
+                // may continue this disk's history; stale records must not follow it.
+                if info.durable_upto > info.uploaded_upto {
+                    *held.entry(info.machine.clone()).or_default() += info.durable_upto - info.uploaded_upto;
                 }
                 continue;
             }
@@ -156,6 +171,14 @@ impl Drainer {
                     }
                 }
             }
+        }
+        {
+            let mut before = self.stats.held_records.lock();
+            for (machine, records) in held.iter().filter(|(m, _)| !before.contains_key(*m)) {
+                tracing::warn!(machine = %machine, records,
+                    "records of a machine the configuration server does not assign here are held, not uploaded");
+            }
+            *before = held;
         }
         // Whatever the pass uploaded is acknowledged, streams that failed or not.
         if let Err(e) = self.flush_acks() {

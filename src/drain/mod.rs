@@ -7,6 +7,7 @@
 
 pub mod drainer;
 pub mod handoff;
+pub mod ownership;
 pub mod throttle;
 
 use crate::cache::{ReadError, StreamError};
@@ -14,6 +15,7 @@ use crate::store::StoreError;
 
 pub use drainer::{DrainConfig, DrainStats, Drainer};
 pub use handoff::Handoffs;
+pub use ownership::Ownership;
 pub use throttle::{BandwidthSchedule, WorkHours};
 
 /// Tail cache for a cache that a drain reads from: the drain follows the writer by its
