@@ -188,3 +188,36 @@ async fn setup_register_run_and_decommission(b: Backend) {
 }
 
 on_both_backends!(setup_register_run_and_decommission);
+
+/// A standalone `ps run` refuses a passphrase under 16 characters before it creates
+/// anything, with the sentence that says how to make a good one.
+#[test]
+fn a_standalone_server_refuses_a_short_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("passphrase");
+    churnlog::secrets::create_private(&pass, b"fifteen chars!!").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let store = format!("file://{}", dir.path().join("store").display());
+    let cache = dir.path().join("cache");
+    let tls = dir.path().join("tls");
+    let out = churnlog(&[
+        "ps",
+        "run",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--listen",
+        &listen,
+        "--target",
+        &store,
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+        "--tls-dir",
+        tls.to_str().unwrap(),
+        "--cache-size",
+        "1GiB",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the passphrase is 15 characters; at least 16 are required"), "{err}");
+    assert!(!cache.exists() && !tls.exists(), "nothing created");
+}

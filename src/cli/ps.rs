@@ -180,11 +180,11 @@ pub fn run(command: PsCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The CS link from settled settings (None: standalone). With a CS the passphrase must
-/// be long enough.
+/// The CS link from settled settings (None: standalone). The passphrase must be long
+/// enough either way: a standalone server is a server too.
 fn link_config(settings: &PsRunSettings, passphrase: &str) -> anyhow::Result<Option<LinkConfig>> {
-    let Some(cs) = &settings.cs else { return Ok(None) };
     churnlog::control::check_passphrase(passphrase)?;
+    let Some(cs) = &settings.cs else { return Ok(None) };
     let cs_cert_pem =
         std::fs::read_to_string(&cs.cs_cert).with_context(|| format!("read cs_cert {}", cs.cs_cert.display()))?;
     Ok(Some(LinkConfig {
