@@ -293,6 +293,19 @@ fn spawn_child_ps(cs: &CsRig, id: &str, dir: &Path, url: &str) -> ChildPs {
     ChildPs(child)
 }
 
+/// Waits until the CS shows `ps` disconnected with its `heartbeat_missing` alert, then
+/// purges it.
+async fn purge_once_disconnected(cs: &CsRig, ps: &str) -> api::Unregistered {
+    wait_until(WAIT, &format!("{ps} to show as disconnected"), || async {
+        let st = status(&cs.client()).await;
+        let p = st.process_servers.iter().find(|p| p.id == ps).unwrap();
+        p.state == PsState::Disconnected && p.alerts.iter().any(|a| a.kind == "heartbeat_missing")
+    })
+    .await;
+    let unregister = api::Unregister { ps: ps.into(), purge: true, force: false };
+    cs.client().post(api::PATH_PS_UNREGISTER, &unregister).await.unwrap()
+}
+
 async fn a_killed_server_is_purged_and_only_its_machines_resync(b: Backend) {
     let Some(cs) = CsRig::start(b, Duration::from_secs(3)).await else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -320,18 +333,7 @@ async fn a_killed_server_is_purged_and_only_its_machines_resync(b: Backend) {
     // SIGKILL: the server stops heartbeating and shows as disconnected.
     child.0.kill().unwrap();
     child.0.wait().unwrap();
-    wait_until(WAIT, "the killed server to show as disconnected", || async {
-        let st = status(&cs.client()).await;
-        let p = st.process_servers.iter().find(|p| p.id == "ps-doomed").unwrap();
-        p.state == PsState::Disconnected && p.alerts.iter().any(|a| a.kind == "heartbeat_missing")
-    })
-    .await;
-
-    let purged: api::Unregistered = cs
-        .client()
-        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-doomed".into(), purge: true, force: false })
-        .await
-        .unwrap();
+    let purged = purge_once_disconnected(&cs, "ps-doomed").await;
     assert_eq!(purged.moved, vec![("victim".to_string(), "ps-ok".to_string())]);
     assert_eq!(purged.resync_required, vec!["victim".to_string()]);
     let st = status(&cs.client()).await;
@@ -383,16 +385,7 @@ async fn a_purged_server_that_comes_back_holds_its_records_instead_of_uploading_
     old.stop().await.unwrap();
 
     let new = start_ps(&cs, "ps-new", dir.path(), &url).await;
-    wait_until(WAIT, "ps-old to show as disconnected", || async {
-        let st = status(&cs.client()).await;
-        st.process_servers.iter().any(|p| p.id == "ps-old" && p.state == PsState::Disconnected)
-    })
-    .await;
-    let purged: api::Unregistered = cs
-        .client()
-        .post(api::PATH_PS_UNREGISTER, &api::Unregister { ps: "ps-old".into(), purge: true, force: false })
-        .await
-        .unwrap();
+    let purged = purge_once_disconnected(&cs, "ps-old").await;
     assert_eq!(purged.moved, vec![("victim".to_string(), "ps-new".to_string())]);
     let report = victim.write_and_pass(3, 61).await;
     assert!(report.full_copies >= 1, "the purged machine is copied again: {report:?}");
