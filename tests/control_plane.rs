@@ -4,7 +4,7 @@
 //! server switched, a server decommissioned: every point restores byte for byte and no
 //! move costs a full copy. A process server killed with SIGKILL goes disconnected, is
 //! purged, and only its machines are reassigned and marked resync-required; one that comes
-//! back after its purge uploads nothing of the machines now elsewhere.
+//! back after its purge drops, never uploads, what it cached for machines now elsewhere.
 
 mod common;
 mod cs_support;
@@ -30,7 +30,7 @@ const WAIT: Duration = Duration::from_secs(90);
 on_both_backends!(
     moves_switches_and_decommission_keep_every_point_without_a_full_copy,
     a_killed_server_is_purged_and_only_its_machines_resync,
-    a_purged_server_that_comes_back_holds_its_records_instead_of_uploading_them
+    a_purged_server_that_comes_back_drops_its_stale_records
 );
 
 /// An in-process process server registered with the CS, heartbeating every 200 ms.
@@ -364,11 +364,12 @@ async fn a_killed_server_is_purged_and_only_its_machines_resync(b: Backend) {
 }
 
 /// A server purged while away (here: stopped with records not yet uploaded) and then
-/// started again with its cache must not upload those records: its machine continues on
-/// another server after a full copy, and stale records from the old cache would break
-/// that history (a gap "from another cache", an eviction, another full copy). They are
-/// held in the cache and reported instead.
-async fn a_purged_server_that_comes_back_holds_its_records_instead_of_uploading_them(b: Backend) {
+/// started again with its cache must never upload those records: its machine continues
+/// on another server after a full copy, and stale records from the old cache would break
+/// that history (a gap "from another cache", an eviction, another full copy), or, once
+/// the machine is moved back to it, continue it as if current. They are dropped instead,
+/// and a move back begins with a full copy.
+async fn a_purged_server_that_comes_back_drops_its_stale_records(b: Backend) {
     let Some(cs) = CsRig::start(b, Duration::from_secs(3)).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().join("store").display());
@@ -396,26 +397,44 @@ async fn a_purged_server_that_comes_back_holds_its_records_instead_of_uploading_
     .await;
     let manifest_before = target.load_manifest("victim", "disk0").await.unwrap().unwrap();
 
-    // ps-old comes back with its cache: it registers anew and owns no machine.
+    // ps-old comes back with its cache: it registers anew and owns no machine, so its
+    // drain drops the victim's stale records (an eviction: that stream now needs a full
+    // copy) without touching the store.
     let old = start_ps(&cs, "ps-old", dir.path(), &url).await;
-    assert!(old.status().records_not_uploaded > 0, "the stranded records are still cached");
-    wait_until(WAIT, "ps-old to report the victim's records held", || async {
-        old.report().alerts.iter().any(|a| a.kind == "held_records" && a.message.contains("victim"))
-    })
-    .await;
-    // Several drain passes later, still nothing uploaded and the history untouched.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dropped = || old.drain_stats().foreign_records_dropped.load(std::sync::atomic::Ordering::Relaxed);
+    wait_until(WAIT, "ps-old to drop the victim's stale records", || async { dropped() > 0 }).await;
+    assert_eq!(old.status().records_not_uploaded, 0);
     assert_eq!(old.drain_stats().uploaded_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
-    assert!(old.status().records_not_uploaded > 0, "held, not dropped");
     assert_eq!(target.load_manifest("victim", "disk0").await.unwrap().unwrap(), manifest_before);
-    let st = status(&cs.client()).await;
-    let p = st.process_servers.iter().find(|p| p.id == "ps-old").unwrap();
-    assert!(p.alerts.iter().any(|a| a.kind == "held_records"), "the CS shows it too: {p:?}");
-
-    // The victim goes on on ps-new with changed blocks only; every point since the
-    // full copy (and the one uploaded before the purge) restores byte for byte.
     let report = victim.write_and_pass(3, 62).await;
+    assert_eq!(report.full_copies, 0, "ps-old's return costs the victim nothing on ps-new: {report:?}");
+
+    // Switched back to ps-old: ps-new hands the history over, and ps-old continues it
+    // with a full copy, never with the stale records of its old cache.
+    let migrated: api::Migrated = cs
+        .client()
+        .post(api::PATH_MIGRATE, &api::Migrate { machine: Some("victim".into()), all_from: None, to: "ps-old".into() })
+        .await
+        .unwrap();
+    assert_eq!(migrated.machines, vec!["victim".to_string()]);
+    assert_eq!(settled_on(&cs, "victim").await, "ps-old");
+    // The agent follows on its next connection: pass until a pass ran on ps-old.
+    let old_addr = old.local_addr.to_string();
+    let mut full_copies = 0;
+    for seed in 63.. {
+        full_copies += victim.write_and_pass(3, seed).await.full_copies;
+        if victim.agent.process_server() == Some(old_addr.as_str()) {
+            break;
+        }
+        assert!(seed < 163, "the agent did not follow the move back within 100 passes");
+    }
+    assert!(full_copies >= 1, "the dropped records are replaced by a full copy on ps-old");
+    let report = victim.write_and_pass(3, 200).await;
     assert_eq!(report.full_copies, 0, "{report:?}");
+    assert!(old.drain_stats().uploaded_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+    // Every point but the stranded one restores byte for byte: those before the purge,
+    // on ps-new, and on ps-old after the switch back.
     victim.points.retain(|(id, _)| *id != stranded.point_id);
     let out = tempfile::tempdir().unwrap();
     victim.check_every_point(&target, out.path()).await;

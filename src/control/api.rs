@@ -176,6 +176,11 @@ pub struct AssignedMachine {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HeartbeatReply {
     pub machines: Vec<AssignedMachine>,
+    /// Every machine assigned to this server, also those without a credential (an
+    /// operator's reassign): whose cached records it uploads. Absent from an older CS:
+    /// then `machines`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owned: Option<Vec<String>>,
     /// The operator asked to decommission this server: accept no new machine.
     pub decommissioning: bool,
 }

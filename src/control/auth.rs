@@ -143,9 +143,10 @@ impl Signature {
             .map_err(|_| AuthError::BadMac)
     }
 
-    /// Until when (Unix seconds) the nonce must be remembered: past it, no CS instance
-    /// accepts the request's timestamp any more, even one whose clock is up to
-    /// [`CLOCK_SKEW_MAX`] behind the one that accepted it.
+    /// Until when (Unix seconds) the nonce must be remembered: the request's timestamp
+    /// plus twice [`CLOCK_SKEW_MAX`]. An instance accepts the timestamp until its own
+    /// clock passes timestamp + CLOCK_SKEW_MAX, so the row outlives that on every instance
+    /// whose clock is at most CLOCK_SKEW_MAX behind the instance that deletes expired rows.
     pub fn nonce_expires_at(&self) -> u64 {
         self.unix_seconds.saturating_add(2 * CLOCK_SKEW_MAX.as_secs())
     }

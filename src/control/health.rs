@@ -120,8 +120,6 @@ pub struct Sample {
     pub machines: Vec<MachineSample>,
     /// A failed fsync poisoned the cache.
     pub poisoned: bool,
-    /// Machines not assigned here with records held in the cache (not uploaded).
-    pub held_records: Vec<(String, u64)>,
 }
 
 /// Seconds the backlog needs at the recent upload rate. With no upload moving, the time
@@ -220,16 +218,6 @@ pub fn evaluate(t: &Thresholds, s: &Sample) -> Vec<Alert> {
             let limit = if level == HealthLevel::Critical { c } else { w };
             alert(kind, level, format!("{kind} use {:.0}% is above {limit}%", v.unwrap_or_default()));
         }
-    }
-    for (machine, records) in &s.held_records {
-        alert(
-            "held_records",
-            HealthLevel::Warning,
-            format!(
-                "machine {machine}: {records} cached records are held, not uploaded: the configuration server \
-                 assigns it to another process server (this one was purged or unregistered)"
-            ),
-        );
     }
     for m in &s.machines {
         if !m.resync_disks.is_empty() {
@@ -337,10 +325,6 @@ mod tests {
         assert!(alerts[1].message.contains("disk0") && alerts[2].message.contains("machine b"));
         let poisoned = evaluate(&t, &Sample { poisoned: true, ..healthy() });
         assert_eq!(level(&poisoned), HealthLevel::Critical);
-        let held = evaluate(&t, &Sample { held_records: vec![("m9".into(), 42)], ..healthy() });
-        assert_eq!(held.len(), 1);
-        assert_eq!((held[0].kind.as_str(), held[0].level), ("held_records", HealthLevel::Warning));
-        assert!(held[0].message.contains("m9") && held[0].message.contains("42"), "{}", held[0].message);
     }
 
     #[test]

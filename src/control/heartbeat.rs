@@ -40,8 +40,13 @@ impl Beat {
             // elsewhere now, so admit none until `ps register` registers it again.
             Err(ClientError::Refused(e)) if e.code == "not_found" => {
                 self.book.update(&[], true);
-                // Nor upload for them: their new servers continue their histories.
+                // Nor upload or hand over for them: their new servers continue their
+                // histories (the drain drops what is cached for them). After the book:
+                // no session is admitted any more whose records would be dropped.
                 self.ownership.assign([]);
+                for m in self.handoffs.pending() {
+                    self.handoffs.cancel(&m);
+                }
                 return Err(ClientError::Refused(e));
             }
             Err(e) => return Err(e),
@@ -49,8 +54,13 @@ impl Beat {
         for m in reply.machines.iter().filter(|m| m.state == super::api::MachineState::Active) {
             self.handoffs.cancel(&m.name);
         }
+        // Ownership before the book: a machine is never admitted (and writing) while the
+        // drain would still take its records for another server's.
+        match &reply.owned {
+            Some(owned) => self.ownership.assign(owned.iter().map(String::as_str)),
+            None => self.ownership.assign(reply.machines.iter().map(|m| m.name.as_str())),
+        }
         self.book.update(&reply.machines, reply.decommissioning);
-        self.ownership.assign(reply.machines.iter().map(|m| m.name.as_str()));
         // Disks of such a machine that are already cached are marked now; the sessions
         // mark the ones they open later.
         let wanted: Vec<&str> = reply.machines.iter().filter(|m| m.resync_required).map(|m| m.name.as_str()).collect();

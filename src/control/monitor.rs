@@ -159,7 +159,6 @@ impl Monitor {
                 })
                 .collect(),
             poisoned: self.cache.is_poisoned(),
-            held_records: self.drain.held_records.lock().iter().map(|(m, n)| (m.clone(), *n)).collect(),
         };
         let alerts = health::evaluate(&self.thresholds, &sample);
         // A machine moving away is handed over once its sessions are closed (the drain

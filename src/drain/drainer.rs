@@ -2,7 +2,7 @@
 //! to the cache so their segments are reclaimed. Failures are retried with backoff; a
 //! crash resumes from the cache's persisted upload cursor.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,9 +63,9 @@ pub struct DrainStats {
     /// stream's manifest (the agent stamps it when it tags the point, after the point's
     /// last write).
     pub newest_point_ms: parking_lot::Mutex<HashMap<(String, String), u64>>,
-    /// Per machine not assigned here (by [`super::Ownership`]): its records held in the
-    /// cache, not uploaded, as of the last pass.
-    pub held_records: parking_lot::Mutex<BTreeMap<String, u64>>,
+    /// Records dropped because the CS assigns their machine to another server
+    /// ([`super::Ownership`]).
+    pub foreign_records_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl DrainStats {
@@ -139,9 +139,12 @@ impl Drainer {
     /// One pass over every stream; returns the records uploaded. A stream that fails does
     /// not hold the others back: the pass goes on and returns the first error at its end.
     pub async fn drain_once(&mut self) -> Result<usize, DrainError> {
+        if !self.cfg.ownership.known() {
+            // Linked to a CS that has not yet said which machines are this server's.
+            return Ok(0);
+        }
         let mut uploaded = 0;
         let mut first_error = None;
-        let mut held: BTreeMap<String, u64> = BTreeMap::new();
         for info in self.cache.streams() {
             if self.cfg.handoffs.is_done(&info.machine) {
                 // The disk's history continues on another server now. Records that
@@ -154,9 +157,16 @@ impl Drainer {
             }
             if !self.cfg.ownership.may_upload(&info.machine) {
                 // Assigned elsewhere (or this server unknown to the CS): another server
-                // may continue this disk's history; stale records must not follow it.
+                // continues this disk's history; stale records must never follow it. The
+                // target is not touched.
                 if info.durable_upto > info.uploaded_upto {
-                    *held.entry(info.machine.clone()).or_default() += info.durable_upto - info.uploaded_upto;
+                    let report = self.cache.evict_stream(
+                        info.id,
+                        "the configuration server assigns this machine to another process server",
+                    )?;
+                    tracing::warn!(machine = %info.machine, disk = %info.disk, records = report.records,
+                        "cached records of a machine assigned to another process server dropped: its history continues there");
+                    self.stats.foreign_records_dropped.fetch_add(report.records, std::sync::atomic::Ordering::Relaxed);
                 }
                 continue;
             }
@@ -171,14 +181,6 @@ impl Drainer {
                     }
                 }
             }
-        }
-        {
-            let mut before = self.stats.held_records.lock();
-            for (machine, records) in held.iter().filter(|(m, _)| !before.contains_key(*m)) {
-                tracing::warn!(machine = %machine, records,
-                    "records of a machine the configuration server does not assign here are held, not uploaded");
-            }
-            *before = held;
         }
         // Whatever the pass uploaded is acknowledged, streams that failed or not.
         if let Err(e) = self.flush_acks() {
@@ -269,6 +271,10 @@ impl Drainer {
         }
         let streams = self.cache.streams();
         for machine in machines {
+            if !self.cfg.ownership.may_upload(&machine) {
+                // No longer this server's (purged meanwhile): its manifests are another's.
+                continue;
+            }
             let mine: Vec<_> = streams.iter().filter(|i| i.machine == machine).collect();
             if mine.iter().any(|i| i.durable_upto > i.uploaded_upto) {
                 continue;

@@ -1,12 +1,15 @@
 //! Which machines' cached records this process server may upload. A standalone server
 //! uploads every stream. A server linked to a configuration server uploads only the
-//! machines the CS's latest heartbeat reply lists for it (active or moving away), and
-//! nothing before its first reply or once the CS no longer knows it: after a purge the
-//! CS has declared what the server cached lost and moved its machines (which resync on
-//! their new server), so a server that comes back must not add its stale records to the
-//! histories another server now continues. Such records are held, not dropped: they stay
-//! in the cache (reported, and uploaded should the machine be assigned here again) until
-//! the cache's eviction needs their space or the server is decommissioned.
+//! machines the CS's latest heartbeat reply says it owns (active, moving away, or without
+//! a credential after an operator's reassign), and nothing before its first reply.
+//!
+//! Records of a machine the CS does not give this server (after a purge: it declared
+//! them lost, moved the machine, and its new server asked for a full copy) are dropped by
+//! the drainer, loudly, as an eviction: the stream is marked resync-required in META, so
+//! the records can never be uploaded later, not even after a restart or if the machine
+//! is assigned here again (it then begins with a full copy). Uploading them would add
+//! stale data to the history the machine's new server continues: after its hand-over
+//! mark as if current (corrupt points), or after a gap (another full copy).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,6 +21,8 @@ enum Scope {
     /// Standalone: every machine.
     #[default]
     Every,
+    /// Linked to a CS that has not answered yet: no machine (and none is held either).
+    Unknown,
     /// Linked to a CS: the machines of its latest reply.
     Only(HashSet<String>),
 }
@@ -29,7 +34,12 @@ pub struct Ownership(Arc<RwLock<Scope>>);
 impl Ownership {
     /// For a server linked to a CS: nothing may be uploaded until [`Ownership::assign`].
     pub fn linked() -> Ownership {
-        Ownership(Arc::new(RwLock::new(Scope::Only(HashSet::new()))))
+        Ownership(Arc::new(RwLock::new(Scope::Unknown)))
+    }
+
+    /// Whether the CS has said which machines are this server's (always, standalone).
+    pub fn known(&self) -> bool {
+        !matches!(&*self.0.read(), Scope::Unknown)
     }
 
     /// The machines the CS lists for this server now (none: it does not know the server).
@@ -41,6 +51,7 @@ impl Ownership {
     pub fn may_upload(&self, machine: &str) -> bool {
         match &*self.0.read() {
             Scope::Every => true,
+            Scope::Unknown => false,
             Scope::Only(set) => set.contains(machine),
         }
     }
@@ -55,8 +66,9 @@ mod tests {
         assert!(Ownership::default().may_upload("any"));
         let o = Ownership::linked();
         let shared = o.clone();
-        assert!(!o.may_upload("m1"), "nothing before the first reply");
+        assert!(!o.may_upload("m1") && !o.known(), "nothing before the first reply");
         shared.assign(["m1", "m2"]);
+        assert!(o.known());
         assert!(o.may_upload("m1") && o.may_upload("m2") && !o.may_upload("m3"));
         shared.assign([]);
         assert!(!o.may_upload("m1"), "the CS no longer knows this server");

@@ -231,7 +231,12 @@ impl Db {
         if now_s.saturating_sub(last) >= NONCE_PURGE_INTERVAL_S
             && self.nonces_purged_at.compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
-            sqlx::query("DELETE FROM request_nonces WHERE expires_at < $1").bind(now_s).execute(&self.pool).await?;
+            // A failed clean-up only leaves rows for the next one.
+            let purged =
+                sqlx::query("DELETE FROM request_nonces WHERE expires_at < $1").bind(now_s).execute(&self.pool);
+            if let Err(e) = purged.await {
+                tracing::warn!(error = %e, "expired request nonces not deleted; retrying in a minute");
+            }
         }
         let inserted = sqlx::query(
             "INSERT INTO request_nonces (nonce, expires_at) VALUES ($1, $2) ON CONFLICT (nonce) DO NOTHING",
@@ -351,22 +356,25 @@ impl Db {
                 .execute(&mut *tx)
                 .await?;
         }
-        // A machine whose credential an operator cleared (reassign) is left out: nobody
-        // may log in as it until it registers again.
-        let rows: Vec<(String, String, Option<String>, i64)> = sqlx::query_as(
-            "SELECT name, credential, moving_to, resync_pending FROM machines \
-             WHERE ps_id = $1 AND credential IS NOT NULL ORDER BY name",
+        // A machine whose credential an operator cleared (reassign) is left out of
+        // `machines` (nobody may log in as it until it registers again) but stays owned:
+        // what the server caches for it is still uploaded.
+        let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT name, credential, moving_to, resync_pending FROM machines WHERE ps_id = $1 ORDER BY name",
         )
         .bind(&hb.id)
         .fetch_all(&mut *tx)
         .await?;
+        let owned: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
         if !hb.released.is_empty() || !hb.resync_applied.is_empty() {
             Self::machines_changed(&mut tx).await?;
         }
         tx.commit().await?;
         Ok(HeartbeatReply {
+            owned: Some(owned),
             machines: rows
                 .into_iter()
+                .filter_map(|(name, credential, moving_to, resync)| Some((name, credential?, moving_to, resync)))
                 .map(|(name, credential, moving_to, resync)| AssignedMachine {
                     name,
                     credential,
@@ -879,18 +887,20 @@ mod tests {
         let a = Db::open(spec, Duration::from_secs(900)).await.unwrap();
         let b = Db::open(spec, Duration::from_secs(900)).await.unwrap();
         let now = 1_000_000;
+        // Each instance's first call purges (at `now`); the next purge is due a minute later.
         assert!(a.remember_nonce("n1", now + 600, now).await.unwrap());
         assert!(!a.remember_nonce("n1", now + 600, now).await.unwrap(), "replayed to the same instance");
         assert!(!b.remember_nonce("n1", now + 600, now).await.unwrap(), "replayed to another instance");
-        assert!(b.remember_nonce("n2", now + 600, now).await.unwrap());
-        // Within the purge interval nothing is deleted, even what has expired.
-        assert!(!b.remember_nonce("n1", now + 700, now + 30).await.unwrap());
-        // A purge (b's first after its interval) deletes only expired rows.
-        assert!(b.remember_nonce("n3", now + 2000, now + 601).await.unwrap());
-        assert!(a.remember_nonce("n1", now + 1300, now + 601).await.unwrap(), "expired and purged");
-        assert!(!a.remember_nonce("n3", now + 2000, now + 601).await.unwrap(), "not expired: kept");
+        assert!(b.remember_nonce("n0", now + 10, now).await.unwrap());
+        // n0 has expired, but within both instances' purge interval nothing is deleted.
+        assert!(!a.remember_nonce("n0", now + 610, now + 30).await.unwrap());
+        assert!(!b.remember_nonce("n0", now + 610, now + 59).await.unwrap());
+        // a's next purge deletes n0 (expired) and keeps n1 (not yet).
+        assert!(a.remember_nonce("n2", now + 700, now + 61).await.unwrap());
+        assert!(b.remember_nonce("n0", now + 700, now + 61).await.unwrap(), "expired and purged");
+        assert!(!b.remember_nonce("n1", now + 700, now + 61).await.unwrap(), "not expired: kept");
         let rows: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM request_nonces").fetch_one(&a.pool).await.unwrap();
-        assert_eq!(rows.0, 2, "n1 again and n3");
+        assert_eq!(rows.0, 3, "n1, n2 and n0 again");
         a.close().await;
         b.close().await;
     }

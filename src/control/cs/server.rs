@@ -251,6 +251,13 @@ async fn authenticate(State(st): State<Arc<AppState>>, req: Request, next: Next)
     let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).unwrap_or("");
     let caller = match check(&st, &parts.method, &path_and_query, header, &bytes).await {
         Ok(c) => c,
+        // The database failing (a nonce not recorded) is not the caller's fault: 503, which
+        // clients retry, not 401, which agents take as final.
+        Err(CheckError::Db(e)) => {
+            tracing::error!(peer = ?peer, method = %parts.method, path = %path_and_query, "cannot check a request: {e}");
+            return ApiError::new("unavailable", format!("the configuration server cannot check requests now: {e}"))
+                .into_response();
+        }
         Err(e) => {
             tracing::warn!(peer = ?peer, method = %parts.method, path = %path_and_query, "refused a request: {e}");
             return unauthorized(e).into_response();
