@@ -24,6 +24,7 @@ on_both_backends!(
     registration_and_version_gate,
     bad_credentials_replays_and_tampering_are_refused,
     a_request_replayed_to_another_instance_on_the_same_database_is_refused,
+    a_database_failure_while_checking_a_request_is_unavailable_not_unauthorized,
     machine_names_are_owned_until_reassigned,
     assignment_goes_to_the_least_loaded_eligible_server,
     silent_servers_go_disconnected_with_an_alert,
@@ -181,6 +182,35 @@ async fn a_request_replayed_to_another_instance_on_the_same_database_is_refused(
     let c2 = CsClient::new(&second.local_addr.to_string(), &second.cert_pem, Principal::Passphrase, key).unwrap();
     assert_eq!(status(&c2).await.machines.len(), 1);
     second.stop().await;
+    rig.stop().await;
+}
+
+/// Recording a request's nonce needs the database: when that fails, the caller gets 503
+/// `unavailable` (retried; an agent keeps its last assignment), not 401 `unauthorized`
+/// (an agent's final answer). The failure here: the nonce table dropped behind the CS.
+async fn a_database_failure_while_checking_a_request_is_unavailable_not_unauthorized(b: Backend) {
+    use sqlx::Connection;
+    let Some(rig) = CsRig::start(b, LONG).await else { return };
+    let c = rig.client();
+    status(&c).await;
+    sqlx::any::install_default_drivers();
+    let (url, _) = churnlog::control::cs::db::database_url(&rig.db);
+    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("DROP TABLE request_nonces").execute(&mut db).await.unwrap();
+    db.close().await.unwrap();
+    let e = c.get::<api::StatusReport>(api::PATH_STATUS).await.unwrap_err();
+    assert_eq!(e.code(), Some("unavailable"), "{e}");
+    assert!(e.to_string().contains("cannot check requests"), "{e}");
+    // A wrong passphrase is still found out before the database is asked.
+    let wrong = CsClient::new(
+        &rig.address(),
+        &rig.cs.cert_pem,
+        Principal::Passphrase,
+        AuthKey::from_passphrase("a wrong passphrase of some length"),
+    )
+    .unwrap();
+    let e = wrong.get::<api::StatusReport>(api::PATH_STATUS).await.unwrap_err();
+    assert_eq!(e.code(), Some("unauthorized"), "{e}");
     rig.stop().await;
 }
 
