@@ -186,7 +186,7 @@ async fn a_request_replayed_to_another_instance_on_the_same_database_is_refused(
 }
 
 /// Recording a request's nonce needs the database: when that fails, the caller gets 503
-/// `unavailable` (retried; an agent keeps its last assignment), not 401 `unauthorized`
+/// `unavailable` (an agent waits and asks again), not 401 `unauthorized`
 /// (an agent's final answer). The failure here: the nonce table dropped behind the CS.
 async fn a_database_failure_while_checking_a_request_is_unavailable_not_unauthorized(b: Backend) {
     use sqlx::Connection;
