@@ -78,14 +78,9 @@ fn raw_client(cert_pem: &str) -> reqwest::Client {
         .unwrap()
 }
 
-async fn bad_credentials_replays_and_tampering_are_refused(b: Backend) {
-    let Some(rig) = CsRig::start(b, LONG).await else { return };
-    // A passphrase under 16 characters: the server does not start.
-    let short = tempfile::tempdir().unwrap();
-    let mut cfg = config(short.path(), &short.path().join("x.db").display().to_string(), LONG);
-    cfg.passphrase = "too short".into();
-    assert!(matches!(ConfigServer::start(cfg).await, Err(CsError::Passphrase(_))));
-
+/// A client with a wrong passphrase, after checking that status refuses it as
+/// `unauthorized`.
+async fn refused_with_a_wrong_passphrase(rig: &CsRig) -> CsClient {
     let wrong = CsClient::new(
         &rig.address(),
         &rig.cs.cert_pem,
@@ -95,6 +90,18 @@ async fn bad_credentials_replays_and_tampering_are_refused(b: Backend) {
     .unwrap();
     let e = wrong.get::<api::StatusReport>(api::PATH_STATUS).await.unwrap_err();
     assert_eq!(e.code(), Some("unauthorized"), "{e}");
+    wrong
+}
+
+async fn bad_credentials_replays_and_tampering_are_refused(b: Backend) {
+    let Some(rig) = CsRig::start(b, LONG).await else { return };
+    // A passphrase under 16 characters: the server does not start.
+    let short = tempfile::tempdir().unwrap();
+    let mut cfg = config(short.path(), &short.path().join("x.db").display().to_string(), LONG);
+    cfg.passphrase = "too short".into();
+    assert!(matches!(ConfigServer::start(cfg).await, Err(CsError::Passphrase(_))));
+
+    let wrong = refused_with_a_wrong_passphrase(&rig).await;
     let e = register_machine(&wrong, "m1").await.unwrap_err();
     assert_eq!(e.code(), Some("unauthorized"));
 
@@ -202,15 +209,7 @@ async fn a_database_failure_while_checking_a_request_is_unavailable_not_unauthor
     assert_eq!(e.code(), Some("unavailable"), "{e}");
     assert!(e.to_string().contains("cannot check requests"), "{e}");
     // A wrong passphrase is still found out before the database is asked.
-    let wrong = CsClient::new(
-        &rig.address(),
-        &rig.cs.cert_pem,
-        Principal::Passphrase,
-        AuthKey::from_passphrase("a wrong passphrase of some length"),
-    )
-    .unwrap();
-    let e = wrong.get::<api::StatusReport>(api::PATH_STATUS).await.unwrap_err();
-    assert_eq!(e.code(), Some("unauthorized"), "{e}");
+    refused_with_a_wrong_passphrase(&rig).await;
     rig.stop().await;
 }
 
